@@ -1,0 +1,101 @@
+"""The ``legokit`` command: setup, eval, run (and, from the batch module, sweep and report)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from legokit.utils import LegokitError
+
+
+def _cmd_setup(args: argparse.Namespace) -> None:
+    from legokit.assets import setup
+
+    t0 = time.time()
+    manifest = setup(force=args.force)
+    n = len(manifest["files"])
+    print(f"legokit setup: {n} files verified in the cache ({time.time() - t0:.1f} s)")
+
+
+def _cmd_eval(args: argparse.Namespace) -> None:
+    """Zero-shot evaluation of one model on every task plus corpus perplexity."""
+    from legokit.config import EvalConfig, ExperimentConfig
+    from legokit.experiment import results_table, score_model
+    from legokit.models import load_model
+    from legokit.utils import atomic_write_json, seed_everything
+
+    cfg = ExperimentConfig(model=args.model, device=args.device,
+                           eval=EvalConfig(tasks=args.tasks, n=args.n, ppl_texts=args.ppl_texts))
+    seed_everything(cfg.seed)
+    t0 = time.time()
+    model, tok = load_model(cfg.model, device=cfg.device)
+    scores = score_model(model, tok, cfg)
+    results = {"name": "zero-shot", "model": cfg.model, "n": args.n, "base": scores,
+               "seconds": round(time.time() - t0, 1)}
+    out = Path(args.out)
+    atomic_write_json(out / "results.json", results)
+    print(results_table(results))
+    print(f"\n(n={args.n} test examples per task, {args.ppl_texts} held-out paragraphs; "
+          f"{results['seconds']} s; written to {out / 'results.json'})")
+
+
+def _cmd_run(args: argparse.Namespace) -> None:
+    from legokit.config import load_config
+    from legokit.experiment import results_table, run_experiment
+
+    cfg = load_config(args.config, args.set)
+    results = run_experiment(cfg, args.out, resume=args.resume)
+    print(results_table(results))
+    s = results["seconds"]
+    print(f"\n{cfg.name}: {cfg.fed.num_clients} clients, {cfg.fed.rounds} rounds, aggregator {cfg.fed.aggregator}, "
+          f"broadcast {cfg.fed.broadcast}; {s['total']} s total; peak RSS {results['peak_rss_mb']:.0f} MiB "
+          f"({results['peak_rss_mb'] / results['llm_fp32_mb']:.2f}x the LLM's fp32 size); run directory {args.out}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="legokit", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("setup", help="fetch and prepare the offline model and data (idempotent)")
+    s.add_argument("--force", action="store_true", help="rebuild everything even if the cache verifies")
+    s.set_defaults(func=_cmd_setup)
+
+    s = sub.add_parser("eval", help="zero-shot scores of a model on every task plus corpus perplexity")
+    s.add_argument("--model", default="smollm2-135m-instruct")
+    s.add_argument("--tasks", nargs="*", default=None, help="default: every task")
+    s.add_argument("--n", type=int, default=50, help="test examples per task")
+    s.add_argument("--ppl-texts", type=int, default=64, help="held-out paragraphs for perplexity")
+    s.add_argument("--device", default="auto")
+    s.add_argument("--out", default="runs/zero-shot")
+    s.set_defaults(func=_cmd_eval)
+
+    s = sub.add_parser("run", help="run one LEGO experiment from a config")
+    s.add_argument("--config", required=True, help="a YAML file or a shipped profile name (quick, full)")
+    s.add_argument("--out", required=True, help="the run directory")
+    s.add_argument("--resume", action="store_true", help="continue a crashed run from its last finished round")
+    s.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="overrides, e.g. fed.rounds=3")
+    s.set_defaults(func=_cmd_run)
+
+    try:
+        from legokit.batch import add_commands
+    except ImportError:
+        pass
+    else:
+        add_commands(sub)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except LegokitError as err:
+        print(f"legokit: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,339 @@
+"""Typed experiment configuration: dataclasses that validate themselves, YAML in and out.
+
+An ``ExperimentConfig`` holds one section per stage (prune, lora, train, fed, data, eval). Every
+value is checked in ``__post_init__`` so a bad config fails before any model is loaded, and an
+unknown key names the closest valid one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import re
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from legokit.utils import LegokitError
+
+METHODS = ("magnitude", "wanda", "sparsegpt")
+CALIBRATION_MODES = ("one_shot", "sequential")
+AGGREGATOR_NAMES = ("heteagg", "fedavg", "fedavg_delta", "heterofl", "flora", "flexlora")
+# Reference conditions that share the round loop but do not aggregate (or do not federate).
+REFERENCE_MODES = ("local", "centralized")
+BROADCAST_MODES = ("adapter", "merge")
+UNCOVERED_RULES = ("keep", "zero")
+WEIGHTINGS = ("samples", "uniform")
+PARTITIONS = ("task", "dirichlet", "iid", "quantity")
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+# Device profiles: the share of the LLM's decoder weights a device can hold. A client gets the
+# densest block whose kept fraction (1 - sparsity) fits its budget.
+DEVICE_PROFILES = {"server": 1.0, "workstation": 0.8, "laptop": 0.55, "phone": 0.3}
+
+
+def _check(cond: bool, msg: str) -> None:
+    if not cond:
+        raise LegokitError(msg)
+
+
+def check_sparsity(s: float, what: str = "sparsity") -> None:
+    """Sparsity is the pruned fraction: a number in [0, 1)."""
+    _check(isinstance(s, (int, float)) and not isinstance(s, bool) and 0 <= s < 1,
+           f"{what}={s!r} is not in [0, 1): use e.g. 0.5 for 50% of the weights pruned")
+
+
+def _pattern_ok(pattern: str) -> bool:
+    if pattern in ("unstructured", "structured"):
+        return True
+    m = re.fullmatch(r"(\d+):(\d+)", pattern)
+    return bool(m) and 0 < int(m.group(1)) < int(m.group(2))
+
+
+@dataclass
+class PruneConfig:
+    """How the building blocks are extracted from the LLM."""
+
+    method: str = "wanda"
+    pattern: str = "unstructured"  # unstructured | N:M (e.g. "2:4": 2 of every 4 zero) | structured
+    calibration: str = "one_shot"  # one_shot | sequential
+    sparsities: list[float] = field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75])
+    n_calib: int = 32
+    seq_len: int = 256
+
+    def __post_init__(self):
+        _check(self.method in METHODS, f"prune.method={self.method!r} is unknown: use one of {METHODS}")
+        _check(_pattern_ok(self.pattern),
+               f"prune.pattern={self.pattern!r} is invalid: use 'unstructured', 'structured' or 'N:M' with N < M")
+        _check(self.calibration in CALIBRATION_MODES,
+               f"prune.calibration={self.calibration!r} is unknown: use one of {CALIBRATION_MODES}")
+        _check(len(self.sparsities) > 0, "prune.sparsities is empty: list at least one level, e.g. [0.0, 0.5]")
+        for s in self.sparsities:
+            check_sparsity(s, "prune.sparsities entry")
+        _check(self.n_calib >= 1, f"prune.n_calib={self.n_calib} must be >= 1 (calibration needs text)")
+        _check(self.seq_len >= 8, f"prune.seq_len={self.seq_len} must be >= 8")
+
+
+@dataclass
+class LoraConfig:
+    """The LoRA adapter each client trains (peft's meaning of rank, alpha, dropout)."""
+
+    rank: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    target_modules: list[str] = field(default_factory=lambda: list(LORA_TARGETS))
+    mask_in_training: bool = True  # effective weight W_k + M_k ⊙ (s·BA): the block stays as sparse
+
+    def __post_init__(self):
+        _check(isinstance(self.rank, int) and self.rank >= 1, f"lora.rank={self.rank!r} must be an int >= 1")
+        _check(self.alpha > 0, f"lora.alpha={self.alpha!r} must be > 0")
+        _check(0 <= self.dropout < 1, f"lora.dropout={self.dropout!r} must be in [0, 1)")
+        bad = [t for t in self.target_modules if t not in LORA_TARGETS]
+        _check(not bad and self.target_modules,
+               f"lora.target_modules has {bad or 'nothing'}: use names from {LORA_TARGETS}")
+
+    @property
+    def scaling(self) -> float:
+        return self.alpha / self.rank
+
+
+@dataclass
+class TrainConfig:
+    """One client's local training per round."""
+
+    local_steps: int = 10
+    batch_size: int = 4
+    lr: float = 3e-4
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    max_len: int = 256
+
+    def __post_init__(self):
+        _check(self.local_steps >= 1, f"train.local_steps={self.local_steps} must be >= 1")
+        _check(self.batch_size >= 1, f"train.batch_size={self.batch_size} must be >= 1")
+        _check(self.lr > 0, f"train.lr={self.lr} must be > 0")
+        _check(self.max_grad_norm > 0, f"train.max_grad_norm={self.max_grad_norm} must be > 0")
+        _check(self.max_len >= 16, f"train.max_len={self.max_len} must be >= 16")
+
+
+@dataclass
+class FedConfig:
+    """The federation: clients, rounds, aggregation and broadcast."""
+
+    num_clients: int = 4
+    rounds: int = 2
+    sample_fraction: float = 1.0
+    aggregator: str = "heteagg"  # an aggregate.AGGREGATORS name, or a reference mode: local | centralized
+    broadcast: str = "adapter"  # adapter (SVD to global_rank) | merge (fold into the LLM and every block)
+    global_rank: int | None = None  # None: the sum of the client ranks, capped by each matrix
+    uncovered: str = "keep"
+    weighting: str = "samples"
+    # Which block each client holds: explicit sparsities per client, else device profiles.
+    client_sparsities: list[float] | None = None
+    devices: list[str] | None = None
+
+    def __post_init__(self):
+        _check(self.num_clients >= 1, f"fed.num_clients={self.num_clients} must be >= 1")
+        _check(self.rounds >= 1, f"fed.rounds={self.rounds} must be >= 1")
+        _check(0 < self.sample_fraction <= 1, f"fed.sample_fraction={self.sample_fraction} must be in (0, 1]")
+        _check(self.aggregator in AGGREGATOR_NAMES + REFERENCE_MODES,
+               f"fed.aggregator={self.aggregator!r} is unknown: use one of {AGGREGATOR_NAMES + REFERENCE_MODES}")
+        _check(self.broadcast in BROADCAST_MODES,
+               f"fed.broadcast={self.broadcast!r} is unknown: use one of {BROADCAST_MODES}")
+        _check(self.global_rank is None or self.global_rank >= 1,
+               f"fed.global_rank={self.global_rank} must be >= 1 or null (sum of client ranks)")
+        _check(self.uncovered in UNCOVERED_RULES,
+               f"fed.uncovered={self.uncovered!r} is unknown: use one of {UNCOVERED_RULES}")
+        _check(self.weighting in WEIGHTINGS, f"fed.weighting={self.weighting!r} is unknown: use one of {WEIGHTINGS}")
+        if self.client_sparsities is not None:
+            _check(len(self.client_sparsities) == self.num_clients,
+                   f"fed.client_sparsities has {len(self.client_sparsities)} entries for "
+                   f"{self.num_clients} clients: give one sparsity per client")
+            for s in self.client_sparsities:
+                check_sparsity(s, "fed.client_sparsities entry")
+        if self.devices is not None:
+            _check(len(self.devices) == self.num_clients,
+                   f"fed.devices has {len(self.devices)} entries for {self.num_clients} clients: give one per client")
+            bad = [d for d in self.devices if d not in DEVICE_PROFILES]
+            _check(not bad, f"fed.devices has unknown profiles {bad}: use names from {sorted(DEVICE_PROFILES)}")
+
+
+@dataclass
+class DataConfig:
+    """Which tasks the clients train on and how they are split between clients."""
+
+    tasks: list[str] = field(default_factory=lambda: ["boolq", "commonsense_qa", "nq_open", "asdiv"])
+    partition: str = "task"
+    alpha: float | None = None  # Dirichlet concentration (dirichlet / quantity)
+    train_examples: int = 256  # pooled training examples drawn from the tasks' train splits
+    tasks_per_client: list[list[str]] | None = None
+
+    def __post_init__(self):
+        from legokit.data import TASKS
+
+        bad = [t for t in self.tasks if t not in TASKS]
+        _check(not bad and self.tasks, f"data.tasks has unknown tasks {bad or 'none'}: use names from {sorted(TASKS)}")
+        _check(self.partition in PARTITIONS, f"data.partition={self.partition!r} is unknown: use one of {PARTITIONS}")
+        _check(self.alpha is None or self.alpha > 0, f"data.alpha={self.alpha} must be > 0 (e.g. 0.1, 1, 10)")
+        _check(self.partition != "dirichlet" or self.alpha is not None,
+               "data.partition='dirichlet' needs data.alpha (e.g. 0.1 for very non-IID, 10 for near IID)")
+        _check(self.train_examples >= 1, f"data.train_examples={self.train_examples} must be >= 1")
+
+
+@dataclass
+class EvalConfig:
+    """What is measured after training."""
+
+    tasks: list[str] | None = None  # None: every task in legokit.data.TASKS
+    n: int = 20  # examples per task (the first n of the test split)
+    ppl_texts: int = 32
+    seq_len: int = 256
+    batch_size: int = 8
+    blocks: bool = True  # also evaluate every client's updated block
+    base: bool = True  # also evaluate the LLM before federated training (the zero-shot reference)
+
+    def __post_init__(self):
+        if self.tasks is not None:
+            from legokit.data import TASKS
+
+            bad = [t for t in self.tasks if t not in TASKS]
+            _check(not bad, f"eval.tasks has unknown tasks {bad}: use names from {sorted(TASKS)}")
+        _check(self.n >= 1, f"eval.n={self.n} must be >= 1")
+        _check(self.ppl_texts >= 1, f"eval.ppl_texts={self.ppl_texts} must be >= 1")
+
+
+# Shipped profiles live at the repository's top level (legokit is installed editable).
+CONFIGS_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+SECTIONS = {"prune": PruneConfig, "lora": LoraConfig, "train": TrainConfig, "fed": FedConfig,
+            "data": DataConfig, "eval": EvalConfig}
+
+
+@dataclass
+class ExperimentConfig:
+    """A whole LEGO experiment."""
+
+    name: str = "lego"
+    model: str = "smollm2-135m-instruct"
+    device: str = "auto"
+    dtype: str = "auto"
+    seed: int = 0
+    prune: PruneConfig = field(default_factory=PruneConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    fed: FedConfig = field(default_factory=FedConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def __post_init__(self):
+        for s in self.fed.client_sparsities or []:
+            _check(any(abs(s - p) < 1e-9 for p in self.prune.sparsities),
+                   f"fed.client_sparsities asks for {s} but prune.sparsities extracts only {self.prune.sparsities}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def to_yaml(self, path: str | Path | None = None) -> str:
+        text = yaml.safe_dump(self.to_dict(), sort_keys=False)
+        if path is not None:
+            from legokit.utils import atomic_write_text
+
+            atomic_write_text(path, text)
+        return text
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ExperimentConfig:
+        return _build(cls, d or {}, "")
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> ExperimentConfig:
+        path = Path(path)
+        if not path.is_file():
+            raise LegokitError(f"config file {path} does not exist: see configs/ for the shipped profiles")
+        try:
+            d = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as err:
+            raise LegokitError(f"config file {path} is not valid YAML: {err}") from err
+        if d is not None and not isinstance(d, dict):
+            raise LegokitError(f"config file {path} must hold a mapping of sections, not {type(d).__name__}")
+        return cls.from_dict(d or {})
+
+    def with_overrides(self, overrides: list[str] | dict[str, Any]) -> ExperimentConfig:
+        """A copy with dotted overrides applied, e.g. ``["fed.rounds=3", "lora.rank=4"]``."""
+        d = self.to_dict()
+        items = overrides.items() if isinstance(overrides, dict) else (_split_override(o) for o in overrides)
+        for key, value in items:
+            parts = key.split(".")
+            node, cls = d, ExperimentConfig
+            for p in parts[:-1]:
+                _known_key(cls, p, key)
+                node, cls = node[p], SECTIONS.get(p)
+                if cls is None:
+                    raise LegokitError(f"override {key!r}: {p!r} is not a section")
+            _known_key(cls, parts[-1], key)
+            node[parts[-1]] = value
+        return ExperimentConfig.from_dict(d)
+
+
+def _split_override(text: str) -> tuple[str, Any]:
+    if "=" not in text:
+        raise LegokitError(f"override {text!r} must look like section.key=value, e.g. fed.rounds=3")
+    key, raw = text.split("=", 1)
+    return key.strip(), yaml.safe_load(raw)
+
+
+def _known_key(cls, key: str, context: str) -> None:
+    names = [f.name for f in fields(cls)]
+    if key not in names:
+        close = difflib.get_close_matches(key, names, n=1)
+        hint = f"did you mean {close[0]!r}? " if close else ""
+        raise LegokitError(f"unknown config key {context!r}: {hint}valid keys here: {names}")
+
+
+def _build(cls, d: dict, prefix: str):
+    if not isinstance(d, dict):
+        raise LegokitError(f"config section {prefix.rstrip('.') or 'top level'} must be a mapping, got {d!r}")
+    kwargs = {}
+    types = {f.name: f for f in fields(cls)}
+    for key, value in d.items():
+        _known_key(cls, key, prefix + key)
+        sub = SECTIONS.get(key) if cls is ExperimentConfig else None
+        if sub is not None:
+            kwargs[key] = value if isinstance(value, sub) else _build(sub, value or {}, prefix + key + ".")
+        else:
+            kwargs[key] = _coerce(types[key], value, prefix + key)
+    try:
+        return cls(**kwargs)
+    except TypeError as err:  # a value of the wrong type reached a comparison
+        raise LegokitError(f"config section {prefix.rstrip('.') or 'top level'}: {err}") from err
+
+
+def _coerce(f: dataclasses.Field, value: Any, where: str) -> Any:
+    """Check a scalar against its annotated type; ints are accepted where floats are expected."""
+    ann = str(f.type)
+    if value is None:
+        if "None" in ann:
+            return None
+        raise LegokitError(f"config key {where!r} cannot be null")
+    base = ann.split("|")[0].strip()
+    if base == "float" and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    expected = {"int": int, "str": str, "bool": bool}.get(base)
+    if expected is not None and (not isinstance(value, expected) or (expected is int and isinstance(value, bool))):
+        raise LegokitError(f"config key {where!r} must be {base}, got {value!r} ({type(value).__name__})")
+    if base.startswith("list") and not isinstance(value, list):
+        raise LegokitError(f"config key {where!r} must be a list, got {value!r}")
+    if base == "float" and not isinstance(value, (int, float)):
+        raise LegokitError(f"config key {where!r} must be a number, got {value!r}")
+    return value
+
+
+def load_config(path_or_profile: str | Path, overrides: list[str] | None = None) -> ExperimentConfig:
+    """Load a YAML file, or a shipped profile by name (``quick``, ``full``), then apply overrides."""
+    path = Path(path_or_profile)
+    if not path.suffix and not path.exists():
+        path = CONFIGS_DIR / f"{path_or_profile}.yaml"
+    cfg = ExperimentConfig.from_yaml(path)
+    return cfg.with_overrides(overrides) if overrides else cfg

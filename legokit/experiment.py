@@ -1,0 +1,175 @@
+"""The whole LEGO pipeline behind ``legokit run`` and the experiment notebook.
+
+config -> LLM -> building blocks -> client data -> rounds (``federation``) -> evaluation -> run directory.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from legokit.config import ExperimentConfig
+from legokit.utils import LegokitError, atomic_write_json, peak_rss_mb, seed_everything
+
+
+def primary_metric(task: str) -> str:
+    """The headline metric of a task (the one averaged into ``mean_score``)."""
+    from legokit.data import TASKS
+
+    return TASKS[task].primary
+
+
+def score_model(model, tokenizer, cfg: ExperimentConfig, progress: bool = True) -> dict:
+    """Task scores, their mean over primary metrics, and held-out corpus perplexity."""
+    from legokit.data import TASKS, eval_texts
+    from legokit.evaluate import evaluate_tasks, perplexity
+
+    tasks = cfg.eval.tasks or list(TASKS)
+    scores = evaluate_tasks(model, tokenizer, tasks, split="test", n=cfg.eval.n,
+                            batch_size=cfg.eval.batch_size, seed=cfg.seed)
+    ppl = perplexity(model, tokenizer, eval_texts(cfg.eval.ppl_texts, seed=cfg.seed), seq_len=cfg.eval.seq_len,
+                     batch_size=cfg.eval.batch_size)
+    primary = {t: scores[t][primary_metric(t)] for t in tasks}
+    return {"tasks": scores, "primary": primary, "mean_score": float(np.mean(list(primary.values()))),
+            "perplexity": ppl}
+
+
+def client_partitions(cfg: ExperimentConfig) -> list[list]:
+    """Draw ``data.train_examples`` training examples over the tasks and split them between clients."""
+    from legokit.data import load_task, partition
+
+    per_task = max(1, cfg.data.train_examples // len(cfg.data.tasks))
+    pool = []
+    for task in cfg.data.tasks:
+        examples = load_task(task, "train")
+        if len(examples) < per_task:
+            raise LegokitError(f"task {task!r} has {len(examples)} training examples, fewer than the "
+                               f"{per_task} asked for: lower data.train_examples")
+        pool.extend(examples[:per_task])
+    return partition(pool, cfg.fed.num_clients, cfg.data.partition, alpha=cfg.data.alpha, seed=cfg.seed,
+                     tasks_per_client=cfg.data.tasks_per_client)
+
+
+def load_or_extract_blocks(cfg: ExperimentConfig, llm, tokenizer, run_dir: Path, progress: bool = True) -> list:
+    """The building blocks of this run: loaded from ``run_dir/blocks`` when present, else extracted."""
+    from legokit.blocks import Block, extract_blocks
+    from legokit.data import calibration_texts
+
+    bdir = run_dir / "blocks"
+    index = bdir / "index.json"
+    if index.is_file():
+        ids = json.loads(index.read_text())["blocks"]
+        return [Block.load(bdir / f"{i}", llm) for i in range(len(ids))]
+    p = cfg.prune
+    blocks = extract_blocks(llm, tokenizer, sparsities=tuple(p.sparsities), method=p.method, pattern=p.pattern,
+                            calibration=p.calibration, n_calib=p.n_calib, seq_len=p.seq_len, seed=cfg.seed,
+                            texts=calibration_texts(p.n_calib, seed=cfg.seed))
+    for i, b in enumerate(blocks):
+        b.save(bdir / f"{i}")
+    atomic_write_json(index, {"blocks": [b.id for b in blocks]})
+    return blocks
+
+
+def run_experiment(cfg: ExperimentConfig, out_dir: str | Path, *, resume: bool = False, progress: bool = True,
+                   inject_failures: dict | None = None) -> dict:
+    """Run one LEGO experiment end to end and write ``results.json``; return the results."""
+    from legokit.federation import block_model, global_model, run_federation
+    from legokit.models import load_model, param_bytes
+
+    out = Path(out_dir)
+    timings: dict[str, float] = {}
+    t_all = t = time.time()
+    seed_everything(cfg.seed)
+    torch.use_deterministic_algorithms(False)
+    llm, tok = load_model(cfg.model, device=cfg.device, dtype=cfg.dtype)
+    llm_mb = param_bytes(llm) / 2**20
+    timings["load"] = time.time() - t
+    partitions = client_partitions(cfg)  # fail fast on data problems, before any heavy work
+    out.mkdir(parents=True, exist_ok=True)
+    t = time.time()
+    blocks = load_or_extract_blocks(cfg, llm, tok, out, progress)
+    timings["extract"] = time.time() - t
+
+    results: dict = {"name": cfg.name, "model": cfg.model, "aggregator": cfg.fed.aggregator,
+                     "broadcast": cfg.fed.broadcast, "seed": cfg.seed}
+    base_file = out / "base_scores.json"
+    if cfg.eval.base:
+        t = time.time()
+        if resume and base_file.is_file():
+            results["base"] = json.loads(base_file.read_text())
+        else:
+            results["base"] = score_model(llm, tok, cfg, progress)
+            atomic_write_json(base_file, results["base"])
+        timings["eval_base"] = time.time() - t
+
+    t = time.time()
+    server = run_federation(cfg, llm, tok, blocks, partitions, out, resume=resume, progress=progress,
+                            inject_failures=inject_failures)
+    timings["federation"] = time.time() - t
+
+    t = time.time()
+    if cfg.fed.aggregator != "local":
+        with global_model(server) as model:
+            results["global"] = score_model(model, tok, cfg, progress)
+    clients = []
+    for k in range(cfg.fed.num_clients):
+        tasks = sorted({ex.task for ex in partitions[k]})
+        clients.append({"client": k, "block": blocks[server.assignment[k]].id,
+                        "sparsity": blocks[server.assignment[k]].sparsity, "num_examples": len(partitions[k]),
+                        "tasks": tasks})
+    results["clients"] = clients
+    if cfg.eval.blocks and cfg.fed.aggregator != "centralized":
+        scored = {}
+        for k in range(cfg.fed.num_clients):
+            # Federated modes give every holder of a block the same model; `local` keeps one per client.
+            key = k if cfg.fed.aggregator == "local" else server.assignment[k]
+            if key not in scored:
+                client = k if cfg.fed.aggregator == "local" else None
+                with block_model(server, server.assignment[k], client) as model:
+                    scored[key] = score_model(model, tok, cfg, progress)
+            own = set(clients[k]["tasks"])
+            prim = scored[key]["primary"]
+            clients[k]["scores"] = scored[key]
+            clients[k]["own_task_score"] = _mean([v for t_, v in prim.items() if t_ in own])
+            clients[k]["other_task_score"] = _mean([v for t_, v in prim.items() if t_ not in own])
+    timings["eval"] = time.time() - t
+    results["rounds"] = server.run.rounds
+    results["blocks"] = [{"index": i, "id": b.id, "sparsity": b.sparsity} for i, b in enumerate(blocks)]
+    results["seconds"] = {k: round(v, 1) for k, v in timings.items()}
+    results["seconds"]["total"] = round(time.time() - t_all, 1)
+    results["peak_rss_mb"] = round(peak_rss_mb(), 1)
+    results["llm_fp32_mb"] = round(llm_mb, 1)
+    atomic_write_json(out / "results.json", results)
+    return results
+
+
+def _mean(xs: list[float]) -> float | None:
+    return float(np.mean(xs)) if xs else None
+
+
+def results_table(results: dict) -> str:
+    """A plain-text table of a run's headline numbers (per model: tasks, mean, perplexity)."""
+    rows = []
+    for label in ("base", "global"):
+        if label in results:
+            rows.append((label + " LLM", results[label]))
+    seen = set()
+    for c in results.get("clients", []):
+        if "scores" in c:
+            key = c["block"] if results.get("aggregator") != "local" else f'{c["block"]} (client {c["client"]})'
+            if key not in seen:
+                seen.add(key)
+                rows.append((f"block {key}", c["scores"]))
+    if not rows:
+        return "(no scores)"
+    tasks = list(rows[0][1]["primary"])
+    head = f"{'model':34s}" + "".join(f"{t[:12]:>13s}" for t in tasks) + f"{'mean':>8s}{'ppl':>9s}"
+    lines = [head, "-" * len(head)]
+    for label, s in rows:
+        lines.append(f"{label[:34]:34s}" + "".join(f"{100 * s['primary'][t]:13.1f}" for t in tasks)
+                     + f"{100 * s['mean_score']:8.1f}{s['perplexity']:9.2f}")
+    return "\n".join(lines)

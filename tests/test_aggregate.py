@@ -1,0 +1,434 @@
+"""Tests for legokit.aggregate: HeteAgg and the baselines on tiny hand-checkable tensors."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from legokit.aggregate import (
+    AGGREGATORS,
+    ClientUpdate,
+    cosine_matrix,
+    coverage,
+    fedavg,
+    fedavg_delta,
+    fedavg_factors,
+    flexlora,
+    flora,
+    flora_factors,
+    get_aggregator,
+    heteagg,
+    heterofl,
+    update_norms,
+)
+from legokit.utils import LegokitError
+
+MOD = "model.layers.0.self_attn.q_proj"
+MASK_AWARE = ("heteagg", "heterofl", "fedavg_delta")
+MASK_AGNOSTIC = ("fedavg", "flora", "flexlora")
+
+
+def make_update(client: str, out: int = 4, inp: int = 6, rank: int = 2, seed: int = 0, alpha: float = 4.0,
+                mask: torch.Tensor | None = None, weight: float = 1.0, name: str = MOD) -> ClientUpdate:
+    g = torch.Generator().manual_seed(seed)
+    A = torch.randn(rank, inp, generator=g)  # (r, in)
+    B = torch.randn(out, rank, generator=g)  # (out, r)
+    if mask is None:
+        mask = torch.ones(out, inp, dtype=torch.bool)
+    return ClientUpdate(client=client, factors={name: (A, B)}, scaling=alpha / rank, masks={name: mask},
+                        weight=weight)
+
+
+def random_mask(shape: tuple[int, int], keep: float, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(shape, generator=g) < keep
+
+
+# Hand-computed example (2 x 3): client a weight 1, client b weight 3.
+DA = torch.tensor([[0.0, 4.0, 8.0], [2.0, 2.0, 2.0]])
+DB = torch.tensor([[4.0, 0.0, 4.0], [6.0, 10.0, -2.0]])
+MA = torch.tensor([[True, True, False], [True, False, False]])
+MB = torch.tensor([[True, False, True], [True, False, False]])
+PREV = torch.tensor([[9.0, 9.0, 9.0], [9.0, -1.0, 7.0]])
+
+
+# --------------------------------------------------------------------------------------------- heteagg
+
+
+def test_heteagg_weights_respected_hand_computed():
+    # prepare
+    deltas, masks = [{"m": DA}, {"m": DB}], [{"m": MA}, {"m": MB}]
+    # execute
+    keep = heteagg(deltas, masks, [1.0, 3.0], previous={"m": PREV}, uncovered="keep")["m"]
+    zero = heteagg(deltas, masks, [1.0, 3.0], previous={"m": PREV}, uncovered="zero")["m"]
+    # assert: (0,0) and (1,0) owned by both -> (1*a + 3*b)/4; (0,1) only a; (0,2) only b; rest nobody
+    torch.testing.assert_close(keep, torch.tensor([[3.0, 4.0, 4.0], [5.0, -1.0, 7.0]]))
+    torch.testing.assert_close(zero, torch.tensor([[3.0, 4.0, 4.0], [5.0, 0.0, 0.0]]))
+    assert keep.dtype == torch.float32
+
+
+def test_heteagg_keep_without_previous_gives_zero():
+    # prepare
+    deltas, masks = [{"m": DA}, {"m": DB}], [{"m": MA}, {"m": MB}]
+    # execute
+    none = heteagg(deltas, masks, [1.0, 3.0], previous=None)["m"]
+    other_key = heteagg(deltas, masks, [1.0, 3.0], previous={"other": PREV})["m"]
+    # assert
+    expected = torch.tensor([[3.0, 4.0, 4.0], [5.0, 0.0, 0.0]])
+    torch.testing.assert_close(none, expected)
+    torch.testing.assert_close(other_key, expected)
+
+
+def test_fedavg_delta_hand_computed_includes_pruned_zeros():
+    # prepare
+    deltas, masks = [{"m": DA}, {"m": DB}], [{"m": MA}, {"m": MB}]
+    # execute
+    out = fedavg_delta(deltas, masks, [1.0, 3.0])["m"]
+    # assert: Σ n_k M_k ΔW_k / 4
+    torch.testing.assert_close(out, torch.tensor([[3.0, 1.0, 3.0], [5.0, 0.0, 0.0]]))
+
+
+def test_heterofl_hand_computed_and_equals_heteagg_with_equal_weights():
+    # prepare
+    deltas, masks = [{"m": DA}, {"m": DB}], [{"m": MA}, {"m": MB}]
+    # execute
+    hfl = heterofl(deltas, masks, previous={"m": PREV})["m"]
+    hag = heteagg(deltas, masks, [5.0, 5.0], previous={"m": PREV})["m"]
+    # assert
+    torch.testing.assert_close(hfl, torch.tensor([[2.0, 4.0, 4.0], [4.0, -1.0, 7.0]]))
+    torch.testing.assert_close(hfl, hag)
+
+
+def test_heteagg_full_masks_equals_fedavg_delta():
+    # prepare
+    g = torch.Generator().manual_seed(1)
+    deltas = [{"m": torch.randn(4, 6, generator=g), "n": torch.randn(2, 3, generator=g)} for _ in range(3)]
+    masks = [{"m": torch.ones(4, 6, dtype=torch.bool), "n": torch.ones(2, 3, dtype=torch.bool)}] * 3
+    weights = [1.0, 2.0, 5.0]
+    # execute
+    hag = heteagg(deltas, masks, weights)
+    fad = fedavg_delta(deltas, masks, weights)
+    # assert
+    assert set(hag) == {"m", "n"}
+    for name in hag:
+        torch.testing.assert_close(hag[name], fad[name])
+        expected = sum(w * d[name] for w, d in zip(weights, deltas, strict=True)) / sum(weights)
+        torch.testing.assert_close(hag[name], expected)
+
+
+def test_heteagg_disjoint_masks_give_each_owner_its_delta():
+    # prepare: three clients own disjoint column stripes of a 4 x 6 module; columns 4,5 are owned by nobody
+    g = torch.Generator().manual_seed(2)
+    deltas, masks = [], []
+    for k in range(3):
+        deltas.append({"m": torch.randn(4, 6, generator=g)})
+        m = torch.zeros(4, 6, dtype=torch.bool)
+        m[:, k] = True
+        m[:, 3] = k == 2  # column 3 also owned by client 2 only
+        masks.append({"m": m})
+    prev = torch.full((4, 6), 7.0)
+    # execute
+    out = heteagg(deltas, masks, [1.0, 10.0, 0.5], previous={"m": prev})["m"]
+    # assert
+    for k in range(3):
+        torch.testing.assert_close(out[:, k], deltas[k]["m"][:, k])
+    torch.testing.assert_close(out[:, 3], deltas[2]["m"][:, 3])
+    torch.testing.assert_close(out[:, 4:], prev[:, 4:])
+
+
+def test_heteagg_zero_weight_owner_counts_as_uncovered():
+    # prepare
+    deltas, masks = [{"m": DA}, {"m": DB}], [{"m": MA}, {"m": MB}]
+    # execute
+    out = heteagg(deltas, masks, [1.0, 0.0], uncovered="zero")["m"]
+    # assert: (0,2) is owned only by b, whose weight is 0
+    torch.testing.assert_close(out, torch.tensor([[0.0, 4.0, 0.0], [2.0, 0.0, 0.0]]))
+
+
+def test_heteagg_covered_coordinate_within_owner_range_property():
+    for seed in range(25):
+        # prepare
+        g = torch.Generator().manual_seed(seed)
+        K = int(torch.randint(1, 6, (1,), generator=g))
+        deltas = [{"m": torch.randn(5, 7, generator=g) * 3} for _ in range(K)]
+        masks = [{"m": random_mask((5, 7), 0.5, seed * 100 + k)} for k in range(K)]
+        weights = (torch.rand(K, generator=g) * 10 + 0.01).tolist()
+        # execute
+        out = heteagg(deltas, masks, weights, uncovered="zero")["m"]
+        # assert
+        D = torch.stack([d["m"] for d in deltas])  # (K, out, in)
+        M = torch.stack([m["m"] for m in masks])
+        hi = torch.where(M, D, torch.tensor(-math.inf)).amax(0)
+        lo = torch.where(M, D, torch.tensor(math.inf)).amin(0)
+        covered = M.any(0)
+        assert bool((out[covered] <= hi[covered] + 1e-5).all()), seed
+        assert bool((out[covered] >= lo[covered] - 1e-5).all()), seed
+        assert bool((out[~covered] == 0).all()), seed
+
+
+# ------------------------------------------------------------------------------------ factor-based
+
+
+def test_identical_clients_give_back_their_update_full_masks():
+    # prepare
+    updates = [make_update(c, seed=3, weight=w) for c, w in (("a", 1.0), ("b", 4.0), ("c", 0.5))]
+    expected = updates[0].delta(MOD)
+    for name in AGGREGATORS:
+        # execute
+        out = AGGREGATORS[name](updates, None, "keep")
+        # assert
+        assert set(out) == {MOD}, name
+        torch.testing.assert_close(out[MOD], expected, msg=name)
+
+
+def test_identical_clients_with_partial_mask():
+    # prepare
+    mask = random_mask((4, 6), 0.5, seed=4)
+    updates = [make_update(c, seed=5, mask=mask) for c in ("a", "b")]
+    raw = updates[0].delta(MOD)
+    for name in AGGREGATORS:
+        # execute
+        out = AGGREGATORS[name](updates, None, "zero")[MOD]
+        # assert: mask-aware rules return the applied update M ⊙ ΔW, mask-agnostic ones the raw product
+        expected = raw * mask if name in MASK_AWARE else raw
+        torch.testing.assert_close(out, expected, msg=name)
+
+
+def test_update_based_match_dict_based():
+    # prepare
+    updates = [make_update(c, seed=k, mask=random_mask((4, 6), 0.6, 10 + k), weight=k + 1.0)
+               for k, c in enumerate("abc")]
+    deltas = [{MOD: u.delta(MOD)} for u in updates]
+    masks = [u.masks for u in updates]
+    weights = [u.weight for u in updates]
+    prev = {MOD: torch.full((4, 6), -3.0)}
+    # execute
+    got = {name: AGGREGATORS[name](updates, prev, "keep")[MOD] for name in MASK_AWARE}
+    # assert
+    torch.testing.assert_close(got["heteagg"], heteagg(deltas, masks, weights, prev)[MOD])
+    torch.testing.assert_close(got["heterofl"], heterofl(deltas, masks, prev)[MOD])
+    torch.testing.assert_close(got["fedavg_delta"], fedavg_delta(deltas, masks, weights)[MOD])
+
+
+def test_flora_exact_and_stacked_factors_reproduce_it():
+    # prepare: heterogeneous ranks and scalings
+    updates = [make_update("a", rank=2, alpha=4.0, seed=6, weight=1.0),
+               make_update("b", rank=4, alpha=8.0, seed=7, weight=3.0),
+               make_update("c", rank=1, alpha=1.0, seed=8, weight=2.0)]
+    p = [1 / 6, 3 / 6, 2 / 6]
+    expected = sum(pk * u.scaling * u.factors[MOD][1] @ u.factors[MOD][0]
+                   for pk, u in zip(p, updates, strict=True))
+    # execute
+    dense = flora(updates)[MOD]
+    A, B = flora_factors(updates)[MOD]
+    # assert
+    assert A.shape == (7, 6) and B.shape == (4, 7)
+    torch.testing.assert_close(dense, expected)
+    torch.testing.assert_close(B @ A, expected)
+    torch.testing.assert_close(flexlora(updates)[MOD], expected)
+
+
+def test_fedavg_of_identical_factors_is_their_product():
+    # prepare
+    A = torch.arange(12.0).reshape(2, 6) / 10  # (r, in)
+    B = torch.arange(8.0).reshape(4, 2) / 10  # (out, r)
+    mask = torch.ones(4, 6, dtype=torch.bool)
+    updates = [ClientUpdate(c, {MOD: (A, B)}, 2.0, {MOD: mask}, w) for c, w in (("a", 1.0), ("b", 7.0))]
+    # execute
+    out = fedavg(updates)[MOD]
+    # assert
+    torch.testing.assert_close(out, 2.0 * B @ A)
+
+
+def test_fedavg_averages_factors_separately():
+    # prepare
+    a = make_update("a", seed=9, weight=1.0)
+    b = make_update("b", seed=10, weight=3.0)
+    (Aa, Ba), (Ab, Bb) = a.factors[MOD], b.factors[MOD]
+    # execute
+    out = fedavg([a, b])[MOD]
+    A_g, B_g = fedavg_factors([a, b])[MOD]
+    # assert: s · (Σ p B)(Σ p A), not the average of products
+    torch.testing.assert_close(A_g, 0.25 * Aa + 0.75 * Ab)
+    torch.testing.assert_close(out, a.scaling * (0.25 * Ba + 0.75 * Bb) @ (0.25 * Aa + 0.75 * Ab))
+    assert not torch.allclose(out, flexlora([a, b])[MOD])
+
+
+def test_fedavg_different_ranks_raises():
+    # prepare
+    updates = [make_update("a", rank=2, alpha=4.0), make_update("b", rank=4, alpha=8.0)]
+    # execute / assert
+    with pytest.raises(LegokitError, match="equal LoRA ranks.*'a': r=2.*'b': r=4.*flora"):
+        fedavg(updates)
+
+
+def test_fedavg_different_scalings_raises():
+    # prepare
+    updates = [make_update("a", rank=2, alpha=4.0), make_update("b", rank=2, alpha=8.0, seed=1)]
+    # execute / assert
+    with pytest.raises(LegokitError, match="one LoRA scaling"):
+        fedavg(updates)
+
+
+def test_aggregators_over_several_modules():
+    # prepare
+    def two_modules(client: str, seed: int) -> ClientUpdate:
+        u, v = make_update(client, seed=seed), make_update(client, 2, 3, 1, seed=seed + 50, name="n")
+        return ClientUpdate(client, {**u.factors, **v.factors}, u.scaling, {**u.masks, **v.masks})
+
+    updates = [two_modules("a", 0), two_modules("b", 1)]
+    # execute / assert (fedavg needs equal scalings: rank 1 alpha 4 != rank 2 alpha 4)
+    for name in set(AGGREGATORS) - {"fedavg"}:
+        out = AGGREGATORS[name](updates, None, "keep")
+        assert out[MOD].shape == (4, 6) and out["n"].shape == (2, 3), name
+
+
+# ----------------------------------------------------------------------------------------- helpers
+
+
+def test_coverage_counts():
+    # prepare
+    masks = [{"m": MA}, {"m": MB}, {"m": torch.ones(2, 3, dtype=torch.bool)}]
+    # execute
+    cov = coverage(masks, "m")
+    # assert
+    assert cov.dtype == torch.int32
+    torch.testing.assert_close(cov, torch.tensor([[3, 2, 2], [3, 1, 1]], dtype=torch.int32))
+
+
+def test_update_norms_and_cosine():
+    # prepare
+    mask = random_mask((4, 6), 0.5, seed=11)
+    a = make_update("a", seed=12, mask=mask)
+    b = make_update("b", seed=12, mask=mask, alpha=-4.0)  # b = -a
+    c = make_update("c", seed=13)
+    # execute
+    norms = update_norms([a, b, c])
+    raw = update_norms([a], masked=False)
+    cos = cosine_matrix([a, b, c], name=MOD)
+    cos_all = cosine_matrix([a, b, c])
+    # assert
+    assert norms["a"][MOD] == pytest.approx(float((a.delta(MOD) * mask).norm()))
+    assert raw["a"][MOD] == pytest.approx(float(a.delta(MOD).norm()))
+    torch.testing.assert_close(cos.diagonal(), torch.ones(3))
+    assert cos[0, 1].item() == pytest.approx(-1.0, abs=1e-6)
+    torch.testing.assert_close(cos, cos.T)
+    torch.testing.assert_close(cos_all, cos)
+
+
+def test_cosine_of_zero_update_is_nan():
+    # prepare
+    a = make_update("a", seed=1)
+    z = ClientUpdate("z", {MOD: (torch.zeros(2, 6), torch.zeros(4, 2))}, 1.0, a.masks)
+    # execute
+    cos = cosine_matrix([a, z])
+    # assert
+    assert math.isnan(cos[0, 1].item()) and cos[0, 0].item() == pytest.approx(1.0)
+
+
+def test_get_aggregator():
+    assert get_aggregator("heteagg") is AGGREGATORS["heteagg"]
+    assert set(AGGREGATORS) == {"heteagg", "fedavg", "fedavg_delta", "heterofl", "flora", "flexlora"}
+    with pytest.raises(LegokitError, match="unknown aggregator 'fedprox'.*heteagg"):
+        get_aggregator("fedprox")
+    with pytest.raises(LegokitError, match="'local' is a reference"):
+        get_aggregator("local")
+    with pytest.raises(LegokitError, match="'centralized' is a reference"):
+        get_aggregator("centralized")
+
+
+def test_inputs_are_not_modified():
+    # prepare
+    deltas, masks = [{"m": DA.clone()}, {"m": DB.clone()}], [{"m": MA.clone()}, {"m": MB.clone()}]
+    u = make_update("a", mask=random_mask((4, 6), 0.5, 3))
+    A, B = (t.clone() for t in u.factors[MOD])
+    # execute
+    heteagg(deltas, masks, [1.0, 1.0])
+    fedavg_delta(deltas, masks, [1.0, 1.0])
+    for fn in AGGREGATORS.values():
+        fn([u], None, "keep")
+    # assert
+    torch.testing.assert_close(deltas[0]["m"], DA)
+    torch.testing.assert_close(masks[1]["m"], MB)
+    torch.testing.assert_close(u.factors[MOD][0], A)
+    torch.testing.assert_close(u.factors[MOD][1], B)
+
+
+# ------------------------------------------------------------------------------------- bad inputs
+
+GOOD_D, GOOD_M = [{"m": DA}, {"m": DB}], [{"m": MA}, {"m": MB}]
+
+
+@pytest.mark.parametrize(
+    ("deltas", "masks", "weights", "kwargs", "message"),
+    [
+        ([], [], [], {}, "no client updates"),
+        ([{"m": DA}, {"n": DB}], GOOD_M, [1, 1], {}, r"module keys differ.*only in #0: \['m'\]"),
+        (GOOD_D, [{"m": MA}, {"x": MB}], [1, 1], {}, "client #1 has no mask for module 'm'"),
+        (GOOD_D, [{"m": MA}, {"m": MB.T}], [1, 1], {}, r"mask shape \(3, 2\) of module 'm', client #1"),
+        ([{"m": DA}, {"m": DB.T}], GOOD_M, [1, 1], {}, r"shape \(3, 2\) at client #1 but \(2, 3\)"),
+        (GOOD_D, [{"m": MA}, {"m": MB.float()}], [1, 1], {}, "dtype torch.float32: masks must be bool"),
+        (GOOD_D, GOOD_M, [1, -1], {}, "weight of client #1 is -1.0"),
+        (GOOD_D, GOOD_M, [1, float("nan")], {}, "weight of client #1 is nan"),
+        (GOOD_D, GOOD_M, [0, 0], {}, "all client weights are zero"),
+        (GOOD_D, GOOD_M, [1], {}, "got 1 weights for 2 clients"),
+        (GOOD_D, GOOD_M, [1, 1], {"uncovered": "mean"}, "unknown uncovered rule 'mean'"),
+        ([{"m": DA}, {"m": DB * float("inf")}], GOOD_M, [1, 1], {"clients": ["a", "b"]},
+         "module 'm', client 'b' has NaN/inf"),
+        (GOOD_D, GOOD_M, [1, 1], {"previous": {"m": PREV.T}}, "previous global delta of module 'm' has shape"),
+        (GOOD_D, GOOD_M[:1], [1, 1], {}, "got 1 mask dicts for 2 clients"),
+    ],
+)
+def test_heteagg_bad_inputs_raise(deltas, masks, weights, kwargs, message):
+    with pytest.raises(LegokitError, match=message):
+        heteagg(deltas, masks, weights, **kwargs)
+
+
+def test_fedavg_delta_and_heterofl_bad_inputs_raise():
+    with pytest.raises(LegokitError, match="masks must be bool"):
+        fedavg_delta(GOOD_D, [{"m": MA}, {"m": MB.int()}], [1, 1])
+    with pytest.raises(LegokitError, match="all client weights are zero"):
+        fedavg_delta(GOOD_D, GOOD_M, [0.0, 0.0])
+    with pytest.raises(LegokitError, match="no client updates"):
+        heterofl([], [])
+    with pytest.raises(LegokitError, match="unknown uncovered rule"):
+        heterofl(GOOD_D, GOOD_M, uncovered="nearest")
+
+
+def test_client_update_construction_errors():
+    A, B, mask = torch.zeros(2, 6), torch.zeros(4, 2), torch.ones(4, 6, dtype=torch.bool)
+    with pytest.raises(LegokitError, match=r"client 'a': no mask for module\(s\) \['q'\]"):
+        ClientUpdate("a", {"q": (A, B)}, 1.0, {"k": mask})
+    with pytest.raises(LegokitError, match=r"module 'q', client 'a': A \(2, 6\) and B \(4, 3\) do not fit"):
+        ClientUpdate("a", {"q": (A, torch.zeros(4, 3))}, 1.0, {"q": mask})
+    with pytest.raises(LegokitError, match="scaling must be finite"):
+        ClientUpdate("a", {"q": (A, B)}, float("nan"), {"q": mask})
+    with pytest.raises(LegokitError, match="client 'a' has no factors for module 'v'"):
+        ClientUpdate("a", {"q": (A, B)}, 1.0, {"q": mask}).delta("v")
+
+
+@pytest.mark.parametrize("agg", sorted(AGGREGATORS))
+def test_update_aggregators_bad_inputs_raise(agg):
+    fn = AGGREGATORS[agg]
+    a = make_update("a", seed=1)
+    cases = [
+        ([], "no client updates"),
+        ([a, make_update("a", seed=2)], r"duplicate client name\(s\) \['a'\]"),
+        ([a, make_update("b", name="other")], "module keys differ between clients 'a' and 'b'"),
+        ([a, make_update("b", out=5)], r"client 'b' has A \(2, 6\), B \(5, 2\) -> \(out, in\) = \(5, 6\)"),
+        ([a, make_update("b", mask=torch.ones(4, 6))], "module 'q_proj'|masks must be bool"),
+        ([a, make_update("b", mask=torch.ones(6, 4, dtype=torch.bool))], r"mask shape \(6, 4\)"),
+        ([a, make_update("b", weight=-2.0)], "weight of client 'b' is -2.0"),
+        ([make_update("a", weight=0.0), make_update("b", weight=0.0)], "all client weights are zero"),
+    ]
+    for updates, message in cases:
+        with pytest.raises(LegokitError, match=message):
+            fn(updates, None, "keep")
+    nan = make_update("b")
+    nan.factors[MOD][1][0, 0] = float("nan")
+    with pytest.raises(LegokitError, match="factor B of module .*q_proj', client 'b' has NaN/inf"):
+        fn([a, nan], None, "keep")
+    with pytest.raises(LegokitError, match="unknown uncovered rule 'bogus'"):
+        fn([a, make_update("b", seed=3)], None, "bogus")
