@@ -42,7 +42,8 @@ Factors = dict[str, tuple[torch.Tensor, torch.Tensor]]  # module -> (A (r, in), 
 
 def client_seed(seed: int, rnd: int, client: int) -> int:
     """The seed of one client's local training in one round (round 0 = the initial adapter)."""
-    return int(np.random.SeedSequence([seed, rnd, client]).generate_state(1)[0])
+    # client -1 is the server (the initial / merge-mode adapter); SeedSequence takes only non-negative entries
+    return int(np.random.SeedSequence([seed, rnd, client % 2**32]).generate_state(1)[0])
 
 
 def assign_blocks(cfg: ExperimentConfig, blocks: list) -> list[int]:

@@ -1,0 +1,132 @@
+"""Per-round overhead of Flower's deployment engine over the in-process loop, on tiny-llama.
+
+The same experiment (tiny-llama, 2 clients, small LoRA and 2 local steps) runs three ways:
+
+  in-process   ``legokit.federation.run_federation`` (the baseline)
+  simulation   Flower's simulation engine (``legokit.flower.launch.simulate``; Ray if installed, else in-process
+               backend): Flower's runtime, messages and strategy, no processes
+  deployment   a real SuperLink and one SuperNode per client on 127.0.0.1 (``legokit.flower.launch.deploy``);
+               every round spawns a ClientApp process per client (Flower's process isolation)
+
+A round's time is measured the same way in each: from configuring the round to its checkpoint being written
+(``rounds.jsonl`` "seconds"); model loading, block extraction, SuperNode discovery and process start-up are
+reported apart. The ratio is median deployment round / median in-process round. Also printed: the payload
+bytes per round (adapter factors down and up) and the SuperLink's own traffic count for the whole run, and the
+max |ΔW| difference between the Flower runs' final global adapter and the in-process one.
+
+Run:  LEGOKIT_CACHE=/work/cache .venv/bin/python bench/bench_flower.py [--rounds 3] [--clients 2] [--threads 1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from legokit.config import ExperimentConfig
+
+
+def config(clients: int, rounds: int) -> ExperimentConfig:
+    return ExperimentConfig.from_dict({
+        "name": "bench-flower", "model": "tiny-llama", "device": "cpu",
+        "prune": {"sparsities": [0.0, 0.5], "n_calib": 4, "seq_len": 32},
+        "lora": {"rank": 2, "alpha": 4.0},
+        "train": {"local_steps": 2, "batch_size": 2, "max_len": 64, "lr": 0.01},
+        "fed": {"num_clients": clients, "rounds": rounds},
+        "data": {"tasks": ["boolq", "asdiv"], "train_examples": 4 * clients},
+        "eval": {"base": False, "blocks": False},
+    })
+
+
+def rounds_of(run_dir: Path) -> list[dict]:
+    return [json.loads(x) for x in (run_dir / "rounds.jsonl").read_text().splitlines() if x.strip()]
+
+
+def final_delta(run_dir: Path, rounds: int) -> dict[str, torch.Tensor]:
+    from legokit.lora import load_peft_adapter
+
+    factors, alpha = load_peft_adapter(run_dir / "adapters" / f"round_{rounds:03d}")
+    r = next(iter(factors.values()))[0].shape[0]
+    return {n: (alpha / r) * (b @ a) for n, (a, b) in factors.items()}
+
+
+def in_process(cfg: ExperimentConfig, run_dir: Path, blocks_from: Path) -> float:
+    from legokit.experiment import client_partitions, load_or_extract_blocks
+    from legokit.federation import run_federation
+    from legokit.models import load_model
+
+    t0 = time.time()
+    run_dir.mkdir(parents=True)
+    shutil.copytree(blocks_from / "blocks", run_dir / "blocks")  # the same masks as the Flower runs
+    llm, tok = load_model(cfg.model, device=cfg.device)
+    blocks = load_or_extract_blocks(cfg, llm, tok, run_dir, progress=False)
+    run_federation(cfg, llm, tok, blocks, client_partitions(cfg), run_dir, progress=False)
+    return time.time() - t0
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--clients", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=None, help="torch threads per ClientApp (default: torch's)")
+    ap.add_argument("--skip-sim", action="store_true")
+    args = ap.parse_args()
+
+    from legokit.flower.launch import deploy, simulate
+
+    cfg = config(args.clients, args.rounds)
+    tmp = Path(tempfile.mkdtemp(prefix="bench-flower-"))
+    try:
+        t0 = time.time()
+        dep = deploy(cfg, tmp / "deploy", round_timeout=600, timeout=1800, threads=args.threads)
+        dep_total = time.time() - t0
+        sim = None
+        if not args.skip_sim:
+            t0 = time.time()
+            sim = simulate(cfg, tmp / "sim")
+            sim_total = time.time() - t0
+        ref_total = in_process(cfg, tmp / "ref", tmp / "deploy")
+
+        ref_r = [r["seconds"] for r in rounds_of(tmp / "ref")]
+        dep_r = [r["seconds"] for r in rounds_of(tmp / "deploy")]
+        ref_delta = final_delta(tmp / "ref", args.rounds)
+        diff = {"deployment": max(float((final_delta(tmp / "deploy", args.rounds)[n] - d).abs().max())
+                                  for n, d in ref_delta.items())}
+        rows = [("in-process", ref_r, ref_total), ("deployment", dep_r, dep_total)]
+        if sim is not None:
+            sim_r = [r["seconds"] for r in rounds_of(tmp / "sim")]
+            rows.insert(1, (f"simulation ({sim['backend']})", sim_r, sim_total))
+            diff["simulation"] = max(float((final_delta(tmp / "sim", args.rounds)[n] - d).abs().max())
+                                     for n, d in ref_delta.items())
+        base = statistics.median(ref_r)
+        print(f"tiny-llama, {args.clients} clients, {args.rounds} rounds, 2 local steps, rank 2 "
+              f"(global rank {2 * args.clients})\n")
+        print(f"{'engine':24s} {'median round s':>15s} {'rounds s':>24s} {'whole run s':>12s} {'ratio':>7s}")
+        for name, per_round, total in rows:
+            print(f"{name:24s} {statistics.median(per_round):15.2f} {str([round(x, 1) for x in per_round]):>24s} "
+                  f"{total:12.1f} {statistics.median(per_round) / base:7.1f}x")
+        print("\nbytes per round (adapter payload, float32 arrays as Flower serialises them):")
+        for r in rounds_of(tmp / "deploy"):
+            print(f"  round {r['round']}: {r['bytes_down']} B down, {r['bytes_up']} B up")
+        traffic = dep["flower"].get("network-traffic", {})
+        print(f"SuperLink traffic for the whole deployment run (incl. discovery and framing): "
+              f"{traffic.get('inbound-bytes')} B in, {traffic.get('outbound-bytes')} B out")
+        print("max |ΔW_flower - ΔW_in-process| of the final global adapter: "
+              + ", ".join(f"{k} {v:.3g}" for k, v in diff.items()))
+        result = {"ratio_deployment_over_in_process": statistics.median(dep_r) / base,
+                  "median_round_s": {name: statistics.median(x) for name, x, _ in rows},
+                  "bytes_per_round": [(r["bytes_down"], r["bytes_up"]) for r in rounds_of(tmp / "deploy")],
+                  "flower_traffic": traffic, "max_abs_diff": diff}
+        print("\n" + json.dumps(result))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,5 @@
+import sys
+
+from legokit.cli import main
+
+sys.exit(main())

@@ -1,0 +1,664 @@
+"""Building blocks: SLMs pruned from one LLM, kept light and built on demand.
+
+A ``Block`` is what a client's SLM is made of, stored as little as possible:
+
+- ``masks``: keep-masks in LLM coordinates and shapes, bit-packed (numpy ``packbits``) and unpacked one
+  module per access; structured blocks store kept row / column indices instead and derive the masks.
+- overrides: only weights that are *not* ``M ⊙ W_llm`` are stored, as the values at the kept positions
+  (SparseGPT's reconstructed weights). Magnitude, Wanda and structured blocks store no weights.
+- ``model``: built on first access from the *current* LLM plus the overrides (pruned linear weights are
+  new tensors; embeddings, norms and the LM head share the LLM's storage read-only), and freed by
+  ``release()``. So a block derived from the LLM sees every change made to the LLM since: in merge
+  mode the caller adds ΔW_g to the LLM and calls ``add_to_base(name, ΔW_g)`` on each block, which only
+  updates what the LLM cannot give back (overrides, and the live model when one is built).
+
+``extract_blocks`` makes the blocks of one method and pattern at several sparsities. In ``one_shot``
+calibration one dense pass gives the statistics of every level and the masks are nested
+(M_75 ⊆ M_50 ⊆ M_25 ⊆ dense) for every method: Wanda and magnitude pick the levels from one sort of
+the same scores; SparseGPT runs its OBS pass per level from the shared Hessian, lowest sparsity first,
+each level choosing its mask inside the previous one (its pruned weights pruned first), then
+reconstructs. ``sequential`` calibration (each layer fed by the already pruned earlier layers, as the
+Wanda and SparseGPT references) runs one pass per level, and its masks are not nested.
+"""
+
+from __future__ import annotations
+
+import copy
+import gc
+import json
+import math
+import os
+import weakref
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from legokit.prune import (
+    Index,
+    StructuredSizes,
+    apply_mask,
+    calibration_inputs,
+    check_calibration,
+    check_method,
+    index_mask,
+    layerwise_calibration,
+    magnitude_scores,
+    nested_masks,
+    obs_scores,
+    parse_pattern,
+    resolve_sparsity,
+    sparsegpt_prune,
+    structured_select,
+    structured_sizes,
+    wanda_scores,
+)
+from legokit.utils import LegokitError, atomic_write_json
+
+FORMAT_VERSION = 1
+
+
+# ----- packed masks ----------------------------------------------------------------------------------------
+def pack_mask(mask: torch.Tensor) -> torch.Tensor:
+    """Bool tensor -> uint8 tensor of its bits (numpy ``packbits`` of the flattened mask)."""
+    return torch.from_numpy(np.packbits(mask.detach().cpu().numpy().reshape(-1)))
+
+
+def unpack_mask(packed: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
+    """Inverse of ``pack_mask``."""
+    n = int(np.prod(shape))
+    return torch.from_numpy(np.unpackbits(packed.numpy(), count=n).astype(bool)).reshape(tuple(shape))
+
+
+class MaskMap(Mapping):
+    """Read-only ``{module name: bool keep-mask in LLM shape}``; each access unpacks one module."""
+
+    def __init__(self, shapes: Mapping[str, tuple[int, int]],
+                 packed: Mapping[str, torch.Tensor] | None = None, index: Mapping[str, Index] | None = None):
+        self.shapes = dict(shapes)
+        self.packed = packed
+        self.index = index
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        if name not in self.shapes:
+            raise KeyError(name)
+        if self.packed is not None:
+            return unpack_mask(self.packed[name], self.shapes[name])
+        if self.index is not None:
+            return index_mask(self.shapes[name], *self.index[name])
+        return torch.ones(self.shapes[name], dtype=torch.bool)  # dense block
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.shapes)
+
+    def __len__(self) -> int:
+        return len(self.shapes)
+
+    def stored_bytes(self, name: str) -> int:
+        """Bytes this map holds for one module (packed bits or kept indices)."""
+        if self.packed is not None:
+            return self.packed[name].numel()
+        if self.index is not None:
+            return sum(t.numel() * t.element_size() for t in self.index[name] if t is not None)
+        return 0
+
+
+# ----- override storage ----------------------------------------------------------------------------------
+class _Overrides:
+    """Weights at the kept positions that differ from M ⊙ W_llm: in memory, or read lazily from a file."""
+
+    def __init__(self, tensors: dict[str, torch.Tensor] | None = None, path: Path | None = None):
+        self.mem = dict(tensors or {})
+        self.path = path
+        self.on_disk: set[str] = set()
+        if path is not None:
+            with safe_open(str(path), framework="pt") as f:
+                self.on_disk = set(f.keys()) - set(self.mem)
+
+    def names(self) -> set[str]:
+        return set(self.mem) | self.on_disk
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.mem or name in self.on_disk
+
+    def __len__(self) -> int:
+        return len(self.names())
+
+    def get(self, name: str) -> torch.Tensor:
+        if name in self.mem:
+            return self.mem[name]
+        with safe_open(str(self.path), framework="pt") as f:
+            return f.get_tensor(name)
+
+    def set(self, name: str, t: torch.Tensor) -> None:
+        self.mem[name] = t
+        self.on_disk.discard(name)
+
+    def numel(self, name: str) -> int:
+        if name in self.mem:
+            return self.mem[name].numel()
+        with safe_open(str(self.path), framework="pt") as f:
+            return int(np.prod(f.get_slice(name).get_shape()))
+
+    def memory_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.mem.values())
+
+
+# ----- the block --------------------------------------------------------------------------------------------
+class Block:
+    """One building block: an SLM of the LLM at one sparsity, stored as masks (+ overrides), built lazily.
+
+    Attributes:
+        sparsity, method, pattern, calibration: how it was made.
+        masks: ``{LLM module name: bool keep-mask in LLM shape}`` (a ``MaskMap``; unpacks per access).
+        sizes: per-layer sizes of a structured SLM (``StructuredSizes``), else None.
+        meta: calibration details (windows, tokens, seed, SparseGPT settings).
+    """
+
+    def __init__(self, llm: nn.Module, *, sparsity: float, method: str, pattern: str,
+                 shapes: Mapping[str, tuple], packed: Mapping[str, torch.Tensor] | None = None,
+                 index: Mapping[str, Index] | None = None,
+                 overrides: _Overrides | Mapping[str, torch.Tensor] | None = None,
+                 sizes: StructuredSizes | None = None, calibration: str = "one_shot",
+                 meta: dict | None = None):
+        self.llm = llm
+        self.sparsity, self.method, self.pattern = float(sparsity), method, str(pattern)
+        self.calibration = calibration
+        self.shapes = {n: tuple(s) for n, s in shapes.items()}
+        self.index = dict(index) if index is not None else None
+        self.masks = MaskMap(self.shapes, packed=packed, index=self.index)
+        if not isinstance(overrides, _Overrides):
+            overrides = _Overrides(dict(overrides or {}))
+        self._overrides = overrides
+        self.sizes = sizes
+        self.meta = dict(meta or {})
+        self._model: nn.Module | None = None
+
+    # ----- identity ---------------------------------------------------------------------------------
+    @property
+    def id(self) -> str:
+        """E.g. ``"wanda-unstructured-50"``, ``"sparsegpt-2:4-50"``, ``"wanda-structured-25"``."""
+        return f"{self.method}-{self.pattern}-{round(100 * self.sparsity)}"
+
+    @property
+    def structured(self) -> bool:
+        return self.index is not None
+
+    @property
+    def dense(self) -> bool:
+        return self.sparsity == 0
+
+    def __repr__(self) -> str:
+        built = "built" if self._model is not None else "not built"
+        return (f"Block({self.id!r}, {len(self.shapes)} modules, {self.nbytes() / 2**20:.1f} MiB stored, "
+                f"model {built})")
+
+    def nbytes(self) -> int:
+        """Bytes the block holds in memory besides its model (packed masks, indices, overrides)."""
+        return sum(self.masks.stored_bytes(n) for n in self.shapes) + self._overrides.memory_bytes()
+
+    # ----- the model ----------------------------------------------------------------------------------
+    @property
+    def model(self) -> nn.Module:
+        """The SLM, built on first access from the current LLM plus the stored overrides."""
+        if self._model is None:
+            self._model = self._build()
+        return self._model
+
+    def release(self) -> None:
+        """Drop the built SLM (it is rebuilt, from the LLM as it is then, on the next access)."""
+        if self._model is not None:
+            ref = weakref.ref(self._model)
+            self._model = None
+            if ref() is not None:  # only a reference cycle (or a caller's variable) keeps it alive
+                gc.collect()
+
+    @torch.no_grad()
+    def local_weight(self, name: str, w_llm: torch.Tensor | None = None) -> torch.Tensor:
+        """The block's base weight of one module in its own coordinates (a new tensor)."""
+        w = self.llm.get_submodule(name).weight if w_llm is None else w_llm
+        if self.structured:
+            return self.shrink(name, w)
+        if name in self._overrides:
+            out = torch.zeros_like(w)
+            out[self.masks[name].to(w.device)] = self._overrides.get(name).to(w.device, w.dtype)
+            return out
+        if self.dense:
+            return w.detach().clone()
+        return apply_mask(w, self.masks[name])
+
+    @torch.no_grad()
+    def _build(self) -> nn.Module:
+        llm = self.llm
+        config = copy.deepcopy(llm.config)
+        if self.structured and self.sizes is not None:
+            config.head_dim = _attention_dims(llm)["head_dim"]  # unchanged; hidden / heads no longer gives it
+            config.num_attention_heads = self.sizes.heads
+            config.num_key_value_heads = self.sizes.kv_heads
+            config.intermediate_size = self.sizes.channels
+        with torch.device("meta"):  # no memory until the real tensors are assigned
+            model = type(llm)(config)
+        state = {}
+        for key, t in llm.state_dict().items():
+            mod, _, leaf = key.rpartition(".")
+            if mod in self.shapes and leaf == "weight":
+                state[key] = self.local_weight(mod, t)
+            elif mod in self.shapes and leaf == "bias" and self.structured:
+                rows = self.index[mod][0]
+                state[key] = t.clone() if rows is None else t.index_select(0, rows.to(t.device))
+            elif mod in self.shapes:
+                state[key] = t.clone()
+            else:
+                state[key] = t  # embeddings, norms, LM head: the LLM's storage, read-only by contract
+        model.load_state_dict(state, assign=True, strict=True)
+        for key, buf in llm.named_buffers():  # non-persistent buffers (rotary inv_freq) are not in state
+            mod, _, leaf = key.rpartition(".")
+            model.get_submodule(mod)._buffers[leaf] = buf
+        if getattr(config, "tie_word_embeddings", False):
+            model.tie_weights()
+        model.generation_config = copy.deepcopy(getattr(llm, "generation_config", None))
+        model.name_or_path = f"{getattr(llm, 'name_or_path', 'llm')}:{self.id}"
+        return model.train(llm.training)
+
+    # ----- coordinates ---------------------------------------------------------------------------------
+    def local_masks(self) -> Mapping[str, torch.Tensor] | None:
+        """Keep-masks in the SLM's own coordinates, or None when nothing inside its weights is pruned
+        (dense and structured blocks)."""
+        return None if self.dense or self.structured else self.masks
+
+    def local_shape(self, name: str) -> tuple[int, int]:
+        """Shape of a module's weight in the SLM."""
+        out_f, in_f = self._shape(name)
+        if not self.structured:
+            return out_f, in_f
+        rows, cols = self.index[name]
+        return (out_f if rows is None else len(rows)), (in_f if cols is None else len(cols))
+
+    def _shape(self, name: str) -> tuple[int, int]:
+        if name not in self.shapes:
+            raise LegokitError(f"block {self.id} has no module {name!r}; modules look like "
+                               f"{next(iter(self.shapes))!r}")
+        return self.shapes[name]
+
+    def _check(self, name: str, t: torch.Tensor, shape: tuple[int, int], coords: str) -> None:
+        if tuple(t.shape) != tuple(shape):
+            raise LegokitError(f"{name}: got a tensor of shape {tuple(t.shape)}; expected {tuple(shape)} "
+                               f"({coords} coordinates of block {self.id})")
+
+    def expand(self, name: str, t: torch.Tensor) -> torch.Tensor:
+        """SLM coordinates (out_small, in_small) -> LLM coordinates, zero where the SLM has no weight.
+
+        Unstructured / N:M / dense blocks share the LLM's coordinates: ``t`` comes back unchanged.
+        """
+        self._check(name, t, self.local_shape(name), "SLM")
+        if not self.structured:
+            return t
+        out_f, in_f = self._shape(name)
+        rows, cols = self.index[name]
+        if rows is not None:
+            t = t.new_zeros(out_f, t.shape[1]).index_copy_(0, rows.to(t.device), t)
+        if cols is not None:
+            t = t.new_zeros(out_f, in_f).index_copy_(1, cols.to(t.device), t)
+        return t
+
+    def shrink(self, name: str, t: torch.Tensor) -> torch.Tensor:
+        """LLM coordinates (out, in) -> SLM coordinates (the kept rows and columns)."""
+        self._check(name, t, self._shape(name), "LLM")
+        if not self.structured:
+            return t
+        rows, cols = self.index[name]
+        if rows is not None:
+            t = t.index_select(0, rows.to(t.device))
+        if cols is not None:
+            t = t.index_select(1, cols.to(t.device))
+        return t
+
+    def expand_factors(self, name: str, A: torch.Tensor, B: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """LoRA factors SLM -> LLM: A (r, in_small) -> (r, in), B (out_small, r) -> (out, r), zero-filled."""
+        _check_factors(name, A, B, self.local_shape(name), f"SLM shape of block {self.id}")
+        if not self.structured:
+            return A, B
+        out_f, in_f = self._shape(name)
+        rows, cols = self.index[name]
+        if cols is not None:
+            A = A.new_zeros(A.shape[0], in_f).index_copy_(1, cols.to(A.device), A)
+        if rows is not None:
+            B = B.new_zeros(out_f, B.shape[1]).index_copy_(0, rows.to(B.device), B)
+        return A, B
+
+    def shrink_factors(self, name: str, A: torch.Tensor, B: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """LoRA factors LLM -> SLM: A (r, in) -> (r, in_small), B (out, r) -> (out_small, r)."""
+        _check_factors(name, A, B, self._shape(name), "LLM shape")
+        if not self.structured:
+            return A, B
+        rows, cols = self.index[name]
+        if cols is not None:
+            A = A.index_select(1, cols.to(A.device))
+        if rows is not None:
+            B = B.index_select(0, rows.to(B.device))
+        return A, B
+
+    @torch.no_grad()
+    def add_to_base(self, name: str, delta_llm: torch.Tensor) -> None:
+        """Merge mode: the block's base weight += M ⊙ delta (delta in LLM coordinates).
+
+        Call it together with adding ``delta`` to the LLM itself (``Server._merge`` does both): weights
+        derived from the LLM then follow by construction, so only stored overrides (SparseGPT's
+        reconstructed weights) and the live model, when one is built, are updated here.
+        """
+        self._check(name, delta_llm, self._shape(name), "LLM")
+        if name in self._overrides:
+            vals = self._overrides.get(name)
+            self._overrides.set(name, vals + delta_llm[self.masks[name].to(delta_llm.device)].to(vals))
+        if self._model is not None:
+            mod = self._model.get_submodule(name)
+            w = getattr(mod, "base_layer", mod).weight  # a LoRA wrapper keeps the linear as base_layer
+            local = self.shrink(name, delta_llm) if self.structured else delta_llm
+            if not self.dense and not self.structured:
+                local = local * self.masks[name].to(local.device)
+            w += local.to(w.device, w.dtype)
+
+    # ----- files ---------------------------------------------------------------------------------------
+    def save(self, directory: str | Path, offload: bool = False) -> None:
+        """Write ``block.json`` + safetensors (bit-packed masks, kept indices, overrides) to ``directory``.
+
+        ``offload=True`` then drops the in-memory overrides; they are read back from the file on use.
+        """
+        d = Path(directory)
+        d.mkdir(parents=True, exist_ok=True)
+        info = {"format_version": FORMAT_VERSION, "id": self.id, "sparsity": self.sparsity,
+                "method": self.method, "pattern": self.pattern, "calibration": self.calibration,
+                "meta": self.meta,
+                "shapes": {n: list(s) for n, s in self.shapes.items()},
+                "sizes": None if self.sizes is None else vars(self.sizes).copy(),
+                "llm": getattr(self.llm, "name_or_path", None), "overrides": sorted(self._overrides.names())}
+        if self.masks.packed is not None:
+            _save_tensors(d / "masks.safetensors", {n: p.contiguous() for n, p in self.masks.packed.items()})
+        if self.index is not None:
+            flat = {f"{n}.{k}": t.clone() for n, (r, c) in self.index.items()  # clone: q rows = o cols
+                    for k, t in (("rows", r), ("cols", c)) if t is not None}
+            _save_tensors(d / "index.safetensors", flat)
+        if len(self._overrides):
+            tensors = {n: self._overrides.get(n).detach().cpu().contiguous() for n in self._overrides.names()}
+            _save_tensors(d / "overrides.safetensors", tensors)
+            del tensors
+            if offload:
+                self._overrides = _Overrides(path=d / "overrides.safetensors")
+        atomic_write_json(d / "block.json", info)  # last: a directory with block.json is complete
+
+    @classmethod
+    def load(cls, directory: str | Path, llm: nn.Module, lazy: bool = True) -> Block:
+        """Read a block written by ``save`` for ``llm`` (checked against its module shapes).
+
+        ``lazy``: overrides stay on disk and are read one module at a time when the model is built.
+        """
+        d = Path(directory)
+        if not (d / "block.json").is_file():
+            raise LegokitError(f"{d} holds no saved block (no block.json)")
+        info = json.loads((d / "block.json").read_text())
+        if info.get("format_version") != FORMAT_VERSION:
+            raise LegokitError(f"{d}: block format {info.get('format_version')}; this legokit reads "
+                               f"{FORMAT_VERSION}")
+        from legokit.models import linear_modules
+
+        have = {n: tuple(m.weight.shape) for n, m in linear_modules(llm).items()}
+        shapes = {n: tuple(s) for n, s in info["shapes"].items()}
+        for n, s in shapes.items():
+            if have.get(n) != s:
+                raise LegokitError(f"block {d} was made for another LLM: module {n} has shape {s} in the "
+                                   f"block and {have.get(n)} in this LLM")
+        packed = index = None
+        if (d / "masks.safetensors").is_file():
+            packed = _load_tensors(d / "masks.safetensors")
+        if (d / "index.safetensors").is_file():
+            flat = _load_tensors(d / "index.safetensors")
+            index = {n: (flat.get(f"{n}.rows"), flat.get(f"{n}.cols")) for n in shapes}
+        ov = d / "overrides.safetensors"
+        if ov.is_file():
+            overrides = _Overrides(path=ov) if lazy else _Overrides(_load_tensors(ov))
+        else:
+            overrides = _Overrides()
+        sizes = StructuredSizes(**info["sizes"]) if info.get("sizes") else None
+        return cls(llm, sparsity=info["sparsity"], method=info["method"], pattern=info["pattern"],
+                   shapes=shapes, packed=packed, index=index, overrides=overrides, sizes=sizes,
+                   calibration=info.get("calibration", "one_shot"), meta=info.get("meta"))
+
+
+def _check_factors(name: str, A: torch.Tensor, B: torch.Tensor, shape: tuple[int, int], what: str) -> None:
+    out_f, in_f = shape
+    if A.ndim != 2 or B.ndim != 2 or A.shape[1] != in_f or B.shape[0] != out_f or A.shape[0] != B.shape[1]:
+        raise LegokitError(f"{name}: factors A {tuple(A.shape)}, B {tuple(B.shape)} do not fit the {what} "
+                           f"({out_f}, {in_f}): expected A (r, {in_f}), B ({out_f}, r)")
+
+
+def _save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    save_file(tensors, str(tmp))
+    os.replace(tmp, path)
+
+
+def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
+    with safe_open(str(path), framework="pt") as f:
+        return {k: f.get_tensor(k) for k in f.keys()}
+
+
+# ----- extraction -------------------------------------------------------------------------------------------
+class _Level:
+    """What extraction accumulates for one sparsity level."""
+
+    def __init__(self) -> None:
+        self.packed: dict[str, torch.Tensor] = {}
+        self.overrides: dict[str, torch.Tensor] = {}
+        self.index: dict[str, Index] = {}
+
+
+def _attention_dims(llm: nn.Module) -> dict[str, int]:
+    c = llm.config
+    return {"num_heads": c.num_attention_heads, "num_kv_heads": getattr(c, "num_key_value_heads", None)
+            or c.num_attention_heads,
+            "head_dim": getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads}
+
+
+def extract_blocks(llm: nn.Module, tokenizer, sparsities: Sequence[float] = (0, 0.25, 0.5, 0.75),
+                   method: str = "wanda", pattern: str = "unstructured", calibration: str = "one_shot",
+                   n_calib: int = 32, seq_len: int = 256, seed: int = 0,
+                   texts: Sequence[str] | None = None, *,
+                   blocksize: int = 128, percdamp: float = 0.01, batch_size: int = 8,
+                   progress: bool = True) -> list[Block]:
+    """Prune ``llm`` into building blocks, one per sparsity; the LLM itself is not modified.
+
+    Args:
+        llm, tokenizer: a Llama-style causal LM and its tokenizer.
+        sparsities: pruned fractions in [0, 1); 0 gives the dense block. An N:M pattern allows 0 and N/M.
+        method: ``magnitude`` | ``wanda`` | ``sparsegpt``.
+        pattern: ``unstructured`` | ``structured`` | ``"N:M"`` (N of every M weights zero).
+        calibration: ``one_shot`` (one dense pass serves every level; nested masks) | ``sequential``
+            (one pass per level through the already pruned layers). Magnitude needs no calibration.
+        n_calib, seq_len: calibration windows (fewer when ``texts`` are short).
+        seed: seeds the window offset (and the text draw when ``texts`` is None).
+        texts: calibration texts; default ``legokit.data.calibration_texts``.
+        blocksize, percdamp: SparseGPT's lazy-batch block size and Hessian dampening.
+    Returns:
+        One ``Block`` per entry of ``sparsities``, in that order.
+    """
+    from legokit.models import decoder_layers, linear_modules
+
+    check_method(method)
+    pat = parse_pattern(pattern)
+    check_calibration(calibration)
+    if isinstance(sparsities, (int, float)) or len(sparsities) == 0:
+        raise LegokitError(f"sparsities={sparsities!r}: give a non-empty list such as (0, 0.25, 0.5, 0.75)")
+    levels = [resolve_sparsity(s, pat) for s in sparsities]
+    if len(set(levels)) != len(levels):
+        raise LegokitError(f"sparsities={list(sparsities)} repeats a level: list each once")
+    linears = linear_modules(llm)
+    if not linears:
+        raise LegokitError(f"{type(llm).__name__} has no q/k/v/o/gate/up/down_proj linear layers to prune")
+    shapes = {n: tuple(m.weight.shape) for n, m in linears.items()}
+    pruned = sorted(s for s in levels if s > 0)
+    dims = _attention_dims(llm) if pat.kind == "structured" else {}
+    sizes: dict[float, StructuredSizes] = {}
+    if pat.kind == "structured":
+        prev = None
+        for s in pruned:  # monotone counts: nested structured masks from the same scores
+            sz = structured_sizes(s, hidden=llm.config.hidden_size, intermediate=llm.config.intermediate_size,
+                                  **dims)
+            if prev is not None and calibration == "one_shot":
+                sz = StructuredSizes(min(sz.kv_heads, prev.kv_heads),
+                                     min(sz.heads_per_group, prev.heads_per_group),
+                                     min(sz.channels, prev.channels))
+            sizes[s] = prev = sz
+    if pat.kind == "nm" and pruned:
+        bad = [n for n, (_, i) in shapes.items() if i % pat.m]
+        if bad:
+            raise LegokitError(f"pattern {pattern!r} needs input sizes divisible by {pat.m}; {bad[0]} has "
+                               f"shape {shapes[bad[0]]}")
+    meta = {"seed": seed}
+    input_ids = None
+    if method != "magnitude" and pruned:
+        if texts is None:
+            try:
+                from legokit.data import calibration_texts
+            except ImportError as err:  # pragma: no cover - data.py ships with legokit
+                raise LegokitError("no calibration texts: pass texts=[...]") from err
+            texts = calibration_texts(n_calib * max(1, math.ceil(seq_len / 128)), seed=seed)
+        input_ids = calibration_inputs(tokenizer, texts, n_calib, seq_len, seed)
+        meta.update(calib_windows=int(input_ids.shape[0]), calib_seq_len=int(input_ids.shape[1]),
+                    calib_tokens=int(input_ids.numel()))
+    if method == "sparsegpt":
+        meta.update(blocksize=blocksize, percdamp=percdamp)
+
+    acc = {s: _Level() for s in pruned}
+    layers = decoder_layers(llm)
+    prefix = next(n for n, m in llm.named_modules() if m is layers)
+
+    def on_layer(i: int, layer: nn.Module, stats, todo: list[float], propagate: bool):
+        names = {n.rsplit(".", 1)[-1]: n for n in linears if n.startswith(f"{prefix}.{i}.")}
+        weights = {n: linears[n].weight.detach() for n in names.values()}
+        new: dict[str, torch.Tensor] = {}
+        if method == "sparsegpt" and pat.kind != "structured":
+            _sparsegpt_layer(weights, stats, todo, pat, blocksize, percdamp, acc, new, nested=not propagate)
+        else:
+            scores = {}
+            for n, w in weights.items():
+                if method == "magnitude":
+                    scores[n] = magnitude_scores(w)
+                elif method == "wanda":
+                    scores[n] = wanda_scores(w, stats.act_norm(n))
+                else:
+                    scores[n] = obs_scores(w, stats.hessian(n), percdamp)
+            if pat.kind == "structured":
+                short = {k: scores[n] for k, n in names.items()}
+                for s in todo:
+                    chosen = structured_select(short, sizes[s], **dims)
+                    for k, n in names.items():
+                        acc[s].index[n] = chosen[k]
+                        if propagate:
+                            new[n] = weights[n] * index_mask(shapes[n], *chosen[k]).to(weights[n].device)
+            else:
+                for n, sc in scores.items():
+                    for s, m in zip(todo, nested_masks(sc, todo, pattern), strict=True):
+                        acc[s].packed[n] = pack_mask(m)
+                        if propagate:
+                            new[n] = weights[n] * m.to(weights[n].device)
+        return new if propagate else None
+
+    if pruned:
+        if input_ids is None:  # magnitude: no data; walk the layers directly
+            for i in range(len(layers)):
+                on_layer(i, layers[i], None, pruned, False)
+        elif calibration == "one_shot":
+            layerwise_calibration(llm, input_ids, lambda i, layer, st: on_layer(i, layer, st, pruned, False),
+                                  norms=method == "wanda", hessians=method == "sparsegpt",
+                                  batch_size=batch_size, progress=progress, desc=f"{method} one-shot")
+        else:
+            for s in pruned:
+                layerwise_calibration(llm, input_ids,
+                                      lambda i, layer, st, s=s: on_layer(i, layer, st, [s], True),
+                                      norms=method == "wanda", hessians=method == "sparsegpt",
+                                      batch_size=batch_size, progress=progress,
+                                      desc=f"{method} sequential {s:g}")
+
+    blocks = []
+    for s in levels:
+        a = acc.get(s)
+        structured = pat.kind == "structured" and s > 0
+        blocks.append(Block(llm, sparsity=s, method=method, pattern=str(pat), shapes=shapes,
+                            packed=a.packed if a is not None and not structured else None,
+                            index=a.index if structured else None,
+                            overrides=a.overrides if a is not None else None,
+                            sizes=sizes.get(s), calibration=calibration, meta=meta))
+    return blocks
+
+
+def _sparsegpt_layer(weights: dict[str, torch.Tensor], stats, todo: list[float], pat, blocksize: int,
+                     percdamp: float, acc: dict[float, _Level], new: dict[str, torch.Tensor],
+                     nested: bool) -> None:
+    """SparseGPT on one decoder layer: modules fed the same input share a Hessian and are pruned together
+    (rows stacked: OBS treats rows independently); levels go lowest first, each inside the previous mask."""
+    groups: dict[str, list[str]] = {}
+    for n in weights:
+        groups.setdefault(stats.shared(n), []).append(n)
+    for members in groups.values():
+        W = torch.cat([weights[n] for n in members], 0)  # (sum of outs, in)
+        H = stats.hessian(members[0])  # (in, in)
+        within = None
+        for s in todo:
+            W_new, keep = sparsegpt_prune(W, H, s, str(pat), blocksize=blocksize, percdamp=percdamp,
+                                          within=within)
+            if nested:
+                within = keep
+            start = 0
+            for n in members:
+                rows = weights[n].shape[0]
+                w_n, k_n = W_new[start:start + rows], keep[start:start + rows]
+                start += rows
+                acc[s].packed[n] = pack_mask(k_n)
+                acc[s].overrides[n] = w_n[k_n].cpu().clone()  # (kept,) reconstructed values, row-major
+                new[n] = w_n
+
+
+# ----- reports --------------------------------------------------------------------------------------------
+def sparsity_report(block: Block):
+    """Per layer and module: achieved sparsity, parameters, bytes as stored and bytes of the SLM weight.
+
+    Columns: ``name, layer, module, shape, params, kept, sparsity, slm_shape, slm_params, stored_bytes``
+    (packed mask / kept indices + overrides the block holds) and ``model_bytes`` (the SLM's weight in
+    memory: smaller only for structured blocks; unstructured zeros still take space).
+    """
+    import pandas as pd
+
+    rows = []
+    elem = next(block.llm.parameters()).element_size()
+    for name, shape in block.shapes.items():
+        parts = name.split(".")
+        layer = next((int(p) for p in parts if p.isdigit()), -1)
+        params = shape[0] * shape[1]
+        slm = block.local_shape(name)
+        kept = int(block.masks[name].sum())
+        stored = block.masks.stored_bytes(name)
+        if name in block._overrides:
+            stored += block._overrides.numel(name) * elem
+        rows.append({"name": name, "layer": layer, "module": parts[-1], "shape": tuple(shape),
+                     "params": params, "kept": kept, "sparsity": 1 - kept / params, "slm_shape": slm,
+                     "slm_params": slm[0] * slm[1], "stored_bytes": stored,
+                     "model_bytes": slm[0] * slm[1] * elem})
+    return pd.DataFrame(rows)
+
+
+def block_perplexity(block: Block, tokenizer, texts: Sequence[str], seq_len: int = 256,
+                     batch_size: int = 8) -> float:
+    """Perplexity of the block's SLM on ``texts`` (``legokit.evaluate.perplexity``); a model built
+    for this is released afterwards."""
+    from legokit.evaluate import perplexity
+
+    built = block._model is not None
+    try:
+        return perplexity(block.model, tokenizer, texts, seq_len=seq_len, batch_size=batch_size)
+    finally:
+        if not built:
+            block.release()

@@ -1,0 +1,159 @@
+"""The Flower ClientApp: one LEGO client on one SuperNode.
+
+Component reference for a Flower app: ``legokit.flower.client_app:app``. The SuperNode's node config says
+which client it is (``partition-id``), and optionally where its blocks are (``blocks-dir``), which block
+the device holds (``block-id``), the torch ``device`` and CPU ``threads``. Each ``train`` message: load the
+LLM and the block named by the server, take this client's data partition (``experiment.client_partitions``,
+the same split the in-process loop uses), run ``federation.local_update`` from the broadcast factors, and
+send back the trained factors. Nothing is kept between rounds: the server sends each round's start state.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from legokit.utils import LegokitError
+
+# One process may serve many messages (the simulation engine): keep the LLM and the partitions.
+_CACHE: dict[tuple, Any] = {}
+
+
+def partition_id(node_config: Mapping[str, Any], num_clients: int) -> int:
+    """This SuperNode's client index, checked against ``fed.num_clients``."""
+    if "partition-id" not in node_config:
+        raise LegokitError("this SuperNode has no partition-id: start it with "
+                           f"--node-config 'partition-id=K' (K in 0..{num_clients - 1})")
+    k = node_config["partition-id"]
+    if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k < num_clients:
+        raise LegokitError(f"partition-id={k!r} is out of range: the experiment has fed.num_clients={num_clients} "
+                           f"clients, so use 0..{num_clients - 1} in --node-config")
+    parts = node_config.get("num-partitions")
+    if parts is not None and parts != num_clients:
+        raise LegokitError(f"num-partitions={parts} in the node config but the experiment has "
+                           f"fed.num_clients={num_clients}: make them agree")
+    return k
+
+
+def blocks_dir(node_config: Mapping[str, Any], run_config: Mapping[str, Any]) -> Path:
+    """Where this node reads the saved blocks: node config, else run config ``blocks-dir``, else run-dir."""
+    d = str(node_config.get("blocks-dir", "") or run_config.get("blocks-dir", ""))
+    if not d:
+        run_dir = str(run_config.get("run-dir", ""))
+        if not run_dir:
+            raise LegokitError("no blocks directory: set blocks-dir in the node config (or run-dir in the run config)")
+        d = str(Path(run_dir) / "blocks")
+    return Path(d)
+
+
+def _block_index(directory: Path, block_id: str) -> int:
+    index = directory / "index.json"
+    if not index.is_file():
+        raise LegokitError(f"no blocks at {directory} (no index.json): copy the server's <run-dir>/blocks there "
+                           "or set blocks-dir in the node config")
+    ids = json.loads(index.read_text())["blocks"]
+    if block_id not in ids:
+        raise LegokitError(f"block {block_id!r} is not among this node's blocks {ids} in {directory}")
+    return ids.index(block_id)
+
+
+def _partition(cfg, k: int) -> list:
+    from legokit.experiment import client_partitions
+
+    key = ("partitions", cfg.to_yaml())
+    if key not in _CACHE:
+        _CACHE[key] = client_partitions(cfg)
+    return _CACHE[key][k]
+
+
+def _model(cfg, device: str):
+    from legokit.models import load_model
+
+    key = ("model", cfg.model, device, cfg.dtype)
+    if key not in _CACHE:
+        _CACHE[key] = load_model(cfg.model, device=device, dtype=cfg.dtype)
+    return _CACHE[key]
+
+
+def _task_mix(examples: list) -> dict[str, int]:
+    mix: dict[str, int] = {}
+    for ex in examples:
+        mix[ex.task] = mix.get(ex.task, 0) + 1
+    return mix
+
+
+def client_query(node_config: Mapping[str, Any], run_config: Mapping[str, Any]) -> RecordDict:
+    """Answer the server's ``query``: which client this node is, its block (if declared), its data size."""
+    from legokit import __version__
+    from legokit.flower.runconfig import from_run_config
+
+    cfg, _ = from_run_config(run_config)
+    k = partition_id(node_config, cfg.fed.num_clients)
+    examples = _partition(cfg, k)
+    declared = str(node_config.get("block-id", ""))
+    if declared:
+        _block_index(blocks_dir(node_config, run_config), declared)
+    return RecordDict({"info": ConfigRecord({"partition-id": k, "block-id": declared, "num-examples": len(examples),
+                                             "tasks": json.dumps(_task_mix(examples)), "legokit": __version__})})
+
+
+def client_train(content: RecordDict, node_config: Mapping[str, Any], run_config: Mapping[str, Any]) -> RecordDict:
+    """One round of one client: the broadcast factors in, the trained factors out (LLM coordinates)."""
+    import torch
+
+    from legokit.blocks import Block
+    from legokit.federation import local_update
+    from legokit.flower.messages import factors_from_record, factors_to_record
+    from legokit.flower.runconfig import from_run_config
+
+    cfg, _ = from_run_config(run_config)
+    k = partition_id(node_config, cfg.fed.num_clients)
+    conf = content["config"]
+    if conf.get("client") != k:
+        raise LegokitError(f"this SuperNode serves client {k} but the message is for client {conf.get('client')!r}")
+    block_id, rnd, scaling = str(conf["block-id"]), int(conf["round"]), float(conf["scaling"])
+    declared = str(node_config.get("block-id", ""))
+    if declared and declared != block_id:
+        raise LegokitError(f"the server asks for block {block_id!r} but this device holds {declared!r}")
+    if "threads" in node_config:
+        torch.set_num_threads(int(node_config["threads"]))
+    device = str(node_config.get("device", cfg.device))
+    llm, tok = _model(cfg, device)
+    bdir = blocks_dir(node_config, run_config)
+    block = Block.load(bdir / str(_block_index(bdir, block_id)), llm)
+    examples = _partition(cfg, k)
+    init = factors_from_record(content["init"], "the server")
+    res = local_update(cfg, block, tok, examples, init, scaling, client=k, rnd=rnd,
+                       device=next(llm.parameters()).device, progress=False)
+    m = res.metrics
+    metrics = MetricRecord({"num-examples": res.num_examples, "loss-first": float(m["loss_first"]),
+                            "loss-last": float(m["loss_last"]), "steps": int(m["steps"]), "tokens": int(m["tokens"]),
+                            "seconds": float(m["seconds"]), "tokens-per-second": float(m["tokens_per_second"])})
+    info = ConfigRecord({"client": k, "block-id": block_id, "scaling": float(res.scaling),
+                         "losses": [float(x) for x in m["losses"]], "tasks": json.dumps(_task_mix(examples))})
+    return RecordDict({"factors": factors_to_record(res.factors), "metrics": metrics, "info": info})
+
+
+def make_client_app(defaults: Mapping[str, Any] | None = None) -> ClientApp:
+    """A ClientApp whose run config is ``defaults`` overridden by Flower's run config (see ``make_server_app``)."""
+    client_app = ClientApp()
+    bound = dict(defaults or {})
+
+    @client_app.query()
+    def query(msg: Message, context: Context) -> Message:
+        return Message(client_query(context.node_config, {**bound, **dict(context.run_config)}), reply_to=msg)
+
+    @client_app.train()
+    def train(msg: Message, context: Context) -> Message:
+        reply = client_train(msg.content, context.node_config, {**bound, **dict(context.run_config)})
+        return Message(reply, reply_to=msg)
+
+    return client_app
+
+
+app = make_client_app()

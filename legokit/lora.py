@@ -1,0 +1,460 @@
+"""Masked LoRA: adapters whose update lives only on a block's kept weights, in peft's naming and format.
+
+A client's linear layer computes ``y = x (W + M ⊙ ΔW)ᵀ + b`` with ``ΔW = s · B A`` (``s = alpha / r``),
+so a pruned block stays exactly as sparse as it was (``M`` is the keep-mask, ``W`` already zero off it).
+Without a mask it is the usual LoRA ``y = base(x) + s · B(A(dropout(x)))``.
+
+Factor convention, used everywhere in legokit: ``A`` is ``(r, in)``, ``B`` is ``(out, r)``, the delta is
+``s · B @ A`` with ``s = alpha / r`` where ``r`` is *that module's* rank (peft's rule with ``rank_pattern``).
+A broadcast global adapter of rank ``r_g`` is therefore re-factored with
+``svd_refactor(ΔW_g, r_g, alpha / r_g)`` and handed to ``attach_lora(..., init=...)`` unchanged: the module
+takes the init's rank and ``s = alpha / r_g``, so ``s · B A`` equals the intended delta (up to the SVD
+truncation). Factors made with one scaling ``s`` for all modules (whatever their rank) are attached with
+``attach_lora(..., scaling=s)`` and saved with ``save_peft_adapter(..., alpha=None, scaling=s)``.
+
+Adapters are written in peft's saved format (``adapter_config.json`` + ``adapter_model.safetensors``,
+keys ``base_model.model.<module>.lora_A.weight`` / ``lora_B.weight`` without the adapter name), so
+``peft.PeftModel.from_pretrained(llm, dir)`` loads them. Tensors are only ever read from safetensors.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections import Counter
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from legokit.config import LoraConfig
+from legokit.models import linear_modules
+from legokit.utils import LegokitError, atomic_write_bytes, atomic_write_json
+
+PEFT_PREFIX = "base_model.model."
+_KEY_RE = re.compile(r"^base_model\.model\.(?P<name>.+)\.(?P<which>lora_[AB])(?:\.[^.]+)?\.weight$")
+
+
+# ----------------------------------------------------------------------------------------- the layer
+def delta_weight(A: Tensor, B: Tensor, scaling: float, mask: Tensor | None = None) -> Tensor:
+    """``scaling · B @ A``, zeroed off ``mask`` when one is given.
+
+    Args:
+        A: ``(r, in)``; B: ``(out, r)``; mask: bool ``(out, in)`` keep-mask or None.
+    Returns:
+        the dense ``(out, in)`` delta.
+    """
+    delta = (B @ A) * scaling  # (out, in)
+    return delta if mask is None else delta * mask
+
+
+class _MaskedLoraFn(torch.autograd.Function):
+    """``y = x (W + M ⊙ s·BA)ᵀ + b`` that saves no dense ``(out, in)`` tensor for backward.
+
+    A plain autograd graph keeps the effective weight of every layer alive until backward (about the
+    size of the model's linear weights again); here the masked delta is recomputed in backward from the
+    small factors instead. With dropout the LoRA branch sees its own input ``x_lora``.
+    """
+
+    @staticmethod
+    def forward(ctx, x, x_lora, weight, bias, lora_A, lora_B, mask, scaling):
+        # x, x_lora: (..., in); weight, mask: (out, in); lora_A: (r, in); lora_B: (out, r)
+        delta = _masked_delta(lora_A, lora_B, mask, scaling, weight.dtype)
+        if x_lora is None:
+            out = F.linear(x, delta.add_(weight), bias)  # one matmul with the effective weight
+        else:
+            out = F.linear(x, weight, bias) + F.linear(x_lora, delta)
+        ctx.save_for_backward(x, x_lora, weight, lora_A, lora_B, mask)
+        ctx.scaling = scaling
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, x_lora, weight, A, B, mask = ctx.saved_tensors
+        s = ctx.scaling
+        need = ctx.needs_input_grad
+        delta = _masked_delta(A, B, mask, s, weight.dtype)  # (out, in), recomputed
+        g2 = grad.reshape(-1, grad.shape[-1])  # (T, out)
+        grad_x = grad_xl = grad_w = grad_b = grad_A = grad_B = None
+        if x_lora is None:
+            xl = x
+            if need[0]:
+                grad_x = grad @ delta.add_(weight)
+        else:
+            xl = x_lora
+            if need[0]:
+                grad_x = grad @ weight
+            if need[1]:
+                grad_xl = grad @ delta
+        del delta
+        if need[4] or need[5]:
+            gd = (g2.t() @ xl.reshape(-1, xl.shape[-1])).to(A.dtype)  # (out, in): dL/d(effective delta)
+            gd.mul_(mask)
+            if need[4]:
+                grad_A = (B.t() @ gd) * s  # (r, in)
+            if need[5]:
+                grad_B = (gd @ A.t()) * s  # (out, r)
+        if need[2]:
+            grad_w = g2.t() @ x.reshape(-1, x.shape[-1])
+        if need[3]:
+            grad_b = g2.sum(0)
+        return grad_x, grad_xl, grad_w, grad_b, grad_A, grad_B, None, None
+
+
+def _masked_delta(A: Tensor, B: Tensor, mask: Tensor, scaling: float, dtype: torch.dtype) -> Tensor:
+    delta = (B @ A).mul_(scaling).mul_(mask)  # (out, in), a fresh tensor safe to modify in place
+    return delta if delta.dtype == dtype else delta.to(dtype)
+
+
+class MaskedLoraLinear(nn.Module):
+    """A frozen ``nn.Linear`` plus a LoRA adapter whose update is restricted to a keep-mask.
+
+    Attributes follow peft: ``base_layer``, ``lora_A`` (in -> r), ``lora_B`` (r -> out), ``lora_dropout``,
+    ``r``, ``lora_alpha``, ``scaling``; ``mask`` is a bool ``(out, in)`` buffer or None (plain LoRA).
+    Factors are float32 when the base weight is half precision (peft's autocast rule).
+    """
+
+    def __init__(self, base_layer: nn.Linear, rank: int, alpha: float, dropout: float = 0.0,
+                 mask: Tensor | None = None, generator: torch.Generator | None = None,
+                 scaling: float | None = None):
+        super().__init__()
+        out_f, in_f = base_layer.weight.shape
+        if not 1 <= rank <= min(out_f, in_f):
+            raise LegokitError(f"LoRA rank {rank} does not fit a {out_f}x{in_f} layer: use 1 <= rank <= "
+                               f"{min(out_f, in_f)}")
+        if mask is not None and (mask.dtype != torch.bool or tuple(mask.shape) != (out_f, in_f)):
+            raise LegokitError(f"mask must be bool of shape {(out_f, in_f)}, "
+                               f"got {mask.dtype} {tuple(mask.shape)}")
+        self.base_layer = base_layer
+        self.in_features, self.out_features = in_f, out_f
+        # scaling defaults to peft's alpha / r; an explicit one fixes s (and records alpha = s * r)
+        self.scaling = alpha / rank if scaling is None else float(scaling)
+        self.r, self.lora_alpha = rank, self.scaling * rank
+        w = base_layer.weight
+        fdtype = torch.float32 if w.dtype in (torch.float16, torch.bfloat16) else w.dtype
+        self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.lora_A = nn.Linear(in_f, rank, bias=False, device=w.device, dtype=fdtype)
+        self.lora_B = nn.Linear(rank, out_f, bias=False, device=w.device, dtype=fdtype)
+        # peft's default init: A kaiming-uniform (a=sqrt(5)), B zero, so the layer starts as the base.
+        a_init = torch.empty(rank, in_f)
+        nn.init.kaiming_uniform_(a_init, a=math.sqrt(5), generator=generator)
+        with torch.no_grad():
+            self.lora_A.weight.copy_(a_init)
+            self.lora_B.weight.zero_()
+        self.register_buffer("mask", None if mask is None else mask.to(w.device), persistent=False)
+
+    @property
+    def weight(self) -> Tensor:
+        """The frozen base weight (for code that inspects ``module.weight``)."""
+        return self.base_layer.weight
+
+    @property
+    def bias(self) -> Tensor | None:
+        return self.base_layer.bias
+
+    def set_factors(self, A: Tensor, B: Tensor) -> None:
+        """Copy ``A`` ``(r, in)`` and ``B`` ``(out, r)`` into the adapter (shapes must match its rank)."""
+        with torch.no_grad():
+            self.lora_A.weight.copy_(A)
+            self.lora_B.weight.copy_(B)
+
+    def get_delta_weight(self) -> Tensor:
+        """``M ⊙ (s · B A)`` (or ``s · B A`` without a mask), ``(out, in)``, in the factors' dtype."""
+        return delta_weight(self.lora_A.weight, self.lora_B.weight, self.scaling, self.mask)
+
+    def forward(self, x: Tensor) -> Tensor:
+        A, B = self.lora_A.weight, self.lora_B.weight
+        dropout_on = self.training and isinstance(self.lora_dropout, nn.Dropout)
+        if self.mask is not None:
+            x_lora = self.lora_dropout(x) if dropout_on else None
+            return _MaskedLoraFn.apply(x, x_lora, self.base_layer.weight, self.base_layer.bias, A, B,
+                                       self.mask, self.scaling)
+        out = self.base_layer(x)
+        lora = self.lora_B(self.lora_A(self.lora_dropout(x.to(A.dtype))))  # (..., out)
+        return out + (lora * self.scaling).to(out.dtype)
+
+    def extra_repr(self) -> str:
+        masked = "none" if self.mask is None else f"{self.mask.float().mean().item():.2f} kept"
+        return f"r={self.r}, alpha={self.lora_alpha}, scaling={self.scaling:g}, mask={masked}"
+
+
+# ------------------------------------------------------------------------------------ attach / detach
+def lora_modules(model: nn.Module) -> dict[str, MaskedLoraLinear]:
+    """The model's ``MaskedLoraLinear`` layers keyed by qualified name, in model order."""
+    return {n: m for n, m in model.named_modules() if isinstance(m, MaskedLoraLinear)}
+
+
+def attach_lora(model: nn.Module, cfg: LoraConfig, masks: Mapping[str, Tensor] | None = None,
+                init: Mapping[str, tuple[Tensor, Tensor]] | None = None, seed: int = 0,
+                scaling: float | None = None) -> dict[str, MaskedLoraLinear]:
+    """Replace every target ``nn.Linear`` by a ``MaskedLoraLinear`` and freeze everything else.
+
+    Args:
+        model: a causal LM (its linear layers in the block's own coordinates).
+        cfg: rank, alpha, dropout, target modules, and ``mask_in_training`` (False: masks are ignored).
+        masks: {qualified module name: bool ``(out, in)`` keep-mask}; entries for linear layers that are
+            not targets are ignored, names that are no linear layer of the model are an error.
+        init: {qualified module name: ``(A (r', in), B (out, r'))``} to start from instead of the default
+            init (e.g. the broadcast global adapter). That module then has rank ``r'`` and scaling
+            ``cfg.alpha / r'``: give factors with ``(cfg.alpha / r') · B @ A`` = the intended delta,
+            as ``svd_refactor(delta, r', cfg.alpha / r')`` returns them.
+        seed: seeds the kaiming-uniform init of every ``A`` (modules in model order).
+        scaling: one scaling ``s`` for every module instead of ``cfg.alpha / r_module`` (for factors made
+            with a single scaling, e.g. ``svd_refactor(delta, r_g, s)`` for all modules).
+    Returns:
+        {qualified name: the new layer}. Nothing is modified when a check fails (``LegokitError``).
+    """
+    if scaling is not None and not scaling > 0:
+        raise LegokitError(f"attach_lora scaling={scaling} must be > 0 (or None for alpha / rank)")
+    if lora_modules(model):
+        raise LegokitError("the model already has LoRA layers attached: call detach_lora(model) first")
+    masks = dict(masks or {}) if cfg.mask_in_training else {}
+    init = dict(init or {})
+    targets = linear_modules(model, tuple(cfg.target_modules))
+    all_linear = linear_modules(model)
+    unknown = sorted(n for n in masks if n not in all_linear)
+    if unknown:
+        raise LegokitError(f"masks name modules the model does not have: {unknown[:3]}"
+                           f"{' ...' if len(unknown) > 3 else ''}; "
+                           f"expected names like {next(iter(all_linear), '')!r}")
+    unknown = sorted(n for n in init if n not in targets)
+    if unknown:
+        raise LegokitError(f"init names modules that are not LoRA targets of this model: {unknown[:3]}"
+                           f"{' ...' if len(unknown) > 3 else ''}; targets are {cfg.target_modules}")
+    for name, lin in targets.items():
+        out_f, in_f = lin.weight.shape
+        if name in masks:
+            m = masks[name]
+            if not isinstance(m, Tensor) or m.dtype != torch.bool:
+                raise LegokitError(f"mask for {name} must be a bool tensor, got "
+                                   f"{getattr(m, 'dtype', type(m).__name__)}")
+            if tuple(m.shape) != (out_f, in_f):
+                raise LegokitError(f"mask for {name} has shape {tuple(m.shape)} but the module's weight is "
+                                   f"{(out_f, in_f)}: give masks in the block's own coordinates")
+        rank = cfg.rank
+        if name in init:
+            A, B = init[name]
+            rank = A.shape[0]
+            if A.ndim != 2 or B.ndim != 2 or A.shape[1] != in_f or B.shape != (out_f, rank):
+                raise LegokitError(f"init for {name}: A {tuple(A.shape)} and B {tuple(B.shape)} do not fit "
+                                   f"the {out_f}x{in_f} module: need A (r, {in_f}) and B ({out_f}, r)")
+        if rank > min(out_f, in_f):
+            raise LegokitError(f"LoRA rank {rank} is larger than min(out, in) = {min(out_f, in_f)} of {name} "
+                               f"({out_f}x{in_f}): lower lora.rank")
+
+    gen = torch.Generator().manual_seed(seed)
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    model._legokit_requires_grad = flags  # detach_lora restores them
+    for p in model.parameters():
+        p.requires_grad_(False)
+    out: dict[str, MaskedLoraLinear] = {}
+    for name, lin in targets.items():
+        rank = init[name][0].shape[0] if name in init else cfg.rank
+        layer = MaskedLoraLinear(lin, rank, cfg.alpha, cfg.dropout, masks.get(name), generator=gen,
+                                 scaling=scaling)
+        if name in init:
+            layer.set_factors(*init[name])
+        _set_module(model, name, layer)
+        out[name] = layer
+    return out
+
+
+def detach_lora(model: nn.Module, merge: bool = False) -> list[str]:
+    """Put the original ``nn.Linear`` layers back; with ``merge`` fold ``M ⊙ s·BA`` into their weights.
+
+    Returns the names of the restored layers. ``requires_grad`` flags are restored as before attach.
+    """
+    names = []
+    for name, layer in lora_modules(model).items():
+        base = layer.base_layer
+        if merge:
+            with torch.no_grad():
+                base.weight.add_(layer.get_delta_weight().to(base.weight.dtype))
+        _set_module(model, name, base)
+        names.append(name)
+    flags = getattr(model, "_legokit_requires_grad", None)
+    if flags is not None:
+        for n, p in model.named_parameters():
+            p.requires_grad_(flags.get(n, p.requires_grad))
+        del model._legokit_requires_grad
+    return names
+
+
+def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, module)
+
+
+# ------------------------------------------------------------------------------ factors and peft state
+def lora_factors(model: nn.Module) -> dict[str, tuple[Tensor, Tensor]]:
+    """{module name: (A ``(r, in)``, B ``(out, r)``)}, cloned, detached, on the CPU."""
+    return {n: (m.lora_A.weight.detach().cpu().clone(), m.lora_B.weight.detach().cpu().clone())
+            for n, m in lora_modules(model).items()}
+
+
+def factors_to_peft_state(factors: Mapping[str, tuple[Tensor, Tensor]]) -> dict[str, Tensor]:
+    """Factors in peft's saved naming: ``base_model.model.<name>.lora_A.weight`` / ``.lora_B.weight``."""
+    state = {}
+    for name, (A, B) in factors.items():
+        state[f"{PEFT_PREFIX}{name}.lora_A.weight"] = A
+        state[f"{PEFT_PREFIX}{name}.lora_B.weight"] = B
+    return state
+
+
+def peft_state_to_factors(state: Mapping[str, Tensor]) -> dict[str, tuple[Tensor, Tensor]]:
+    """Inverse of ``factors_to_peft_state`` (also accepts keys that keep the adapter name)."""
+    parts: dict[str, dict[str, Tensor]] = {}
+    for key, t in state.items():
+        m = _KEY_RE.match(key)
+        if m is None:
+            raise LegokitError(f"{key!r} is not a LoRA factor key (base_model.model.<module>.lora_A.weight)")
+        parts.setdefault(m["name"], {})[m["which"]] = t
+    bad = sorted(n for n, d in parts.items() if set(d) != {"lora_A", "lora_B"})
+    if bad:
+        raise LegokitError(f"adapter state has lora_A without lora_B (or the reverse) for {bad[:3]}")
+    return {n: (d["lora_A"], d["lora_B"]) for n, d in parts.items()}
+
+
+def lora_state_dict(model: nn.Module) -> dict[str, Tensor]:
+    """The model's adapter in peft's saved naming (cloned, CPU)."""
+    return factors_to_peft_state(lora_factors(model))
+
+
+def save_peft_adapter(out_dir: str | Path, factors: Mapping[str, tuple[Tensor, Tensor]],
+                      base_model_name_or_path: str, alpha: float | None,
+                      target_modules: list[str] | None = None, rank: int | None = None, *,
+                      scaling: float | None = None) -> Path:
+    """Write a peft LoRA adapter that ``PeftModel.from_pretrained(llm, out_dir)`` loads.
+
+    Args:
+        out_dir: directory for ``adapter_config.json`` and ``adapter_model.safetensors``.
+        factors: {module name: (A, B)} with each module's delta ``(alpha / r_module) · B @ A``.
+        base_model_name_or_path: recorded in the config (peft does not need to resolve it).
+        alpha: ``lora_alpha``.
+        target_modules: module-name suffixes (default: those of the factor names).
+        rank: the config's ``r`` (default: the most common rank); other ranks go to ``rank_pattern``.
+        scaling: instead of ``alpha``: every module's delta is ``scaling · B @ A`` whatever its rank
+            (written as ``lora_alpha = scaling · r`` plus ``alpha_pattern`` for the other ranks).
+    Returns:
+        ``out_dir``.
+    """
+    from safetensors.torch import save
+
+    if not factors:
+        raise LegokitError("no LoRA factors to save: attach and train an adapter first")
+    if (alpha is None) == (scaling is None):
+        raise LegokitError("save_peft_adapter needs exactly one of alpha (scaling alpha / r per module) "
+                           "or scaling (the same for every module)")
+    ranks = {n: int(A.shape[0]) for n, (A, _) in factors.items()}
+    r = rank if rank is not None else Counter(ranks.values()).most_common(1)[0][0]
+    if scaling is not None:
+        alpha = scaling * r
+    alpha_pattern = {} if scaling is None else {n: scaling * k for n, k in ranks.items() if k != r}
+    suffixes = sorted({n.rsplit(".", 1)[-1] for n in factors})
+    targets = sorted(target_modules) if target_modules is not None else suffixes
+    missing = [s for s in suffixes if s not in targets]
+    if missing:
+        raise LegokitError(f"factors include modules {missing} that are not in target_modules={targets}")
+    config = {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "r": int(r),
+        "lora_alpha": float(alpha),
+        "target_modules": targets,
+        # Keys are module names; peft matches them as `(.*\.)?<key>$`.
+        "rank_pattern": {n: k for n, k in ranks.items() if k != r},
+        "alpha_pattern": alpha_pattern,
+        "lora_dropout": 0.0,
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "use_rslora": False,
+        "use_dora": False,
+        "init_lora_weights": True,
+        "inference_mode": True,
+        "modules_to_save": None,
+        "base_model_name_or_path": str(base_model_name_or_path),
+        "revision": None,
+    }
+    state = {k: v.detach().to("cpu", torch.float32).contiguous()
+             for k, v in factors_to_peft_state(factors).items()}
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(out_dir / "adapter_model.safetensors", save(state, metadata={"format": "pt"}))
+    atomic_write_json(out_dir / "adapter_config.json", config)
+    return out_dir
+
+
+def load_peft_adapter(adapter_dir: str | Path) -> tuple[dict[str, tuple[Tensor, Tensor]], float]:
+    """Read a peft LoRA adapter (safetensors only) as ``(factors, alpha)``.
+
+    Per-module ``alpha_pattern`` and rsLoRA scalings are folded into ``B`` so that every module's delta is
+    ``(alpha / r_module) · B @ A`` (legokit's convention).
+    """
+    from safetensors.torch import load_file
+
+    d = Path(adapter_dir)
+    cfg_path, st_path = d / "adapter_config.json", d / "adapter_model.safetensors"
+    if not st_path.is_file():
+        if (d / "adapter_model.bin").is_file():
+            raise LegokitError(f"{d} holds only adapter_model.bin (a pickle); legokit never unpickles: "
+                               "re-save the adapter with safetensors (peft's default)")
+        raise LegokitError(f"{d} has no adapter_model.safetensors")
+    if not cfg_path.is_file():
+        raise LegokitError(f"{d} has no adapter_config.json")
+    cfg = json.loads(cfg_path.read_text())
+    if cfg.get("peft_type") != "LORA" or cfg.get("use_dora"):
+        raise LegokitError(f"{d} is a {cfg.get('peft_type')} adapter (use_dora={cfg.get('use_dora')}): "
+                           "only plain LoRA is supported")
+    alpha = float(cfg["lora_alpha"])
+    alpha_pattern = cfg.get("alpha_pattern") or {}
+    factors = peft_state_to_factors(load_file(st_path))
+    out = {}
+    for name, (A, B) in factors.items():
+        r = A.shape[0]
+        a_mod = next((float(v) for k, v in alpha_pattern.items() if re.match(rf"(.*\.)?({k})$", name)), alpha)
+        s_file = a_mod / math.sqrt(r) if cfg.get("use_rslora") else a_mod / r
+        s_ours = alpha / r
+        out[name] = (A, B if s_file == s_ours else B * (s_file / s_ours))
+    return out, alpha
+
+
+# ----------------------------------------------------------------------------------------- re-factoring
+def svd_refactor(delta: Tensor, rank: int, scaling: float, method: str = "full",
+                 seed: int = 0) -> tuple[Tensor, Tensor, float]:
+    """Best rank-``rank`` factors of ``delta``: ``scaling · B @ A`` is its truncated SVD.
+
+    Args:
+        delta: ``(out, in)``; computed in float32.
+        rank: target rank, capped at ``min(out, in)``.
+        scaling: the scaling the factors will be used with (``alpha / rank`` for a fresh adapter).
+        method: ``"full"`` (exact ``torch.linalg.svd``) or ``"lowrank"`` (seeded randomized
+            ``torch.svd_lowrank``, ~10x faster on 576x1536, approximate).
+    Returns:
+        ``(A (r, in), B (out, r), energy_kept)`` with the singular values split evenly between the
+        factors; ``energy_kept = Σ_{i<r} σ_i² / Σ σ_i²`` (1.0 for a zero matrix).
+    """
+    if rank < 1:
+        raise LegokitError(f"svd_refactor rank={rank} must be >= 1")
+    if scaling <= 0:
+        raise LegokitError(f"svd_refactor scaling={scaling} must be > 0")
+    d = delta.detach().to(torch.float32)
+    r = min(rank, *d.shape)
+    total = float((d * d).sum())
+    if method == "full":
+        U, S, Vh = torch.linalg.svd(d, full_matrices=False)  # U (out, k), S (k,), Vh (k, in)
+        U, S, Vh = U[:, :r], S[:r], Vh[:r]
+    elif method == "lowrank":
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            U, S, V = torch.svd_lowrank(d, q=min(r + 10, *d.shape), niter=2)
+        U, S, Vh = U[:, :r], S[:r], V[:, :r].t()
+    else:
+        raise LegokitError(f"svd_refactor method={method!r} is unknown: use 'full' or 'lowrank'")
+    root = (S / scaling).sqrt()  # split σ/s evenly: (s·B) A = U diag(σ) Vh
+    B = U * root  # (out, r)
+    A = root[:, None] * Vh  # (r, in)
+    energy = 1.0 if total == 0 else min(1.0, float((S * S).sum()) / total)
+    return A.contiguous(), B.contiguous(), energy

