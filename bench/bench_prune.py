@@ -166,15 +166,16 @@ def report(res: dict) -> None:
               f"{r['ppl_half_one_shot']:16.2f}{r['ppl_half_sequential']:11.2f}")
     print(f"\n== perplexity ({res['eval_texts']} held-out paragraphs, seq_len {res['eval_seq_len']}; "
           f"dense {res['perplexity']['dense']:.2f}) ==")
-    print(f"{'sparsity':>9s}" + "".join(f"{m:>12s}" for m in ("magnitude", "wanda", "sparsegpt")))
+    methods = ("magnitude", "wanda", "sparsegpt")
+    print(f"{'sparsity':>9s}" + "".join(f"{m:>12s}" for m in methods))
     for s in levels:
-        print(f"{s:9.2f}" + "".join(f"{res['perplexity'][m][s]:12.2f}" for m in ("magnitude", "wanda", "sparsegpt")))
+        print(f"{s:9.2f}" + "".join(f"{res['perplexity'][m][s]:12.2f}" for m in methods))
     st = res["structured"]
     print(f"\n== 50% structured Wanda block vs dense ({st['config']}) ==")
     print(f"LoRA step: dense {st['step_s_dense']:.2f}s, structured {st['step_s_structured']:.2f}s -> "
           f"{st['step_speedup']:.2f}x faster")
-    print(f"parameter bytes: {st['bytes_ratio']:.3f}x of dense (decoder only {st['decoder_bytes_ratio']:.3f}x); "
-          f"perplexity {st['ppl_structured_50']:.2f}")
+    print(f"parameter bytes: {st['bytes_ratio']:.3f}x of dense (decoder only "
+          f"{st['decoder_bytes_ratio']:.3f}x); perplexity {st['ppl_structured_50']:.2f}")
     print(f"\npeak RSS {res['peak_rss_mb']:.0f} MiB (LLM fp32 {res['llm_fp32_mb']:.0f} MiB); "
           f"{res['threads']} torch threads")
 

@@ -157,7 +157,9 @@ def main(argv: list[str] | None = None) -> dict:
     results: dict[str, float] = {}
     for rep in range(args.repeats):  # interleaved, best of the repeats: robust to a busy machine
         for name, fn in variants.items():
-            results[name] = min(results.get(name, float("inf")), fn(rep == 0))
+            sec = fn(rep == 0)
+            results[name] = min(results.get(name, float("inf")), sec)
+            print(f"  repeat {rep}: {name:<15}{sec / args.steps:6.2f} s/step", flush=True)
 
     base = results["peft-all"]
     print(f"\n{'variant':<15}{'s/step':>9}{'tokens/s':>11}{'resp tok/s':>12}{'vs peft-all':>13}")

@@ -19,6 +19,15 @@ the same scores; SparseGPT runs its OBS pass per level from the shared Hessian, 
 each level choosing its mask inside the previous one (its pruned weights pruned first), then
 reconstructs. ``sequential`` calibration (each layer fed by the already pruned earlier layers, as the
 Wanda and SparseGPT references) runs one pass per level, and its masks are not nested.
+
+Structured blocks rank MLP channels and attention heads by the method's per-weight scores summed over
+each channel's / head's weights (SparseGPT: its OBS saliency, without reconstruction). Every layer keeps
+the same counts, so one smaller Llama config describes the SLM; its masks are whole rows / columns in
+LLM coordinates, and ``expand`` / ``shrink`` map tensors between the two coordinate systems.
+
+Memory: a block holds one bit per LLM linear weight (13 MiB for the 135M default LLM), plus, for
+SparseGPT, the reconstructed kept values ((1 - s) x 4 bytes per weight; ``save(dir, offload=True)`` or
+``Block.load(dir, llm)`` keep them on disk and read one module at a time while the model is built).
 """
 
 from __future__ import annotations
@@ -504,7 +513,7 @@ def extract_blocks(llm: nn.Module, tokenizer, sparsities: Sequence[float] = (0, 
     sizes: dict[float, StructuredSizes] = {}
     if pat.kind == "structured":
         prev = None
-        for s in pruned:  # monotone counts: nested structured masks from the same scores
+        for s in pruned:  # one-shot: cap each count by the lower level's, so the masks nest
             sz = structured_sizes(s, hidden=llm.config.hidden_size, intermediate=llm.config.intermediate_size,
                                   **dims)
             if prev is not None and calibration == "one_shot":

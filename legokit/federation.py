@@ -159,6 +159,7 @@ class Server:
         self.global_scaling = cfg.lora.scaling
         # `local`: every client keeps its own adapter; no aggregation.
         self.client_factors: dict[int, tuple[Factors, float]] = {}
+        self.last_results: list[ClientResult] = []
 
     # ----- configure ---------------------------------------------------------------------------
     def sample(self, rnd: int) -> list[int]:
@@ -199,6 +200,7 @@ class Server:
         """
         cfg = self.cfg
         self.round = rnd
+        self.last_results = results  # kept for analysis (the aggregation notebook re-aggregates them)
         if not results:  # no survivors: the previous global state stands
             return {"round": rnd, "clients": 0, "note": "no surviving client; global state kept"}
         if cfg.fed.aggregator == "local":

@@ -336,9 +336,9 @@ def structured_sizes(sparsity: float, *, hidden: int, intermediate: int, num_hea
 
     Attention shrinks along a fixed path from (all groups, all heads per group): each step removes one
     query head from every group or one whole group (the kv head with its query heads), whichever removes
-    fewer weights. The point of the path closest to the target is taken, and the MLP channel count
-    makes up the rest so the layer as a whole hits the target. Both counts fall monotonically with the
-    sparsity, so structured masks from the same scores are nested.
+    fewer weights. The point of the path closest to the target is taken (it moves monotonically along
+    the path as the sparsity grows), and the MLP channel count makes up the rest so the layer as a
+    whole hits the target. Raises when the target would keep less than half of one group with one head.
     """
     if num_heads % num_kv_heads:
         raise LegokitError(f"num_attention_heads={num_heads} is not a multiple of "
@@ -394,11 +394,12 @@ def structured_select(scores: Mapping[str, torch.Tensor], sizes: StructuredSizes
         in the order the smaller layer stores them (query heads grouped by their kv head).
     """
     d, r = head_dim, num_heads // num_kv_heads
-    channel = (scores["gate_proj"].sum(1) + scores["up_proj"].sum(1) + scores["down_proj"].sum(0))  # (I,)
-    q_head = scores["q_proj"].sum(1).reshape(num_heads, d).sum(1)  # (H,)
-    o_head = scores["o_proj"].sum(0).reshape(num_heads, d).sum(1)  # (H,)
+    rows = {k: v.float().sum(1).cpu() for k, v in scores.items() if k != "o_proj" and k != "down_proj"}
+    channel = rows["gate_proj"] + rows["up_proj"] + scores["down_proj"].float().sum(0).cpu()  # (I,)
+    q_head = rows["q_proj"].reshape(num_heads, d).sum(1)  # (H,)
+    o_head = scores["o_proj"].float().sum(0).cpu().reshape(num_heads, d).sum(1)  # (H,)
     head = q_head + o_head
-    kv = (scores["k_proj"].sum(1) + scores["v_proj"].sum(1)).reshape(num_kv_heads, d).sum(1)  # (G,)
+    kv = (rows["k_proj"] + rows["v_proj"]).reshape(num_kv_heads, d).sum(1)  # (G,)
     group = kv + head.reshape(num_kv_heads, r).sum(1)  # (G,)
     groups = _top(group, sizes.kv_heads)
     heads = torch.cat([g * r + _top(head[g * r:(g + 1) * r], sizes.heads_per_group) for g in groups.tolist()])

@@ -194,6 +194,20 @@ def test_save_load_round_trips_bit_exactly(tiny, tmp_path, method, pattern):
         Block.load(tmp_path / "b", narrower)
 
 
+def test_offloaded_overrides_are_read_back_from_disk(tiny, tmp_path):
+    llm, tok = tiny
+    b = extract_blocks(llm, tok, (0.5,), method="sparsegpt", **KW)[0]
+    before = b.model.state_dict()
+    b.release()
+    held = b.nbytes()
+    b.save(tmp_path / "b", offload=True)
+    assert b.nbytes() < held and b._overrides.memory_bytes() == 0
+    after = b.model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    with pytest.raises(LegokitError, match="no saved block"):
+        Block.load(tmp_path / "nothing", llm)
+
+
 def test_blocks_are_light_and_build_lazily(tiny):
     llm, tok = tiny
     blocks = extract_blocks(llm, tok, LEVELS, method="wanda", **KW)

@@ -37,7 +37,7 @@ from legokit.utils import LegokitError
 
 
 def _passage(i: int) -> str:
-    return f"Paragraph {i} about topic {i}. " + "It has enough words to count as a paragraph. " * 5
+    return f"Paragraph {i} about topic {i}: " + " ".join(f"w{i}x{j}" for j in range(40)) + "."
 
 
 def _raw_rows() -> dict[str, list[dict]]:
@@ -46,7 +46,9 @@ def _raw_rows() -> dict[str, list[dict]]:
                                 "passage": _passage(i)} for i in range(40)]
     combined = [{"question": f"q{i}", "passage": f"T{i} -- {_passage(i)}", "idx": i} for i in range(30, 100)]
     combined += [{"question": "dup", "passage": f"T99 -- {_passage(99)}", "idx": 0},  # duplicate paragraph
-                 {"question": "short", "passage": "T -- too short", "idx": 1}]
+                 {"question": "short", "passage": "T -- too short", "idx": 1},
+                 # another edit of task passage 5 under another title: still the task's text
+                 {"question": "edit", "passage": f"Renamed -- {_passage(5).split(': ', 1)[1]}", "idx": 2}]
     rows["BoolQ/combined.jsonl"] = combined
     rows["NQ-open/combined.jsonl"] = [{"question": f"who wrote book {i}", "answer": [f"Author {i}", f"A{i}"]}
                                       for i in range(30)] + [{"question": "no answer", "answer": []}]
@@ -149,7 +151,8 @@ def test_corpora_are_disjoint_and_exclude_boolq_task_passages(prepared: dict):
     assert len(set(cal)) == len(cal)  # duplicates removed
     task_passages = {_passage(i).strip() for i in range(40)}
     assert not (set(cal) | set(held)) & task_passages
-    assert len(cal) + len(held) == 100 - 40 and len(held) == 12  # paragraphs 40..99 (a fifth held out)
+    # paragraphs 40..99 (a fifth held out); the duplicate, the short one and the edit are dropped
+    assert len(cal) + len(held) == 100 - 40 and len(held) == 12
     assert all(" -- " not in t for t in cal)  # titles stripped
 
 

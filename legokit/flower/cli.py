@@ -24,10 +24,10 @@ from legokit.utils import LegokitError
 def _config(args: argparse.Namespace):
     from legokit.config import ExperimentConfig, load_config
 
-    cfg = load_config(args.config, args.set) if args.config else ExperimentConfig().with_overrides(args.set or [])
-    if getattr(args, "clients", None):
-        cfg = cfg.with_overrides({"fed.num_clients": args.clients})
-    return cfg
+    overrides = list(args.set or [])
+    if getattr(args, "clients", None):  # validated together with the other overrides (e.g. client_sparsities)
+        overrides.append(f"fed.num_clients={args.clients}")
+    return load_config(args.config, overrides) if args.config else ExperimentConfig().with_overrides(overrides)
 
 
 def _terminate_on_sigterm() -> None:

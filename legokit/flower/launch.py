@@ -237,7 +237,7 @@ class Deployment:
 
     def _spawn(self, name: str, cmd: list[str], port: int, node_config: dict | None = None) -> Proc:
         log = self.logs / f"{name}.log"
-        fh = open(log, "ab")  # noqa: SIM115 - the child owns it; closed when we drop the handle below
+        fh = open(log, "ab")  # the child inherits the descriptor; ours is closed right after the spawn
         try:
             popen = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                      env=self.env, cwd=self.work_dir, start_new_session=True)

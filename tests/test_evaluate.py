@@ -1,0 +1,257 @@
+"""Metrics on known strings; perplexity, option scoring, NLL and generation against unbatched brute force.
+
+Unit tests use a tiny-llama whose weights are perturbed (a seeded random tiny-llama with tied embeddings
+only repeats its last token, which would hide padding bugs); the ``slow`` ones use the default LLM.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import pytest
+import torch
+
+from legokit.data import TASKS, Example, choice_ids, load_task, tokenize_example
+from legokit.evaluate import (
+    evaluate_tasks,
+    exact_match,
+    first_number,
+    generate,
+    normalize_answer,
+    number_match,
+    perplexity,
+    rouge_l,
+    token_f1,
+)
+from legokit.models import load_model
+from legokit.utils import LegokitError
+
+# ---------------------------------------------------------------- metrics on known strings
+
+
+def test_squad_normalisation_exact_match_and_f1():
+    assert normalize_answer("The  Eiffel-Tower!") == "eiffeltower"
+    assert normalize_answer("An apple, a day") == "apple day"
+    assert exact_match("the Paris.", ["Lyon", "paris"]) == 1.0
+    assert exact_match("Paris, France", "Paris") == 0.0
+    assert token_f1("Paris France", "Paris") == pytest.approx(2 / 3)
+    assert token_f1("Paris France", ["Lyon", "France Paris"]) == 1.0  # best gold, bag of tokens
+    assert token_f1("", "Paris") == 0.0 and token_f1("Lyon", "Paris") == 0.0
+    assert token_f1("the", "a") == 1.0  # both normalise to nothing
+
+
+def test_numbers_compare_by_value():
+    assert number_match("There are 9 apples.", "9") == 1.0
+    assert number_match("0.5", "1/2") == 1.0 and number_match("1,200 people", "1200") == 1.0
+    assert number_match("nine", "9") == 1.0 and number_match("-3", "-3") == 1.0
+    assert number_match("10", "9") == 0.0 and number_match("none", "9") == 0.0
+    assert first_number("seven and 3") == 7 and first_number("3 and seven") == 3
+    assert first_number("no digits") is None
+
+
+def test_rouge_l_uses_the_longest_common_subsequence():
+    assert rouge_l("the cat sat on the mat", "the cat is on the mat") == pytest.approx(5 / 6)
+    assert rouge_l("a b c", "c b a") == pytest.approx(1 / 3)  # order matters, unlike token F1
+    assert rouge_l("A b, C!", "a b c") == 1.0
+    p, r = 2 / 2, 2 / 4
+    assert rouge_l("x y", "x q y q") == pytest.approx(2 * p * r / (p + r))
+    assert rouge_l("", "a") == 0.0 and rouge_l("a", "b") == 0.0
+
+
+# ---------------------------------------------------------------- a tiny model with varied outputs
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    model, tok = load_model("tiny-llama")
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.5 * torch.randn(p.shape, generator=gen))
+    return model, tok
+
+
+def _brute_logprobs(model, ids: list[int]) -> torch.Tensor:
+    """Unpadded, unbatched next-token log-probabilities: (T, V)."""
+    with torch.no_grad():
+        return torch.log_softmax(model(torch.tensor([ids])).logits[0].float(), -1)
+
+
+def _brute_nll(model, tok, ex: Example) -> tuple[float, int]:
+    p, r = tokenize_example(ex, tok)
+    logp = _brute_logprobs(model, p + r)
+    return -sum(logp[len(p) - 1 + t, r[t]].item() for t in range(len(r))), len(r)
+
+
+def _brute_option_scores(model, tok, ex: Example) -> list[float]:
+    p, _ = tokenize_example(ex, tok)
+    scores = []
+    for opt in choice_ids(ex, tok):
+        logp = _brute_logprobs(model, p + opt)
+        scores.append(sum(logp[len(p) - 1 + t, opt[t]].item() for t in range(len(opt))))
+    return scores
+
+
+PROMPTS = ["Is water wet?", "A much longer question about whether the sky is blue on a clear day?", "Hm?",
+           "Does a cat have four legs, usually, in most cases?", "Yes or no: 2 + 2 = 4?"]
+
+
+def _choice_examples(labels: tuple[str, ...]) -> list[Example]:
+    return [Example("boolq", q, labels[0], labels, 0, f"c{i}") for i, q in enumerate(PROMPTS)]
+
+
+@pytest.mark.parametrize("labels", [("A", "B", "C"), ("yes", "no")], ids=["one-token", "multi-token"])
+def test_choice_accuracy_matches_brute_force_option_scores(tiny, labels):
+    model, tok = tiny
+    examples = _choice_examples(labels)
+    best = [max(range(len(labels)), key=s.__getitem__) for s in (_brute_option_scores(model, tok, e) for e in examples)]
+    right = [dataclasses.replace(e, answer_index=b, response=labels[b]) for e, b in zip(examples, best, strict=True)]
+    wrong = [dataclasses.replace(e, answer_index=(b + 1) % len(labels), response=labels[(b + 1) % len(labels)])
+             for e, b in zip(examples, best, strict=True)]
+    assert evaluate_tasks(model, tok, {"boolq": right}, batch_size=2)["boolq"]["accuracy"] == 1.0
+    assert evaluate_tasks(model, tok, {"boolq": wrong}, batch_size=3)["boolq"]["accuracy"] == 0.0
+
+
+def test_nll_is_the_mean_response_token_nll_for_any_batch_size(tiny):
+    model, tok = tiny
+    examples = [Example("nq_open", q, ans, uid=str(i), answers=(ans,))
+                for i, (q, ans) in enumerate(zip(PROMPTS, ["Paris", "yes it is", "x", "four legs", "4"], strict=True))]
+    parts = [_brute_nll(model, tok, e) for e in examples]
+    expected = sum(s for s, _ in parts) / sum(n for _, n in parts)
+    for bs in (1, 2, 8):
+        got = evaluate_tasks(model, tok, {"nq_open": examples}, batch_size=bs)["nq_open"]["nll"]
+        assert got == pytest.approx(expected, rel=1e-4), bs
+    choice = _choice_examples(("A", "B"))
+    parts = [_brute_nll(model, tok, e) for e in choice]
+    got = evaluate_tasks(model, tok, {"mmlu": choice}, batch_size=4)["mmlu"]["nll"]
+    assert got == pytest.approx(sum(s for s, _ in parts) / sum(n for _, n in parts), rel=1e-4)
+
+
+def test_batched_generation_matches_one_at_a_time(tiny):
+    model, tok = tiny
+    examples = [Example("nq_open", q, "r") for q in PROMPTS]
+    single = [generate(model, tok, [e], max_new_tokens=6, progress=False)[0] for e in examples]
+    batched = generate(model, tok, examples, max_new_tokens=6, batch_size=3, progress=False)
+    assert batched == single and len(set(single)) > 1
+
+
+def test_evaluate_tasks_reports_each_tasks_metrics_and_restores_state(tiny):
+    model, tok = tiny
+    data = {
+        "boolq": _choice_examples(("yes", "no")),
+        "piqa": _choice_examples(("A", "B")),
+        "nq_open": [Example("nq_open", q, "Paris", uid=str(i), answers=("Paris",)) for i, q in enumerate(PROMPTS)],
+        "asdiv": [Example("asdiv", "1 + 1?", "2", answers=("2",))],
+        "xsum": [Example("xsum", "Summarize: a b c", "a summary", answers=("a summary",))],
+    }
+    model.train()
+    tok.padding_side = "right"
+    res = evaluate_tasks(model, tok, data, n=3, batch_size=2)
+    assert model.training and tok.padding_side == "right"
+    model.eval()
+    for task, metrics in res.items():
+        assert set(metrics) == set(TASKS[task].metrics), task
+        for name, value in metrics.items():
+            assert math.isfinite(value)
+            assert value > 0 if name == "nll" else 0.0 <= value <= 1.0
+    assert res == evaluate_tasks(model, tok, data, n=3, batch_size=2)  # deterministic
+    again = evaluate_tasks(model, tok, data, n=3, batch_size=3)  # padding changes only rounding
+    assert all(again[t][m] == pytest.approx(v, rel=1e-5) for t, ms in res.items() for m, v in ms.items())
+
+
+def test_generation_metrics_score_what_the_model_says(tiny, monkeypatch):
+    model, tok = tiny
+    says = {"Capital of France?": "Paris<|im_end|>", "Apples?": "There are 9 apples.<|im_end|>",
+            "Summarize: news": "the cat sat on the mat<|im_end|>"}
+
+    def fake_generate(input_ids, attention_mask, max_new_tokens, **kwargs):
+        rows = []
+        for row in input_ids.tolist():
+            prompt = tok.decode(row, skip_special_tokens=True)
+            answer = next(v for k, v in says.items() if k in prompt)
+            rows.append(row + tok(answer, add_special_tokens=False)["input_ids"])
+        width = max(map(len, rows))
+        return torch.tensor([r + [tok.pad_token_id] * (width - len(r)) for r in rows])
+
+    monkeypatch.setattr(model, "generate", fake_generate)
+    res = evaluate_tasks(model, tok, {
+        "nq_open": [Example("nq_open", "Capital of France?", "Paris", answers=("Lyon", "paris")),
+                    Example("nq_open", "Apples?", "nine", answers=("nine apples",))],
+        "asdiv": [Example("asdiv", "Apples?", "9", answers=("9",)), Example("asdiv", "Apples?", "8", answers=("8",))],
+        "xsum": [Example("xsum", "Summarize: news", "x", answers=("the cat is on the mat",))],
+    })
+    assert res["nq_open"]["exact_match"] == 0.5 and res["nq_open"]["f1"] == pytest.approx((1 + 1 / 3) / 2)
+    assert res["asdiv"]["exact_match"] == 0.5
+    assert res["xsum"]["rouge_l"] == pytest.approx(5 / 6)
+
+
+def test_perplexity_is_exp_of_the_models_own_loss(tiny):
+    model, tok = tiny
+    text = "The quick brown fox jumps over the lazy dog."
+    ids = tok(text, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    with torch.no_grad():
+        loss = model(torch.tensor([ids]), labels=torch.tensor([ids])).loss.item()
+    assert perplexity(model, tok, [text], seq_len=256) == pytest.approx(math.exp(loss), rel=1e-4)
+    texts = [text, "Colourless green ideas sleep furiously.", "Another line of text to split into windows."]
+    a = perplexity(model, tok, texts, seq_len=16, batch_size=1)
+    b = perplexity(model, tok, texts, seq_len=16, batch_size=8)
+    assert a == pytest.approx(b, rel=1e-5) and a > 1.0
+    with pytest.raises(LegokitError, match="at least one text"):
+        perplexity(model, tok, [])
+    with pytest.raises(LegokitError, match="seq_len=1"):
+        perplexity(model, tok, texts, seq_len=1)
+
+
+def test_evaluate_errors(tiny):
+    model, tok = tiny
+    with pytest.raises(LegokitError, match="n=0"):
+        evaluate_tasks(model, tok, {"boolq": []}, n=0)
+    with pytest.raises(LegokitError, match="no examples to evaluate for task 'boolq'"):
+        evaluate_tasks(model, tok, {"boolq": []})
+    with pytest.raises(LegokitError, match="unknown task 'squad'"):
+        evaluate_tasks(model, tok, ["squad"])
+
+
+# ---------------------------------------------------------------- the default LLM (slow)
+
+
+@pytest.fixture(scope="module")
+def llm():
+    return load_model()
+
+
+@pytest.mark.slow
+def test_default_llm_answers_paris_through_render_and_generate(llm):
+    model, tok = llm
+    (answer,) = generate(model, tok, [Example("nq_open", "What is the capital of France?", "Paris")],
+                         max_new_tokens=16, progress=False)
+    assert "Paris" in answer
+
+
+@pytest.mark.slow
+def test_default_llm_scores_every_task_in_range(llm):
+    model, tok = llm
+    n = 8
+    res = evaluate_tasks(model, tok, list(TASKS), split="test", n=n, batch_size=8)
+    assert set(res) == set(TASKS)
+    for task, metrics in res.items():
+        assert set(metrics) == set(TASKS[task].metrics)
+        for name, value in metrics.items():
+            if name == "nll":  # far below the uniform log(49152) = 10.8: the prompts make sense to it
+                assert 0.0 < value < 7.0, (task, value)
+            else:
+                assert 0.0 <= value <= 1.0, (task, name, value)
+    # Zero-shot SmolLM2-135M answers "no" to nearly every BoolQ question: no worse than a constant guess.
+    gold = [ex.answer_index for ex in load_task("boolq", "test")[:n]]
+    assert res["boolq"]["accuracy"] >= min(gold.count(0), gold.count(1)) / n
+    assert res["boolq"]["nll"] < 3.0  # the yes/no label is likely given the prompt
+
+
+@pytest.mark.slow
+def test_default_llm_perplexity_on_held_out_wikipedia(llm):
+    from legokit.data import eval_texts
+
+    model, tok = llm
+    ppl = perplexity(model, tok, eval_texts(8), seq_len=256)
+    assert 5.0 < ppl < 80.0  # measured ~28 on 32 paragraphs
