@@ -289,16 +289,17 @@ def prepare(raw_root: Path, out_dir: Path, seed: int = 0) -> dict:
     out_dir = Path(out_dir)
     counts: dict[str, int] = {}
     for name, spec in TASKS.items():
-        seen, records = set(), []
+        prompts: set[str] = set()
+        records = []
         for i, row in enumerate(_read_jsonl(_raw_path(raw_root, spec.raw_file))):
             rec = spec.parse(row)
             if rec is None:
                 continue
             rec = {"uid": f"{name}-{i:05d}", **rec}
-            key = spec.build(rec).prompt  # duplicate prompts would leak between splits
-            if key in seen:
+            prompt = spec.build(rec).prompt  # a duplicate prompt would leak between splits
+            if prompt in prompts:
                 continue
-            seen.add(key)
+            prompts.add(prompt)
             records.append(rec)
         random.Random(f"legokit-{name}-{seed}").shuffle(records)
         sizes = split_sizes(len(records))

@@ -136,6 +136,7 @@ def batch_loss(model: nn.Module, batch: dict) -> tuple[Tensor, int]:
     n = int(keep.sum())
     if n == 0:
         raise LegokitError("the batch has no response tokens to train on (all labels are -100)")
+    # use_cache=False matters: with a cache transformers skips the packed-sequence mask detection
     logits = model(**inputs, use_cache=False, logits_to_keep=keep).logits  # (n, vocab)
     logits = logits.reshape(-1, logits.shape[-1])
     loss = F.cross_entropy(logits.float(), batch["targets"][keep], reduction="sum") / n

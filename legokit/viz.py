@@ -13,6 +13,275 @@ matplotlib.use(matplotlib.get_backend())  # keep the caller's backend (inline in
 
 # ===================================================================== clients (02_clients)
 
+
+def _panel_figure(ncols: int, width: float = 4.4, height: float = 3.2, nrows: int = 1):
+    """A Figure (not registered with pyplot, so a notebook shows it once) and its axes, flattened."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width * ncols, height * nrows), layout="constrained")
+    return fig, list(fig.subplots(nrows, ncols, squeeze=False).ravel())
+
+
+def _client_labels(table) -> list[str]:
+    extra = table["device"] if "device" in table else table["block"]
+    return [f"client {c}\n{e}" for c, e in zip(table["client"], extra, strict=True)]
+
+
+def plot_client_population(table):
+    """Memory and compute per client (``analysis.client_table``): 2 axes.
+
+    Left: MiB of the dense LLM vs the client's SLM stored sparse. Right: GFLOPs per token of the SLM,
+    the dense LLM's as a dashed line.
+    """
+    import numpy as np
+
+    fig, (ax_mem, ax_flops) = _panel_figure(2, width=4.8)
+    x = np.arange(len(table))
+    labels = _client_labels(table)
+    ax_mem.bar(x - 0.2, table["dense_mb"], 0.4, label="dense LLM", color="#bbbbbb")
+    ax_mem.bar(x + 0.2, table["sparse_mb"], 0.4, label="SLM, stored sparse", color="#3b75af")
+    ax_mem.set(xticks=x, ylabel="MiB", title="memory per client")
+    ax_mem.set_xticklabels(labels, fontsize=8)
+    ax_mem.legend(fontsize=8)
+    ax_flops.bar(x, table["gflops_per_token"], 0.6, color="#ef8636")
+    ax_flops.axhline(float(table["dense_gflops_per_token"].iloc[0]), ls="--", color="k", lw=1, label="dense LLM")
+    for xi, (s, g) in enumerate(zip(table["sparsity"], table["gflops_per_token"], strict=True)):
+        ax_flops.annotate(f"{s:.0%} pruned", (xi, g), ha="center", va="bottom", fontsize=8)
+    ax_flops.set(xticks=x, ylabel="GFLOPs per token", title="forward compute per token")
+    ax_flops.set_xticklabels(labels, fontsize=8)
+    ax_flops.legend(fontsize=8, loc="lower left")
+    return fig
+
+
+def plot_task_mix(mixes, title: str | None = None):
+    """Stacked bars of examples per task for each client; one axis per partition in ``mixes``.
+
+    Args:
+        mixes: a clients x tasks count DataFrame (``analysis.task_mix``), or ``{label: DataFrame}``.
+    """
+    import pandas as pd
+    import seaborn as sns
+
+    if isinstance(mixes, pd.DataFrame):
+        mixes = {title or "task mix": mixes}
+    tasks = list(dict.fromkeys(t for m in mixes.values() for t in m.columns))
+    colors = dict(zip(tasks, sns.color_palette("tab10", len(tasks)), strict=True))
+    fig, axes = _panel_figure(len(mixes), width=3.8)
+    for ax, (label, mix) in zip(axes, mixes.items(), strict=True):
+        bottom = None
+        for t in mix.columns:
+            ax.bar(mix.index, mix[t], bottom=bottom, color=colors[t], label=t)
+            bottom = mix[t] if bottom is None else bottom + mix[t]
+        ax.set(xlabel="client", ylabel="examples", title=label, xticks=list(mix.index))
+    handles, names = axes[0].get_legend_handles_labels()
+    axes[-1].legend(handles, names, fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    return fig
+
+
+def plot_training_curves(metrics):
+    """Loss per local step of every client (``analysis.read_metrics``): one axis per client.
+
+    Rounds follow each other on the x axis (``global_step``); dashed lines mark where a round starts
+    from the new broadcast.
+    """
+    clients = sorted(metrics["client"].unique())
+    fig, axes = _panel_figure(len(clients), width=3.2, height=2.8)
+    for ax, c in zip(axes, clients, strict=True):
+        d = metrics[metrics["client"] == c]
+        for rnd, g in d.groupby("round"):
+            ax.plot(g["global_step"], g["loss"], marker="o", ms=3, label=f"round {rnd}")
+            if rnd > 1:
+                ax.axvline(g["global_step"].min() - 0.5, ls="--", color="grey", lw=0.8)
+        ax.set(xlabel="local step", title=f"client {c}\n{d['block'].iloc[0]}")
+        ax.title.set_fontsize(9)
+    axes[0].set_ylabel("response loss")
+    axes[-1].legend(fontsize=8)
+    return fig
+
+
+def plot_client_scores(scores):
+    """Response NLL of each client's block before vs after the federation (``analysis.client_scores``).
+
+    2 axes: the client's own task, and the other task. Accuracy (choice tasks) is written on the bars.
+    """
+    import math
+
+    import numpy as np
+
+    fig, axes = _panel_figure(2, width=4.8)
+    for ax, role in zip(axes, ("own", "other"), strict=True):
+        d = scores[scores["role"] == role]
+        clients = sorted(d["client"].unique())
+        x = np.arange(len(clients))
+        for off, phase, color in ((-0.2, "before", "#bbbbbb"), (0.2, "after", "#3b75af")):
+            p = d[d["phase"] == phase].set_index("client").loc[clients]
+            ax.bar(x + off, p["nll"], 0.4, color=color, label=phase)
+            for xi, (nll, acc) in enumerate(zip(p["nll"], p["accuracy"], strict=True)):
+                if not math.isnan(acc):
+                    ax.annotate(f"{acc:.0%}", (xi + off, nll), ha="center", va="bottom", fontsize=7)
+        tasks = d.drop_duplicates("client").set_index("client").loc[clients, "task"]
+        ax.set(xticks=x, ylabel="response NLL (lower is better)", title=f"{role} task")
+        ax.set_xticklabels([f"client {c}\n{t}" for c, t in zip(clients, tasks, strict=True)], fontsize=8)
+        ax.legend(fontsize=8)
+    return fig
+
+
 # ===================================================================== aggregation (03_aggregation)
+
+
+def plot_coverage_map(cov, title: str = "coverage"):
+    """Heatmap of how many clients own each coordinate of one module (``aggregate.coverage``).
+
+    2 axes: the (out, in) map and its colorbar (one colour per owner count 0..K).
+    """
+    import seaborn as sns
+    from matplotlib.colors import BoundaryNorm, ListedColormap
+
+    K = int(cov.max()) if cov.numel() else 0
+    K = max(K, 1)
+    cmap = ListedColormap(["#ffffff"] + sns.color_palette("viridis", K))
+    norm = BoundaryNorm([c - 0.5 for c in range(K + 2)], cmap.N)
+    h, w = cov.shape
+    fig, (ax,) = _panel_figure(1, width=min(9.0, 2.5 + 4.5 * w / max(h, w)), height=3.6)
+    im = ax.imshow(cov.cpu().numpy(), cmap=cmap, norm=norm, aspect="auto", interpolation="nearest")
+    ax.set(xlabel="input coordinate", ylabel="output coordinate", title=title)
+    ax.title.set_fontsize(9)
+    fig.colorbar(im, ax=ax, ticks=list(range(K + 1)), label="clients owning it")
+    return fig
+
+
+def plot_layer_coverage(table):
+    """Coverage per layer (``analysis.coverage_table``): 2 axes.
+
+    Left: mean number of owners per coordinate, one line per module kind. Right: share of coordinates
+    owned by exactly c clients (stacked, averaged over the layer's modules).
+    """
+    import seaborn as sns
+
+    fig, (ax_mean, ax_frac) = _panel_figure(2, width=4.8)
+    for kind, g in table.groupby("kind", sort=False):
+        ax_mean.plot(g["layer"], g["mean_owners"], marker=".", label=kind)
+    ax_mean.set(xlabel="layer", ylabel="mean owners per coordinate", title="mean coverage")
+    ax_mean.legend(fontsize=7, ncol=2)
+    cols = [c for c in table.columns if c.startswith("owners_")]
+    per_layer = table.groupby("layer")[cols].mean()
+    colors = ["#ffffff"] + sns.color_palette("viridis", len(cols) - 1)
+    ax_frac.stackplot(per_layer.index, per_layer.T.values, labels=[c.split("_")[1] for c in cols],
+                      colors=colors, edgecolor="#888888", lw=0.3)
+    ax_frac.set(xlabel="layer", ylabel="share of coordinates", ylim=(0, 1), title="owned by c clients")
+    ax_frac.legend(title="c", fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    return fig
+
+
+def plot_update_norms(norms, round_norms=None):
+    """Client update norms (``analysis.update_norm_table``): per layer, and per round if given.
+
+    Args:
+        norms: long table ``client, layer, norm`` (per module; summed in quadrature per layer).
+        round_norms: optional table ``round, client, update_norm`` (the run's metrics.jsonl) for a
+            second axis of bars per round.
+    Returns a Figure with 1 axis, or 2 with ``round_norms``.
+    """
+    import numpy as np
+
+    fig, axes = _panel_figure(1 if round_norms is None else 2, width=4.8)
+    per_layer = norms.assign(sq=norms["norm"] ** 2).groupby(["client", "layer"])["sq"].sum() ** 0.5
+    for client, s in per_layer.groupby(level=0):
+        axes[0].plot(s.index.get_level_values(1), s.values, marker=".", label=str(client))
+    axes[0].set(xlabel="layer", ylabel="‖M_k ⊙ ΔW_k‖_F", title="update norm per layer (last round)")
+    axes[0].legend(fontsize=7)
+    if round_norms is not None:
+        piv = round_norms.pivot(index="round", columns="client", values="update_norm")
+        x = np.arange(len(piv.index))
+        width = 0.8 / max(1, len(piv.columns))
+        for j, c in enumerate(piv.columns):
+            axes[1].bar(x + (j - (len(piv.columns) - 1) / 2) * width, piv[c], width, label=f"client {c}")
+        axes[1].set(xticks=x, xlabel="round", ylabel="‖ΔW_k‖_F (all modules)", title="update norm per round")
+        axes[1].set_xticklabels([str(r) for r in piv.index])
+        axes[1].legend(fontsize=7)
+    return fig
+
+
+def plot_cosine_matrix(cos, labels, title: str = "cosine similarity of client updates"):
+    """Heatmap of pairwise cosine similarities (``aggregate.cosine_matrix``): 2 axes (map, colorbar)."""
+    fig, (ax,) = _panel_figure(1, width=4.6, height=3.8)
+    im = ax.imshow(cos.cpu().numpy(), cmap="RdBu_r", vmin=-1, vmax=1)
+    n = len(labels)
+    ax.set(xticks=range(n), yticks=range(n), title=title)
+    ax.set_xticklabels(labels, rotation=45, ha="right", fontsize=8)
+    ax.set_yticklabels(labels, fontsize=8)
+    ax.title.set_fontsize(9)
+    for i in range(n):
+        for j in range(n):
+            ax.text(j, i, f"{float(cos[i, j]):.2f}", ha="center", va="center", fontsize=7)
+    fig.colorbar(im, ax=ax)
+    return fig
+
+
+def plot_aggregation_errors(errors):
+    """Each aggregator against the exact owner mean (``analysis.aggregation_errors``): 2 axes.
+
+    Left: relative Frobenius error per layer (mean over the layer's modules, log scale). Right: dilution
+    on partially owned coordinates (1 = the owners' mean; below 1 = pulled towards the pruned zeros).
+    """
+    import numpy as np
+
+    fig, (ax_err, ax_dil) = _panel_figure(2, width=5.0)
+    aggs = list(dict.fromkeys(errors["aggregator"]))
+    for a in aggs:
+        g = errors[errors["aggregator"] == a].groupby("layer")["rel_error"].mean()
+        ax_err.plot(g.index, np.maximum(g.values, 1e-9), marker=".", label=a)
+    ax_err.set(yscale="log", xlabel="layer", ylabel="‖ΔW_a − owner mean‖ / ‖owner mean‖",
+               title="error vs the exact owner mean")
+    ax_err.legend(fontsize=7)
+    dil = errors.groupby("aggregator", sort=False)["dilution"].mean().reindex(aggs)
+    ax_dil.bar(range(len(aggs)), dil.values, color="#3b75af")
+    ax_dil.axhline(1.0, ls="--", color="k", lw=1)
+    ax_dil.set(xticks=range(len(aggs)), ylabel="⟨ΔW_a, ref⟩ / ‖ref‖² (partial coverage)",
+               title="dilution by pruned zeros")
+    ax_dil.set_xticklabels(aggs, rotation=30, ha="right", fontsize=8)
+    for x, v in enumerate(dil.values):
+        ax_dil.annotate(f"{v:.2f}", (x, v), ha="center", va="bottom", fontsize=8)
+    return fig
+
+
+def plot_energy_by_rank(curves, ranks, marks=None):
+    """Energy kept by a rank-r SVD vs r (``analysis.energy_by_rank``), one line per module: 1 axis.
+
+    Args:
+        curves: ``{label: energies}`` over ``ranks``.
+        marks: ``{label: rank}`` vertical lines (e.g. the client rank and the default r_g).
+    """
+    fig, (ax,) = _panel_figure(1, width=5.2, height=3.4)
+    for label, e in curves.items():
+        ax.plot(ranks, e, marker=".", label=label)
+    for label, r in (marks or {}).items():
+        ax.axvline(r, ls="--", color="grey", lw=1)
+        ax.annotate(label, (r, 0.02), rotation=90, fontsize=8, ha="right", va="bottom",
+                    xycoords=("data", "axes fraction"))
+    ax.set(xscale="log", xlabel="rank r", ylabel="energy kept Σσ²(≤r) / Σσ²", ylim=(0, 1.02),
+           title="SVD energy of the aggregate by rank")
+    ax.legend(fontsize=7)
+    return fig
+
+
+def plot_aggregator_scores(scores):
+    """The global LLM per aggregator: 2 axes (mean task score, held-out perplexity).
+
+    Args:
+        scores: one row per model with columns ``model``, ``mean_score``, ``perplexity``.
+    """
+    fig, (ax_s, ax_p) = _panel_figure(2, width=4.8)
+    x = range(len(scores))
+    ax_s.bar(x, 100 * scores["mean_score"], color="#3b75af")
+    ax_s.set(xticks=list(x), ylabel="mean task score (%)", title="task score")
+    ax_p.bar(x, scores["perplexity"], color="#ef8636")
+    lo, hi = float(scores["perplexity"].min()), float(scores["perplexity"].max())
+    ax_p.set(xticks=list(x), ylabel="perplexity", title="held-out perplexity",
+             ylim=(lo - 0.6 * (hi - lo + 1e-3), hi + 0.3 * (hi - lo + 1e-3)))
+    for ax in (ax_s, ax_p):
+        ax.set_xticklabels(scores["model"], rotation=30, ha="right", fontsize=8)
+    return fig
+
 
 # ===================================================================== experiment (04_lego_experiment, 00_tour)

@@ -165,7 +165,7 @@ def test_unreachable_superlink_names_the_address(capsys):
 
 # ----- Flower's simulation engine (one process) -----------------------------------------------------------
 @needs_data
-def test_simulation_engine_equals_in_process_run(tmp_path):
+def test_simulation_engine_equals_in_process_run(tmp_path, user_flwr_home):
     from legokit.flower.launch import _RAYBACKEND, simulate
 
     cfg = _cfg()
@@ -181,14 +181,14 @@ def test_simulation_engine_equals_in_process_run(tmp_path):
 
 
 @needs_data
-def test_bad_updates_are_rejected_recorded_and_not_aggregated(tmp_path):
+def test_bad_updates_are_rejected_recorded_and_not_aggregated(tmp_path, user_flwr_home):
     """Client 1 sends wrong shapes in round 1 and an unknown block id in round 2: both are refused."""
     from flwr.app import ArrayRecord, Context, Message
     from flwr.clientapp import ClientApp
     from flwr.simulation import run_simulation
 
     from legokit.flower.client_app import client_query, client_train
-    from legokit.flower.launch import _simulation_backend
+    from legokit.flower.launch import _private_flower_home, _simulation_backend
     from legokit.flower.runconfig import to_run_config
     from legokit.flower.server_app import make_server_app
 
@@ -213,7 +213,7 @@ def test_bad_updates_are_rejected_recorded_and_not_aggregated(tmp_path):
             reply["info"]["block-id"] = "magnitude-unstructured-90"
         return Message(reply, reply_to=msg)
 
-    with _simulation_backend("inline") as name:
+    with _private_flower_home(), _simulation_backend("inline") as name:
         run_simulation(server_app=make_server_app(rc), client_app=bad, num_supernodes=2, backend_name=name)
     lines = {(m["round"], m["client"]): m for m in _lines(tmp_path / "run")}
     assert [lines[(r, 0)]["status"] for r in (1, 2)] == ["ok", "ok"]
@@ -324,7 +324,9 @@ def test_supernode_killed_mid_round_run_finishes_over_survivors(tmp_path, user_f
 
     cfg = _cfg()
     run_dir = tmp_path / "run"
-    app = write_app(tmp_path / "app", cfg, run_dir=run_dir, round_timeout=25, nodes_timeout=60)
+    # A SIGKILLed SuperNode stops heartbeating; the SuperLink would call it gone only after 2 x 30 s. The round
+    # deadline ends the wait sooner; 40 s leaves a busy 2-core machine room for the survivor (about 10 s idle).
+    app = write_app(tmp_path / "app", cfg, run_dir=run_dir, round_timeout=40, nodes_timeout=60)
     with Deployment(tmp_path / "flower", env={"FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.2"}) as dep:
         dep.start_superlink()
         dep.start_supernode({"partition-id": 0, "num-partitions": 2})
@@ -355,7 +357,7 @@ def test_supernode_killed_mid_round_run_finishes_over_survivors(tmp_path, user_f
     lines = {(m["round"], m["client"]): m for m in _lines(run_dir)}
     assert lines[(1, 0)]["status"] == "ok" and lines[(2, 0)]["status"] == "ok"
     assert lines[(1, 1)]["status"] == "failed" and lines[(2, 1)]["status"] == "failed"
-    assert "no reply within round-timeout=25" in lines[(1, 1)]["error"]
+    assert "no reply within round-timeout=40" in lines[(1, 1)]["error"]
     assert json.loads((run_dir / "state.json").read_text())["round"] == 2
     # The same failures in the in-process loop give the same global adapter.
     ref = _reference(cfg, run_dir, tmp_path / "ref", inject_failures={1: [1], 2: [1]})

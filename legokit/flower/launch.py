@@ -475,9 +475,36 @@ def _simulation_backend(backend: str) -> Iterator[str]:
             sys.modules[_RAYBACKEND] = saved
 
 
+@contextlib.contextmanager
+def _private_flower_home() -> Iterator[None]:
+    """Keep the in-process simulation out of ``~/.flwr`` and turn Flower's telemetry off for this process.
+
+    Flower's telemetry writes a ``source`` id to ``FLWR_HOME`` (default ``~/.flwr``) from a background thread
+    on the first event of a process, whatever ``FLWR_TELEMETRY_ENABLED`` says; we create that id under a
+    private FLWR_HOME first (the process caches it) and switch the POST off.
+    """
+    from flwr.supercore import telemetry
+
+    telemetry.FLWR_TELEMETRY_ENABLED = "0"  # read when an event is sent; there is no network to send it to
+    saved = os.environ.get("FLWR_HOME")
+    with tempfile.TemporaryDirectory(prefix="legokit-flwr-home-") as home:
+        if saved is None:
+            os.environ["FLWR_HOME"] = home
+        try:
+            with telemetry.state_lock:
+                if telemetry.state["source"] is None:
+                    telemetry.state["source"] = telemetry._get_source_id()
+            yield
+        finally:
+            if saved is None:
+                os.environ.pop("FLWR_HOME", None)
+
+
 def simulate(cfg: ExperimentConfig, run_dir: str | Path, *, backend: str = "auto", round_timeout: float = 3600.0,
              resume: bool = False) -> dict:
     """Run the experiment in Flower's simulation engine (one process; virtual SuperNodes 0..N-1).
+
+    Flower state goes to a temporary FLWR_HOME unless ``FLWR_HOME`` is set; Flower's telemetry is off.
 
     Returns:
         ``{"summary": <run_dir/flower.json>, "backend", "seconds"}``.
@@ -496,7 +523,7 @@ def simulate(cfg: ExperimentConfig, run_dir: str | Path, *, backend: str = "auto
                        poll_interval=0.05)
     (run_dir / "flower.json").unlink(missing_ok=True)
     t0 = time.time()
-    with _simulation_backend(backend) as name, warnings.catch_warnings():
+    with _private_flower_home(), _simulation_backend(backend) as name, warnings.catch_warnings():
         warnings.simplefilter("ignore")
         config = {"client_resources": {"num_cpus": 1, "num_gpus": 0.0}} if name == "ray" else {}
         run_simulation(server_app=make_server_app(rc), client_app=make_client_app(rc),

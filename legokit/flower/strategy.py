@@ -71,6 +71,7 @@ class LegoStrategy(Strategy):
         self._lines: dict[int, dict] = {}  # client -> this round's metrics line
         self._sent: dict[str, int] = {}  # message id -> client, for this round's train messages
         self._round_start = 0.0
+        self._exchanged = 0.0  # when the round's last reply arrived (or its deadline passed)
 
     # ----- which SuperNode is which client ------------------------------------------------------------
     def discover(self, grid: Grid, wait: float) -> None:
@@ -200,6 +201,8 @@ class LegoStrategy(Strategy):
         round_line = self.server.aggregate(server_round, results)
         self.server.save(self.run.path, server_round)
         lines = [self._lines[k] for k in sorted(self._lines)]
+        if self._exchanged:  # configure + messages out + clients' work + replies in; the rest is aggregation
+            round_line["seconds_exchange"] = round(self._exchanged - self._round_start, 3)
         round_line.update(seconds=round(time.time() - self._round_start, 3),
                           failed=[ln["client"] for ln in lines if ln["status"] != "ok"],
                           bytes_down=sum(ln.get("bytes_down", 0) for ln in lines),
@@ -285,6 +288,7 @@ class LegoStrategy(Strategy):
             self.discover(grid, 0.0)  # SuperNodes that joined or restarted since
             msgs = list(self.configure_train(rnd, ArrayRecord(), train_config or ConfigRecord(), grid))
             replies, ids = self._exchange(grid, msgs, self.options.round_timeout)
+            self._exchanged = time.time()
             self._sent = {mid: int(m.content["config"]["client"]) for mid, m in zip(ids, msgs, strict=True)}
             arrays, metrics = self.aggregate_train(rnd, replies)
             if arrays is not None:

@@ -1,0 +1,418 @@
+"""Analysis helpers behind the client (02) and aggregation (03) notebooks.
+
+Clients: what each device holds and costs (``client_table``), what data it trains on (``task_mix``),
+how its training went (``read_metrics``) and how its block scores before and after the federation
+(``client_scores``, ``response_nll``).
+
+Aggregation: the round loop keeps the last round's client updates (``Server.last_results``, factors in
+LLM coordinates). ``reaggregate`` replays every aggregator on those same updates, one module at a time,
+so aggregators are compared on identical inputs without training again; ``aggregation_errors`` measures
+each against an independent float64 owner mean (what HeteAgg computes), ``energy_by_rank`` shows how
+much of an aggregate a rank-r broadcast keeps, and ``apply_delta`` adds a global update to the LLM and
+restores the weights bit for bit afterwards.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import Tensor, nn
+
+from legokit.aggregate import AGGREGATORS, ClientUpdate, coverage, get_aggregator
+from legokit.utils import LegokitError
+
+# ============================================================================================ clients
+
+
+def _layer_of(name: str) -> int:
+    return next((int(p) for p in name.split(".") if p.isdigit()), -1)
+
+
+def block_costs(llm: nn.Module, block, context: int = 256) -> dict:
+    """Memory and compute of one block's SLM, against the dense LLM.
+
+    Args:
+        llm: the LLM the block was cut from.
+        block: a ``legokit.blocks.Block``.
+        context: tokens of context each generated token attends to (the attention term of the FLOPs).
+    Returns:
+        ``{"linear_params", "kept_linear_params", "dense_mb", "sparse_mb", "block_mb", "gflops_per_token",
+        "dense_gflops_per_token"}``. ``dense_mb``: every LLM parameter at its dtype. ``sparse_mb``: the SLM
+        stored sparse (kept linear values + a 1-bit mask per weight; structured SLMs are just smaller;
+        embeddings and norms dense). ``block_mb``: what legokit itself keeps for the block (packed masks,
+        overrides), the weights being derived from the LLM. FLOPs per token ≈ 2 × (kept linear params +
+        LM head) + 4 × layers × attention width × context; unstructured zeros only save FLOPs with
+        sparse kernels.
+    """
+    from legokit.blocks import sparsity_report
+    from legokit.models import decoder_layers, param_bytes
+
+    rep = sparsity_report(block)  # one row per pruned linear module
+    elem = next(llm.parameters()).element_size()
+    linear, kept, slm = int(rep["params"].sum()), int(rep["kept"].sum()), int(rep["slm_params"].sum())
+    dense_bytes = param_bytes(llm)
+    other_bytes = dense_bytes - linear * elem  # embeddings, norms (and an untied LM head)
+    if block.structured:
+        sparse_bytes = other_bytes + slm * elem
+    elif block.dense:
+        sparse_bytes = dense_bytes
+    else:
+        sparse_bytes = other_bytes + kept * elem + linear / 8
+    cfg = llm.config
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    heads = block.sizes.heads if block.sizes is not None else cfg.num_attention_heads
+    lm_head = llm.get_output_embeddings().weight.numel()
+    attention = 4 * len(decoder_layers(llm)) * heads * head_dim * context  # QKᵀ and AV, 2 FLOPs per MAC
+    dense_attention = 4 * len(decoder_layers(llm)) * cfg.num_attention_heads * head_dim * context
+    kept_linear = slm if block.structured else kept
+    return {"linear_params": linear, "kept_linear_params": kept_linear, "dense_mb": dense_bytes / 2**20,
+            "sparse_mb": sparse_bytes / 2**20, "block_mb": block.nbytes() / 2**20,
+            "gflops_per_token": (2 * (kept_linear + lm_head) + attention) / 1e9,
+            "dense_gflops_per_token": (2 * (linear + lm_head) + dense_attention) / 1e9}
+
+
+def client_table(llm: nn.Module, blocks: Sequence, assignment: Sequence[int],
+                 partitions: Sequence[Sequence] | None = None, devices: Sequence[str] | None = None,
+                 context: int = 256) -> pd.DataFrame:
+    """One row per client: device (and its budget), assigned block, bytes and FLOPs per token.
+
+    Args:
+        assignment: block index per client (``legokit.federation.assign_blocks``).
+        partitions: each client's training examples (adds ``examples`` and the ``main_task``).
+        devices: each client's device profile name (``legokit.config.DEVICE_PROFILES``).
+    """
+    from legokit.config import DEVICE_PROFILES
+
+    costs = {i: block_costs(llm, blocks[i], context) for i in sorted(set(assignment))}
+    rows = []
+    for k, i in enumerate(assignment):
+        row = {"client": k}
+        if devices is not None:
+            row.update(device=devices[k], budget=DEVICE_PROFILES[devices[k]])
+        row.update(block=blocks[i].id, sparsity=blocks[i].sparsity)
+        row.update(costs[i])
+        if partitions is not None:
+            row.update(examples=len(partitions[k]), main_task=main_task(partitions[k]))
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def main_task(examples: Sequence) -> str:
+    """The most frequent task among ``examples`` (ties: the first in task-name order)."""
+    if not examples:
+        raise LegokitError("no examples: a client without data has no main task")
+    counts = Counter(ex.task for ex in examples)
+    return min(counts, key=lambda t: (-counts[t], t))
+
+
+def task_mix(partitions: Sequence[Sequence], tasks: Sequence[str] | None = None) -> pd.DataFrame:
+    """Examples per client (rows) and task (columns), tasks in ``tasks`` order (default: sorted)."""
+    counts = [Counter(ex.task for ex in part) for part in partitions]
+    cols = list(tasks) if tasks is not None else sorted({t for c in counts for t in c})
+    df = pd.DataFrame([[c.get(t, 0) for t in cols] for c in counts], columns=cols)
+    df.index.name = "client"
+    return df
+
+
+def read_metrics(run_dir: str | Path) -> pd.DataFrame:
+    """Per-step training losses of every client and round from a run's ``metrics.jsonl``.
+
+    Columns: ``round, client, block, step`` (1-based within the round), ``global_step`` (steps counted
+    over rounds), ``loss``. Failed clients have no rows.
+    """
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.is_file():
+        raise LegokitError(f"{path} does not exist: point run_dir at a run directory (run_federation's)")
+    rows = []
+    for line in path.read_text().splitlines():
+        if not line.strip():
+            continue
+        m = json.loads(line)
+        losses = m.get("losses") or []
+        for s, loss in enumerate(losses, start=1):
+            rows.append({"round": m["round"], "client": m["client"], "block": m.get("block"), "step": s,
+                         "global_step": (m["round"] - 1) * len(losses) + s, "loss": float(loss)})
+    return pd.DataFrame(rows, columns=["round", "client", "block", "step", "global_step", "loss"])
+
+
+def client_rounds(run_dir: str | Path) -> pd.DataFrame:
+    """One row per client and round from a run's ``metrics.jsonl``, without the per-step losses.
+
+    Columns include ``round, client, block, sparsity, num_examples, status, loss_first, loss_last,
+    update_norm`` (‖s·B A‖_F over all modules, unmasked), ``seconds, tokens_per_second``.
+    """
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.is_file():
+        raise LegokitError(f"{path} does not exist: point run_dir at a run directory (run_federation's)")
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    drop = ("losses", "tasks", "traceback")
+    return pd.DataFrame([{k: v for k, v in r.items() if k not in drop} for r in rows])
+
+
+@torch.no_grad()
+def response_nll(model: nn.Module, tokenizer, examples: Sequence, batch_size: int = 8) -> float:
+    """Mean negative log-likelihood per response token (the training loss, without training)."""
+    from legokit.data import tokenize_example
+    from legokit.train import IGNORE, make_batch
+
+    if not examples:
+        raise LegokitError("response_nll needs at least one example")
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    device = next(model.parameters()).device
+    seqs = []
+    for ex in examples:
+        p, r = tokenize_example(ex, tokenizer)
+        seqs.append((p + r, [IGNORE] * len(p) + r))
+    total, count = 0.0, 0
+    was_training = model.training
+    model.eval()
+    try:
+        for b in range(0, len(seqs), batch_size):
+            batch = make_batch(seqs[b: b + batch_size], pad, pack=False, device=device)
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            keep = batch["targets"] != IGNORE  # (B, L)
+            total += float(torch.nn.functional.cross_entropy(logits[keep].float(), batch["targets"][keep],
+                                                             reduction="sum"))
+            count += int(keep.sum())
+    finally:
+        model.train(was_training)
+    return total / count
+
+
+def client_scores(server, tokenizer, partitions: Sequence[Sequence], other_task: str, n: int = 8,
+                  split: str = "test", batch_size: int = 8, progress: bool = True) -> pd.DataFrame:
+    """Each client's block on its own (main) task and on ``other_task``, before and after the federation.
+
+    Before: the block's SLM as extracted (the broadcast's initial adapter has B = 0, so it adds nothing).
+    After: the SLM with the server's global update applied through the block's mask
+    (``legokit.federation.block_model``). Metrics: response NLL for every task, accuracy for choice tasks
+    (first ``n`` examples of ``split``). Blocks shared by several clients are scored once.
+
+    Returns one row per (client, task, phase): ``client, block, task, role (own | other), phase
+    (before | after), nll, accuracy``.
+    """
+    from tqdm.auto import tqdm
+
+    from legokit.data import TASKS, load_task
+    from legokit.evaluate import evaluate_examples
+    from legokit.federation import block_model
+
+    own = [main_task(p) for p in partitions]
+    wanted: dict[int, set[str]] = {}
+    for k, task in enumerate(own):
+        wanted.setdefault(server.assignment[k], set()).update({task, other_task})
+    data = {t: load_task(t, split)[:n] for t in sorted({t for ts in wanted.values() for t in ts})}
+
+    def score(model, tasks) -> dict:
+        out = {}
+        for t in sorted(tasks):
+            acc = (evaluate_examples(model, tokenizer, t, data[t], batch_size)["accuracy"]
+                   if TASKS[t].kind == "choice" else float("nan"))
+            out[t] = {"nll": response_nll(model, tokenizer, data[t], batch_size), "accuracy": acc}
+        return out
+
+    scored: dict[tuple[int, str], dict] = {}
+    for i, tasks in tqdm(sorted(wanted.items()), desc="score blocks", disable=not progress, leave=False):
+        block = server.blocks[i]
+        try:
+            scored[i, "before"] = score(block.model, tasks)
+        finally:
+            block.release()
+        with block_model(server, i) as model:
+            scored[i, "after"] = score(model, tasks)
+    rows = []
+    for k, task in enumerate(own):
+        i = server.assignment[k]
+        for role, t in (("own", task), ("other", other_task)):
+            for phase in ("before", "after"):
+                rows.append({"client": k, "block": server.blocks[i].id, "task": t, "role": role,
+                             "phase": phase, **scored[i, phase][t]})
+    return pd.DataFrame(rows)
+
+
+# ========================================================================================= aggregation
+
+
+def client_masks(server) -> list[Mapping[str, Tensor]]:
+    """Every client's keep-masks (its block's ``masks``), in client order."""
+    return [server.blocks[i].masks for i in server.assignment]
+
+
+def client_updates(server, results: Sequence, names: Sequence[str] | None = None) -> list[ClientUpdate]:
+    """The ``ClientUpdate`` of each result, as ``Server.aggregate`` builds them.
+
+    Args:
+        server: the ``legokit.federation.Server`` (its blocks, assignment and weighting rule).
+        results: ``ClientResult`` list (``server.last_results``).
+        names: modules to carry (default: all).
+    """
+    if not results:
+        raise LegokitError("no client results: run a round first (server.last_results is empty)")
+    names = list(server.modules if names is None else names)
+    samples = server.cfg.fed.weighting == "samples"
+    return [ClientUpdate(client=f"client-{r.client}", factors={n: r.factors[n] for n in names},
+                         scaling=r.scaling, masks=server.blocks[server.assignment[r.client]].masks,
+                         weight=float(r.num_examples) if samples else 1.0)
+            for r in results]
+
+
+class AggregatedDeltas(Mapping):
+    """Lazy ``{module: ΔW_g}`` of one aggregator over fixed client updates; each access aggregates one module.
+
+    ``previous`` = None: coordinates no client owns get 0 (the round-1 value under ``"keep"``).
+    """
+
+    def __init__(self, server, results: Sequence, aggregator: str, names: Sequence[str] | None = None,
+                 previous: Mapping[str, Tensor] | None = None):
+        self.server, self.results, self.name = server, list(results), aggregator
+        self.fn = get_aggregator(aggregator)
+        self.names = list(server.modules if names is None else names)
+        self.previous = previous
+        client_updates(server, self.results, self.names[:1])  # fail fast on empty results
+
+    def __getitem__(self, name: str) -> Tensor:
+        if name not in self.names:
+            raise KeyError(name)
+        updates = client_updates(self.server, self.results, [name])
+        prev = None if self.previous is None or name not in self.previous else {name: self.previous[name]}
+        return self.fn(updates, prev, self.server.cfg.fed.uncovered)[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.names)
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+
+def reaggregate(server, results: Sequence, names: Sequence[str],
+                aggregators: Sequence[str] = tuple(AGGREGATORS)) -> dict[str, dict[str, Tensor]]:
+    """Every aggregator applied to the same client updates: ``{aggregator: {module: ΔW_g (out, in)}}``.
+
+    Keep ``names`` to a few modules (each dense delta is out x in float32); for a whole model use
+    :class:`AggregatedDeltas`, which computes one module at a time.
+    """
+    return {a: dict(AggregatedDeltas(server, results, a, names)) for a in aggregators}
+
+
+def owner_mean(updates: Sequence[ClientUpdate], name: str) -> Tensor:
+    """Reference HeteAgg in float64, client by client: ``Σ n_k M_k ΔW_k / Σ n_k M_k``, 0 where nobody owns.
+
+    Written independently of ``legokit.aggregate`` so it can check it. Returns (out, in) float64.
+    """
+    num = den = None
+    for u in updates:
+        A, B = u.factors[name]  # (r, in), (out, r)
+        m = u.masks[name].to(torch.float64)
+        d = u.scaling * (B.double() @ A.double())  # (out, in)
+        num = u.weight * m * d if num is None else num + u.weight * m * d
+        den = u.weight * m if den is None else den + u.weight * m
+    return torch.where(den > 0, num / den.clamp_min(1e-300), torch.zeros_like(num))
+
+
+def aggregation_errors(server, results: Sequence, aggregators: Sequence[str] = tuple(AGGREGATORS),
+                       names: Sequence[str] | None = None, progress: bool = True) -> pd.DataFrame:
+    """How far each aggregator's ΔW_g is from the exact sample-weighted owner mean, module by module.
+
+    Columns: ``module, layer, kind, aggregator, rel_error`` (‖ΔW_a − ref‖_F / ‖ref‖_F), ``norm_ratio``
+    (‖ΔW_a‖ / ‖ref‖), ``dilution`` (⟨ΔW_a, ref⟩ / ‖ref‖² over the coordinates owned by some but not all
+    clients: 1 = the owners' mean, < 1 = shrunk towards the pruned zeros; NaN when every coordinate is
+    owned by all or none), ``partial_fraction`` (share of such coordinates). ``ref`` = :func:`owner_mean`.
+    """
+    from tqdm.auto import tqdm
+
+    names = list(server.modules if names is None else names)
+    fns = {a: get_aggregator(a) for a in aggregators}
+    rows = []
+    for name in tqdm(names, desc="aggregation errors", disable=not progress, leave=False):
+        updates = client_updates(server, results, [name])
+        ref = owner_mean(updates, name)
+        owners = sum(u.masks[name].to(torch.int32) for u in updates)  # (out, in)
+        partial = (owners > 0) & (owners < len(updates))
+        ref_norm = float(torch.linalg.vector_norm(ref))
+        ref_p = ref[partial]
+        for a, fn in fns.items():
+            d = fn(updates, None, server.cfg.fed.uncovered)[name].double()
+            dp = d[partial]
+            denom = float(ref_p @ ref_p)
+            rows.append({"module": name, "layer": _layer_of(name), "kind": name.rsplit(".", 1)[-1],
+                         "aggregator": a,
+                         "rel_error": float(torch.linalg.vector_norm(d - ref)) / max(ref_norm, 1e-30),
+                         "norm_ratio": float(torch.linalg.vector_norm(d)) / max(ref_norm, 1e-30),
+                         "dilution": float(dp @ ref_p) / denom if denom > 0 else float("nan"),
+                         "partial_fraction": float(partial.double().mean())})
+    return pd.DataFrame(rows)
+
+
+def energy_by_rank(delta: Tensor, ranks: Sequence[int]) -> np.ndarray:
+    """Energy a rank-r truncated SVD keeps, ``Σ_{i<r} σ_i² / Σ σ_i²``, for each r in ``ranks``.
+
+    Ranks above ``min(out, in)`` keep everything (1.0); a zero matrix keeps 1.0 (as ``svd_refactor``).
+    """
+    if any(int(r) < 1 for r in ranks):
+        raise LegokitError(f"ranks must be >= 1, got {list(ranks)}")
+    s2 = torch.linalg.svdvals(delta.detach().to(torch.float64)) ** 2  # (min(out, in),)
+    total = float(s2.sum())
+    if total == 0:
+        return np.ones(len(ranks))
+    cum = (torch.cumsum(s2, 0) / total).numpy()
+    return np.array([1.0 if int(r) >= len(cum) else min(1.0, float(cum[int(r) - 1])) for r in ranks])
+
+
+def coverage_table(masks: Sequence[Mapping[str, Tensor]], names: Sequence[str] | None = None) -> pd.DataFrame:
+    """Per module: ``module, layer, kind, mean_owners`` and ``owners_<c>`` = fraction of coordinates owned
+    by exactly ``c`` of the K clients (c = 0..K)."""
+    if not masks:
+        raise LegokitError("no client masks given: pass at least one client")
+    names = list(masks[0] if names is None else names)
+    K = len(masks)
+    rows = []
+    for name in names:
+        cov = coverage(masks, name)  # (out, in) int32 in [0, K]
+        frac = torch.bincount(cov.reshape(-1).long(), minlength=K + 1).double() / cov.numel()
+        row = {"module": name, "layer": _layer_of(name), "kind": name.rsplit(".", 1)[-1],
+               "mean_owners": float(cov.double().mean())}
+        row.update({f"owners_{c}": float(frac[c]) for c in range(K + 1)})
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def update_norm_table(updates: Sequence[ClientUpdate], masked: bool = True) -> pd.DataFrame:
+    """Long table ``client, module, layer, kind, norm`` of ‖M_k ⊙ ΔW_k‖_F (``aggregate.update_norms``)."""
+    from legokit.aggregate import update_norms
+
+    rows = [{"client": c, "module": n, "layer": _layer_of(n), "kind": n.rsplit(".", 1)[-1], "norm": v}
+            for c, per in update_norms(list(updates), masked=masked).items() for n, v in per.items()]
+    return pd.DataFrame(rows)
+
+
+@contextmanager
+def apply_delta(model: nn.Module, deltas: Mapping[str, Tensor], progress: bool = False) -> Iterator[nn.Module]:
+    """Within the block, ``W += ΔW`` for every module in ``deltas``; the original weights come back exactly.
+
+    ``deltas`` may be lazy (:class:`AggregatedDeltas`): each module is computed, added and dropped in turn.
+    Memory: one copy of the touched weights (restored by copy, not by subtraction, so bit-exact).
+    """
+    from tqdm.auto import tqdm
+
+    saved: dict[str, Tensor] = {}
+    try:
+        with torch.no_grad():
+            for name in tqdm(list(deltas), desc="apply ΔW", disable=not progress, leave=False):
+                w = model.get_submodule(name).weight
+                d = deltas[name]
+                if tuple(d.shape) != tuple(w.shape):
+                    raise LegokitError(f"delta for {name} has shape {tuple(d.shape)}, the weight {tuple(w.shape)}")
+                saved[name] = w.detach().clone()
+                w += d.to(w.device, w.dtype)
+        yield model
+    finally:
+        with torch.no_grad():
+            for name, w0 in saved.items():
+                model.get_submodule(name).weight.copy_(w0)

@@ -1,0 +1,214 @@
+"""legokit.analysis on tiny-llama: re-aggregation, errors against the owner mean, energy, apply_delta."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from legokit.aggregate import AGGREGATORS
+from legokit.analysis import (
+    AggregatedDeltas,
+    aggregation_errors,
+    apply_delta,
+    client_masks,
+    client_table,
+    client_updates,
+    coverage_table,
+    energy_by_rank,
+    main_task,
+    owner_mean,
+    read_metrics,
+    reaggregate,
+    response_nll,
+    task_mix,
+    update_norm_table,
+)
+from legokit.blocks import extract_blocks
+from legokit.config import ExperimentConfig
+from legokit.data import Example
+from legokit.federation import ClientResult, Server, assign_blocks, run_federation
+from legokit.lora import svd_refactor
+from legokit.models import linear_modules, load_model
+from legokit.utils import LegokitError
+
+CALIB = ["The quick brown fox jumps over the lazy dog. " * 4, "Paris is the capital of France. " * 4] * 2
+SPARSITIES = (0.0, 0.5, 0.75)
+
+
+def _cfg(sparsities=SPARSITIES, **fed) -> ExperimentConfig:
+    return ExperimentConfig.from_dict({
+        "model": "tiny-llama",
+        "prune": {"sparsities": list(SPARSITIES), "n_calib": 4, "seq_len": 32},
+        "lora": {"rank": 2, "alpha": 4.0},
+        "train": {"local_steps": 2, "batch_size": 2, "max_len": 64, "lr": 0.01},
+        "fed": {"num_clients": len(sparsities), "rounds": 1, "client_sparsities": list(sparsities), **fed},
+        "data": {"tasks": ["boolq", "asdiv"], "train_examples": 8},
+    })
+
+
+def _examples(task: str, n: int) -> list[Example]:
+    return [Example(task=task, prompt=f"{task} question {i}: what is {i} plus {i}?", response=str(2 * i),
+                    uid=f"{task}-{i}") for i in range(n)]
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    llm, tok = load_model("tiny-llama")
+    blocks = extract_blocks(llm, tok, sparsities=SPARSITIES, method="wanda", pattern="unstructured",
+                            calibration="one_shot", n_calib=4, seq_len=32, seed=0, texts=CALIB)
+    return llm, tok, blocks
+
+
+def _server_with_random_results(tiny, sparsities=SPARSITIES, weights=(1, 2, 5)):
+    """A Server and hand-made ClientResults (random factors, different sample counts)."""
+    llm, _, blocks = tiny
+    cfg = _cfg(sparsities)
+    server = Server(cfg, llm, blocks, assign_blocks(cfg, blocks), list(weights))
+    gen = torch.Generator().manual_seed(0)
+    results = []
+    for k, n in enumerate(weights):
+        factors = {name: (torch.randn(2, m.in_features, generator=gen), torch.randn(m.out_features, 2, generator=gen))
+                   for name, m in linear_modules(llm).items()}
+        results.append(ClientResult(client=k, factors=factors, scaling=2.0, num_examples=n))
+    return server, results
+
+
+def test_heteagg_is_the_exact_owner_mean_and_fedavg_delta_dilutes(tiny):
+    server, results = _server_with_random_results(tiny)
+    errors = aggregation_errors(server, results, progress=False)
+    assert set(errors["aggregator"]) == set(AGGREGATORS)
+    assert len(errors) == len(server.modules) * len(AGGREGATORS)
+    by = errors.groupby("aggregator")
+    assert by["rel_error"].max()["heteagg"] < 1e-5
+    assert abs(by["dilution"].mean()["heteagg"] - 1) < 1e-5
+    # pruned zeros pull fedavg_delta towards 0 on coordinates not every client owns
+    assert by["dilution"].max()["fedavg_delta"] < 0.95
+    assert by["rel_error"].min()["fedavg_delta"] > 0.05
+    # heterofl ignores the (unequal) sample weights: a real, nonzero error
+    assert by["rel_error"].min()["heterofl"] > 1e-3
+    assert (errors["partial_fraction"] > 0.5).all()  # 0/50/75%: 75% of coordinates are partially owned
+
+
+def test_reaggregate_matches_the_aggregators_and_the_reference(tiny):
+    server, results = _server_with_random_results(tiny)
+    name = server.modules[3]
+    deltas = reaggregate(server, results, [name], ["heteagg", "flora"])
+    ref = owner_mean(client_updates(server, results, [name]), name)
+    torch.testing.assert_close(deltas["heteagg"][name].double(), ref, rtol=1e-5, atol=1e-6)
+    # flora is mask-agnostic: the plain weighted mean of the products
+    p = np.array([r.num_examples for r in results], dtype=float)
+    p /= p.sum()
+    want = sum(pk * r.scaling * (r.factors[name][1] @ r.factors[name][0]) for pk, r in zip(p, results, strict=True))
+    torch.testing.assert_close(deltas["flora"][name], want.float(), rtol=1e-5, atol=1e-5)
+
+
+def test_all_dense_clients_make_the_mask_aware_rules_agree(tiny):
+    server, results = _server_with_random_results(tiny, sparsities=(0.0, 0.0, 0.0))
+    errors = aggregation_errors(server, results, ["heteagg", "fedavg_delta", "flexlora"], progress=False)
+    assert errors["rel_error"].max() < 1e-5
+    assert errors["dilution"].isna().all()  # no partially owned coordinate
+
+
+def test_lazy_deltas_and_apply_delta_restore_exactly(tiny):
+    llm, _, _ = tiny
+    server, results = _server_with_random_results(tiny)
+    lazy = AggregatedDeltas(server, results, "heteagg")
+    assert list(lazy) == server.modules and len(lazy) == len(server.modules)
+    before = {n: p.detach().clone() for n, p in llm.named_parameters()}
+    ids = torch.tensor([[1, 40, 50, 60, 70]])
+    with torch.no_grad():
+        base = llm(ids).logits
+    name = server.modules[0]
+    with apply_delta(llm, lazy) as model, torch.no_grad():
+        torch.testing.assert_close(model.get_submodule(name).weight, before[f"{name}.weight"] + lazy[name])
+        assert not torch.allclose(model(ids).logits, base)
+    for n, p in llm.named_parameters():
+        assert torch.equal(p, before[n]), n
+    with pytest.raises(RuntimeError), apply_delta(llm, {name: lazy[name]}):
+        raise RuntimeError("boom")
+    assert torch.equal(llm.get_submodule(name).weight, before[f"{name}.weight"])
+    with pytest.raises(LegokitError, match="shape"), apply_delta(llm, {name: torch.zeros(3, 3)}):
+        pass
+    assert torch.equal(llm.get_submodule(name).weight, before[f"{name}.weight"])
+
+
+def test_energy_by_rank_is_monotone_and_matches_svd_refactor():
+    gen = torch.Generator().manual_seed(1)
+    low = torch.randn(20, 3, generator=gen) @ torch.randn(3, 30, generator=gen)  # rank 3
+    e = energy_by_rank(low, [1, 2, 3, 4, 100])
+    assert np.all(np.diff(e) >= -1e-12) and e[2] == pytest.approx(1.0) and e[-1] == 1.0
+    full = torch.randn(20, 30, generator=gen)
+    for r in (1, 5, 12):
+        assert energy_by_rank(full, [r])[0] == pytest.approx(svd_refactor(full, r, 1.0)[2], rel=1e-5)
+    assert energy_by_rank(torch.zeros(4, 5), [1, 2]).tolist() == [1.0, 1.0]
+    with pytest.raises(LegokitError):
+        energy_by_rank(full, [0])
+
+
+def test_coverage_table_counts_nested_owners(tiny):
+    server, _ = _server_with_random_results(tiny)
+    table = coverage_table(client_masks(server))
+    fracs = table[[f"owners_{c}" for c in range(4)]]
+    np.testing.assert_allclose(fracs.sum(axis=1), 1.0)
+    # nested Wanda masks at 0/50/75%: every coordinate owned by the dense client; 1.75 owners on average
+    assert (table["owners_0"] == 0).all()
+    np.testing.assert_allclose(table["mean_owners"], 1.75, atol=1e-9)
+    np.testing.assert_allclose(table["owners_3"], 0.25, atol=1e-9)
+
+
+def test_update_norm_table_is_masked(tiny):
+    server, results = _server_with_random_results(tiny)
+    updates = client_updates(server, results)
+    masked, raw = update_norm_table(updates), update_norm_table(updates, masked=False)
+    assert len(masked) == len(results) * len(server.modules)
+    dense = masked["client"] == "client-0"
+    np.testing.assert_allclose(masked[dense]["norm"], raw[dense]["norm"], rtol=1e-6)
+    assert (masked[~dense]["norm"].values < raw[~dense]["norm"].values).all()
+
+
+def test_client_table_costs_shrink_with_sparsity(tiny):
+    llm, _, blocks = tiny
+    parts = [_examples("boolq", 3), _examples("asdiv", 2) + _examples("boolq", 1), _examples("asdiv", 1)]
+    table = client_table(llm, blocks, [0, 1, 2], parts, devices=["server", "laptop", "phone"], context=16)
+    assert table["block"].tolist() == [b.id for b in blocks]
+    assert table["main_task"].tolist() == ["boolq", "asdiv", "asdiv"]
+    assert table["sparse_mb"].iloc[0] == pytest.approx(table["dense_mb"].iloc[0])
+    assert (np.diff(table["sparse_mb"]) < 0).all() and (np.diff(table["gflops_per_token"]) < 0).all()
+    lin = table["linear_params"].iloc[0]
+    np.testing.assert_allclose(table["kept_linear_params"] / lin, [1.0, 0.5, 0.25])
+
+
+def test_task_mix_and_main_task():
+    parts = [_examples("boolq", 2) + _examples("asdiv", 1), _examples("asdiv", 3)]
+    mix = task_mix(parts, ["boolq", "asdiv", "piqa"])
+    assert mix.values.tolist() == [[2, 1, 0], [0, 3, 0]]
+    assert main_task(_examples("b", 1) + _examples("a", 1)) == "a"  # ties: first by name
+    with pytest.raises(LegokitError):
+        main_task([])
+
+
+def test_a_real_round_feeds_metrics_and_reaggregation(tiny, tmp_path):
+    llm, tok, blocks = tiny
+    cfg = _cfg()
+    parts = [_examples("boolq", 4), _examples("asdiv", 4), _examples("boolq", 2)]
+    server = run_federation(cfg, llm, tok, blocks, parts, tmp_path, progress=False)
+    metrics = read_metrics(tmp_path)
+    assert len(metrics) == 3 * cfg.train.local_steps
+    assert metrics.groupby("client")["step"].max().tolist() == [2, 2, 2]
+    lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert metrics[metrics["client"] == 1]["loss"].tolist() == lines[1]["losses"]
+    # round 1 starts from B = 0, so "keep" and previous=None agree: reaggregate gives back the server's own
+    # aggregate, whose rank-r_g SVD kept the energy the round recorded
+    rounds = [json.loads(x) for x in (tmp_path / "rounds.jsonl").read_text().splitlines()]
+    name = server.modules[0]
+    delta = reaggregate(server, server.last_results, [name], ["heteagg"])["heteagg"][name]
+    kept = energy_by_rank(delta, [server.global_rank])[0]
+    assert kept == pytest.approx(rounds[0]["energy_kept"][name], rel=1e-4)
+    a, b = server.global_factors[name]
+    rel = torch.linalg.vector_norm(server.global_scaling * (b @ a) - delta) / torch.linalg.vector_norm(delta)
+    assert float(rel) ** 2 == pytest.approx(1 - kept, abs=1e-4)
+    nll = [response_nll(llm, tok, parts[0], batch_size=bs) for bs in (1, 3)]
+    assert 0 < nll[0] < 20 and nll[0] == pytest.approx(nll[1], rel=1e-4)  # padding does not change it
+    with pytest.raises(LegokitError, match="metrics.jsonl"):
+        read_metrics(tmp_path / "nowhere")
