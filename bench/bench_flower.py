@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import statistics
 import tempfile
@@ -80,13 +81,16 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--clients", type=int, default=2)
-    ap.add_argument("--threads", type=int, default=None, help="torch threads per ClientApp (default: torch's)")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch threads of every engine's training (in-process, simulation, each ClientApp)")
     ap.add_argument("--skip-sim", action="store_true")
     args = ap.parse_args()
 
     from legokit.flower.launch import deploy, simulate
 
     cfg = config(args.clients, args.rounds)
+    torch.set_num_threads(args.threads)  # the in-process and simulation runs; deploy() sets the ClientApps'
+
     tmp = Path(tempfile.mkdtemp(prefix="bench-flower-"))
     try:
         from legokit.experiment import load_or_extract_blocks
@@ -105,7 +109,7 @@ def main() -> None:
             sim_total = time.time() - t0
         t0 = time.time()
         dep = deploy(cfg, with_blocks(tmp / "deploy", tmp / "src"), round_timeout=600, timeout=1800,
-                     threads=args.threads)
+                     threads=args.threads, env={"OMP_NUM_THREADS": str(args.threads)})
         dep_total = time.time() - t0
         ref2_total = in_process(cfg, tmp / "ref2", tmp / "src")
         if statistics.median(r["seconds"] for r in rounds_of(tmp / "ref2")) < \
@@ -132,6 +136,14 @@ def main() -> None:
         for name, per_round, total in rows:
             print(f"{name:24s} {statistics.median(per_round):15.2f} {str([round(x, 1) for x in per_round]):>24s} "
                   f"{total:12.1f} {statistics.median(per_round) / base:7.1f}x")
+        lines = [json.loads(x) for x in (tmp / "deploy" / "metrics.jsonl").read_text().splitlines() if x.strip()]
+        train_s = statistics.median(m["seconds"] for m in lines)
+        proc_s = statistics.median(m["clientapp_process_seconds"] for m in lines)
+        print(f"\ndeployment round, median: {statistics.median(dep_r):.1f} s = ClientApp process {proc_s:.1f} s "
+              f"(of which local_update {train_s:.1f} s, the rest interpreter + imports + model + block + data) "
+              f"+ {statistics.median(dep_r) - proc_s:.1f} s Flower messaging (SuperNode poll every 3 s, "
+              f"SuperExec task poll, object push/pull) and aggregation")
+        print(f"load average during the bench: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
         print("\nbytes per round (adapter payload, float32 arrays as Flower serialises them):")
         for r in rounds_of(tmp / "deploy"):
             print(f"  round {r['round']}: {r['bytes_down']} B down, {r['bytes_up']} B up")
@@ -141,6 +153,7 @@ def main() -> None:
         print("max |ΔW_flower - ΔW_in-process| of the final global adapter: "
               + ", ".join(f"{k} {v:.3g}" for k, v in diff.items()))
         result = {"ratio_deployment_over_in_process": statistics.median(dep_r) / base,
+                  "clientapp_process_s": proc_s, "local_update_s": train_s,
                   "median_round_s": {name: statistics.median(x) for name, x, _ in rows},
                   "bytes_per_round": [(r["bytes_down"], r["bytes_up"]) for r in rounds_of(tmp / "deploy")],
                   "flower_traffic": traffic, "max_abs_diff": diff}

@@ -210,7 +210,8 @@ class Server:
         agg = AGGREGATORS["heteagg" if cfg.fed.aggregator == "centralized" else cfg.fed.aggregator]
         weights = [float(r.num_examples) if cfg.fed.weighting == "samples" else 1.0 for r in results]
         energies, new_factors = {}, {}
-        flex_ranks = sorted({r.factors[self.modules[0]][0].shape[0] for r in results})
+        # FlexLoRA sends each client back its own rank (all clients share lora.rank here).
+        bcast_rank = cfg.lora.rank if cfg.fed.aggregator == "flexlora" else self.global_rank
         for name in tqdm(self.modules, desc=f"round {rnd} aggregate", leave=False,
                          disable=not getattr(self, "progress", True)):
             updates = [ClientUpdate(client=f"client-{r.client}", factors={name: r.factors[name]},
@@ -224,15 +225,15 @@ class Server:
             if self.merged:
                 self._merge(name, delta)
             else:
-                rank = min(flex_ranks) if cfg.fed.aggregator == "flexlora" else self.global_rank
-                a, b, energy = svd_refactor(delta, rank, cfg.lora.alpha / min(rank, min(delta.shape)))
+                # one scaling for every module, also where svd_refactor caps the rank at min(out, in)
+                a, b, energy = svd_refactor(delta, bcast_rank, cfg.lora.alpha / bcast_rank)
                 new_factors[name], energies[name] = (a, b), float(energy)
         if self.merged:  # every round starts a fresh adapter from a shared seeded init
             self.global_factors = initial_factors(self.llm, cfg, client_seed(cfg.seed, rnd, -1))
             self.global_scaling = cfg.lora.scaling
         else:
             self.global_factors = new_factors
-            self.global_scaling = cfg.lora.alpha / next(iter(new_factors.values()))[0].shape[0]
+            self.global_scaling = cfg.lora.alpha / bcast_rank
         out = {"round": rnd, "clients": len(results)}
         if energies:
             vals = np.array(list(energies.values()))
@@ -259,11 +260,10 @@ class Server:
         shutil.rmtree(tmp, ignore_errors=True)
         if cfg.fed.aggregator == "local":
             for k, (factors, scaling) in sorted(self.client_factors.items()):
-                save_peft_adapter(tmp / f"client_{k}", factors, cfg.model, alpha=scaling * _rank(factors),
+                save_peft_adapter(tmp / f"client_{k}", factors, cfg.model, alpha=None, scaling=scaling,
                                   target_modules=cfg.lora.target_modules)
         elif not self.merged:
-            save_peft_adapter(tmp, self.global_factors, cfg.model,
-                              alpha=self.global_scaling * _rank(self.global_factors),
+            save_peft_adapter(tmp, self.global_factors, cfg.model, alpha=None, scaling=self.global_scaling,
                               target_modules=cfg.lora.target_modules)
         else:
             tmp.mkdir(parents=True)
@@ -280,11 +280,9 @@ class Server:
         cfg = self.cfg
         if cfg.fed.aggregator == "local":
             for sub in sorted(adir.glob("client_*")):
-                factors, alpha = load_peft_adapter(sub)
-                self.client_factors[int(sub.name.split("_")[1])] = (factors, alpha / _rank(factors))
+                self.client_factors[int(sub.name.split("_")[1])] = load_uniform_adapter(sub)
         elif not self.merged:
-            factors, alpha = load_peft_adapter(adir)
-            self.global_factors, self.global_scaling = factors, alpha / _rank(factors)
+            self.global_factors, self.global_scaling = load_uniform_adapter(adir)
         else:
             merged = load_file(str(adir / "merged_linear.safetensors"))
             with torch.no_grad():
@@ -297,8 +295,12 @@ class Server:
         self.round = rnd
 
 
-def _rank(factors: Factors) -> int:
-    return next(iter(factors.values()))[0].shape[0]
+def load_uniform_adapter(adapter_dir: Path) -> tuple[Factors, float]:
+    """Read an adapter written with one scaling ``s`` for every module: ``(factors, s)``."""
+    config = json.loads((Path(adapter_dir) / "adapter_config.json").read_text())
+    scaling = float(config["lora_alpha"]) / int(config["r"])
+    factors, _ = load_peft_adapter(adapter_dir, scaling=scaling)
+    return factors, scaling
 
 
 # ----- run directory ---------------------------------------------------------------------------------

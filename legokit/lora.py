@@ -387,11 +387,13 @@ def save_peft_adapter(out_dir: str | Path, factors: Mapping[str, tuple[Tensor, T
     return out_dir
 
 
-def load_peft_adapter(adapter_dir: str | Path) -> tuple[dict[str, tuple[Tensor, Tensor]], float]:
+def load_peft_adapter(adapter_dir: str | Path, *,
+                      scaling: float | None = None) -> tuple[dict[str, tuple[Tensor, Tensor]], float]:
     """Read a peft LoRA adapter (safetensors only) as ``(factors, alpha)``.
 
     Per-module ``alpha_pattern`` and rsLoRA scalings are folded into ``B`` so that every module's delta is
-    ``(alpha / r_module) · B @ A`` (legokit's convention).
+    ``(alpha / r_module) · B @ A`` (legokit's convention), or ``scaling · B @ A`` for every module when
+    ``scaling`` is given (the inverse of ``save_peft_adapter(..., scaling=s)``).
     """
     from safetensors.torch import load_file
 
@@ -416,7 +418,7 @@ def load_peft_adapter(adapter_dir: str | Path) -> tuple[dict[str, tuple[Tensor, 
         r = A.shape[0]
         a_mod = next((float(v) for k, v in alpha_pattern.items() if re.match(rf"(.*\.)?({k})$", name)), alpha)
         s_file = a_mod / math.sqrt(r) if cfg.get("use_rslora") else a_mod / r
-        s_ours = alpha / r
+        s_ours = alpha / r if scaling is None else scaling
         out[name] = (A, B if s_file == s_ours else B * (s_file / s_ours))
     return out, alpha
 

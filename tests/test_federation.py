@@ -8,8 +8,7 @@ import torch
 from legokit.blocks import extract_blocks
 from legokit.config import ExperimentConfig
 from legokit.data import Example
-from legokit.federation import Server, assign_blocks, run_federation
-from legokit.lora import load_peft_adapter
+from legokit.federation import Server, assign_blocks, load_uniform_adapter, run_federation
 from legokit.models import load_model
 from legokit.utils import LegokitError
 
@@ -58,7 +57,7 @@ def test_two_rounds_write_a_complete_run_dir(setup_llm, tmp_path):
     assert json.loads((tmp_path / "state.json").read_text())["round"] == 2
     rounds = [json.loads(x) for x in (tmp_path / "rounds.jsonl").read_text().splitlines()]
     assert 0 < rounds[-1]["energy_kept_min"] <= 1.0 + 1e-6
-    factors, alpha = load_peft_adapter(tmp_path / "adapters" / "round_002")
+    factors, alpha = load_uniform_adapter(tmp_path / "adapters" / "round_002")
     for name, (a, b) in factors.items():
         torch.testing.assert_close(a, server.global_factors[name][0])
         torch.testing.assert_close(b, server.global_factors[name][1])
@@ -134,7 +133,7 @@ def test_failed_client_is_recorded_and_round_goes_on(setup_llm, tmp_path):
     rounds = [json.loads(x) for x in (tmp_path / "rounds.jsonl").read_text().splitlines()]
     assert rounds[0]["clients"] == 1 and rounds[1]["clients"] == 0
     # round 2 had no survivors: the global state of round 1 stands
-    r1, _ = load_peft_adapter(tmp_path / "adapters" / "round_001")
+    r1, _ = load_uniform_adapter(tmp_path / "adapters" / "round_001")
     for name, (a, b) in r1.items():
         torch.testing.assert_close(server.global_factors[name][0], a)
         torch.testing.assert_close(server.global_factors[name][1], b)
@@ -159,8 +158,8 @@ def test_empty_client_is_refused_before_work(setup_llm, tmp_path):
 def test_local_mode_keeps_one_adapter_per_client(setup_llm, tmp_path):
     llm, tok, blocks = setup_llm
     run_federation(_cfg(aggregator="local"), llm, tok, blocks, PARTS, tmp_path, progress=False)
-    a0, _ = load_peft_adapter(tmp_path / "adapters" / "round_002" / "client_0")
-    a1, _ = load_peft_adapter(tmp_path / "adapters" / "round_002" / "client_1")
+    a0, _ = load_uniform_adapter(tmp_path / "adapters" / "round_002" / "client_0")
+    a1, _ = load_uniform_adapter(tmp_path / "adapters" / "round_002" / "client_1")
     name = next(iter(a0))
     assert not torch.equal(a0[name][1], a1[name][1])
 

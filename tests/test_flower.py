@@ -19,6 +19,9 @@ from legokit.config import ExperimentConfig
 from legokit.utils import LegokitError
 
 TOL = 1e-5  # max |difference| allowed between the Flower run's and the in-process run's global adapter
+# Every Flower process computes on one thread, as the in-process reference does (two ClientApps share 2 cores),
+# and the SuperExec looks for new ClientApp work every 0.2 s instead of 1 s.
+FLOWER_ENV = {"OMP_NUM_THREADS": "1", "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.2"}
 
 
 def _cfg(**fed) -> ExperimentConfig:
@@ -57,8 +60,13 @@ def _reference(cfg: ExperimentConfig, blocks_from: Path, out: Path, inject_failu
     shutil.copytree(blocks_from / "blocks", out / "blocks")
     llm, tok = load_model(cfg.model, device=cfg.device)
     blocks = load_or_extract_blocks(cfg, llm, tok, out, progress=False)
-    server = run_federation(cfg, llm, tok, blocks, client_partitions(cfg), out, progress=False,
-                            inject_failures=inject_failures)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the ClientApps (node config threads=1): small matmuls, no oversubscription
+    try:
+        server = run_federation(cfg, llm, tok, blocks, client_partitions(cfg), out, progress=False,
+                                inject_failures=inject_failures)
+    finally:
+        torch.set_num_threads(threads)
     return {n: server.global_scaling * (b @ a) for n, (a, b) in server.global_factors.items()}
 
 
@@ -276,10 +284,10 @@ def test_loopback_deployment_equals_in_process_run(tmp_path, user_flwr_home):
     run_dir = tmp_path / "run"
     app = write_app(tmp_path / "app", cfg, run_dir=run_dir, round_timeout=120, nodes_timeout=60)
     t0 = time.time()
-    with Deployment(tmp_path / "flower", env={"FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.2"}) as dep:
+    with Deployment(tmp_path / "flower", env=FLOWER_ENV) as dep:
         dep.start_superlink()
         for k in range(2):
-            dep.start_supernode({"partition-id": k, "num-partitions": 2})
+            dep.start_supernode({"partition-id": k, "num-partitions": 2, "threads": 1})
         dep.wait_nodes()
         run_id, stream = dep.submit(app)
         status = dep.wait_run(run_id, stream, timeout=240)
@@ -327,10 +335,10 @@ def test_supernode_killed_mid_round_run_finishes_over_survivors(tmp_path, user_f
     # A SIGKILLed SuperNode stops heartbeating; the SuperLink would call it gone only after 2 x 30 s. The round
     # deadline ends the wait sooner; 40 s leaves a busy 2-core machine room for the survivor (about 10 s idle).
     app = write_app(tmp_path / "app", cfg, run_dir=run_dir, round_timeout=40, nodes_timeout=60)
-    with Deployment(tmp_path / "flower", env={"FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.2"}) as dep:
+    with Deployment(tmp_path / "flower", env=FLOWER_ENV) as dep:
         dep.start_superlink()
-        dep.start_supernode({"partition-id": 0, "num-partitions": 2})
-        victim = dep.start_supernode({"partition-id": 1, "num-partitions": 2})
+        dep.start_supernode({"partition-id": 0, "num-partitions": 2, "threads": 1})
+        victim = dep.start_supernode({"partition-id": 1, "num-partitions": 2, "threads": 1})
         dep.start_supernode({"partition-id": 7})  # bad input: no such client
         dep.wait_nodes()
         run_id, stream = dep.submit(app)

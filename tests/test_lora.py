@@ -338,8 +338,10 @@ def test_peft_adapter_with_one_scaling_for_all_ranks(tiny, tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(pm(input_ids=x).logits, merged, atol=1e-5, rtol=0)
     back, alpha = load_peft_adapter(tmp_path / "ad")  # folded to (alpha / r_module) B A
+    same, _ = load_peft_adapter(tmp_path / "ad", scaling=0.75)  # folded to 0.75 B A
     for n, (A, B) in back.items():
         torch.testing.assert_close(delta_weight(A, B, alpha / A.shape[0]), delta_weight(*init[n], 0.75))
+        torch.testing.assert_close(delta_weight(*same[n], 0.75), delta_weight(*init[n], 0.75))
 
 
 def test_load_refuses_pickles(tmp_path):

@@ -11,6 +11,7 @@ send back the trained factors. Nothing is kept between rounds: the server sends 
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -80,6 +81,17 @@ def _model(cfg, device: str):
     return _CACHE[key]
 
 
+def _process_age() -> float:
+    """Seconds since this process started: under Flower's deployment engine each ClientApp call is a new
+    process, so this is start-up (imports, model) plus the round's work."""
+    try:
+        import psutil
+
+        return round(time.time() - psutil.Process().create_time(), 3)
+    except Exception:  # psutil missing: report nothing rather than fail the round
+        return -1.0
+
+
 def _task_mix(examples: list) -> dict[str, int]:
     mix: dict[str, int] = {}
     for ex in examples:
@@ -132,6 +144,7 @@ def client_train(content: RecordDict, node_config: Mapping[str, Any], run_config
                        device=next(llm.parameters()).device, progress=False)
     m = res.metrics
     metrics = MetricRecord({"num-examples": res.num_examples, "loss-first": float(m["loss_first"]),
+                            "process-seconds": _process_age(),
                             "loss-last": float(m["loss_last"]), "steps": int(m["steps"]), "tokens": int(m["tokens"]),
                             "seconds": float(m["seconds"]), "tokens-per-second": float(m["tokens_per_second"])})
     info = ConfigRecord({"client": k, "block-id": block_id, "scaling": float(res.scaling),

@@ -347,7 +347,7 @@ class Deployment:
 def deploy(cfg: ExperimentConfig, run_dir: str | Path, *, clients: int | None = None,
            work_dir: str | Path | None = None, timeout: float = 3600.0, round_timeout: float = 3600.0,
            resume: bool = False, task_poll_interval: float | None = 0.2, threads: int | None = None,
-           extra_nodes: list[dict] | None = None) -> dict:
+           env: Mapping[str, str] | None = None, extra_nodes: list[dict] | None = None) -> dict:
     """Start a SuperLink and one SuperNode per client on loopback, run the experiment, stop them all.
 
     Args:
@@ -358,7 +358,10 @@ def deploy(cfg: ExperimentConfig, run_dir: str | Path, *, clients: int | None = 
             to ``run_dir/flower-logs``).
         timeout: seconds for the whole run; round_timeout: seconds per round (see ``LegoStrategy``).
         task_poll_interval: ``FLWR_SUPEREXEC_TASK_POLL_INTERVAL`` (Flower's default is 1 s).
-        threads: torch CPU threads of each ClientApp (node config ``threads``; default: torch's choice).
+        threads: torch CPU threads of each ClientApp (node config ``threads``); default: the CPU cores divided
+            by the clients, since all ClientApps of a round train at once on this machine (oversubscribed
+            OpenMP threads make small matmuls many times slower).
+        env: extra environment for every Flower process (e.g. ``OMP_NUM_THREADS`` for the ServerApp too).
         extra_nodes: node configs of additional SuperNodes (tests: a SuperNode with a bad partition id).
     Returns:
         ``{"run_id", "status", "flower": <flwr ls record>, "summary": <run_dir/flower.json>, "seconds"}``.
@@ -372,7 +375,8 @@ def deploy(cfg: ExperimentConfig, run_dir: str | Path, *, clients: int | None = 
     run_dir.mkdir(parents=True, exist_ok=True)
     tmp = None if work_dir is not None else tempfile.mkdtemp(prefix="legokit-flower-")
     wdir = Path(work_dir or tmp)
-    env = {"FLWR_SUPEREXEC_TASK_POLL_INTERVAL": str(task_poll_interval)} if task_poll_interval else {}
+    env = {**({"FLWR_SUPEREXEC_TASK_POLL_INTERVAL": str(task_poll_interval)} if task_poll_interval else {}),
+           **(env or {})}
     (run_dir / "flower.json").unlink(missing_ok=True)  # a summary left by an earlier run would mislead
     t0 = time.time()
     try:
@@ -381,8 +385,9 @@ def deploy(cfg: ExperimentConfig, run_dir: str | Path, *, clients: int | None = 
         with Deployment(wdir, env=env) as dep:
             dep.start_superlink()
             n = cfg.fed.num_clients
+            threads = threads or max(1, (os.cpu_count() or 1) // n)
             for k in range(n):
-                nc = {"partition-id": k, "num-partitions": n, **({"threads": threads} if threads else {})}
+                nc = {"partition-id": k, "num-partitions": n, "threads": threads}
                 dep.start_supernode(nc, name=f"supernode-{k}")
             for j, nc in enumerate(extra_nodes or []):
                 dep.start_supernode(nc, name=f"supernode-extra-{j}")

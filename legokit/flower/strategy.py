@@ -246,6 +246,8 @@ class LegoStrategy(Strategy):
                    "tokens": int(m["tokens"]), "seconds": float(m["seconds"]),
                    "tokens_per_second": float(m["tokens-per-second"]),
                    "tasks": json.loads(str(info.get("tasks", "{}")))}
+        if "process-seconds" in m:
+            metrics["clientapp_process_seconds"] = float(m["process-seconds"])
         return ClientResult(k, factors, float(info["scaling"]), int(m["num-examples"]), metrics)
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
