@@ -38,6 +38,7 @@ lint: install
 bench: setup
 	$(BIN)/python bench/bench_prune.py
 	$(BIN)/python bench/bench_train.py
+	$(BIN)/python bench/bench_flower.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

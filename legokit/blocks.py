@@ -55,6 +55,7 @@ from legokit.prune import (
     check_calibration,
     check_method,
     index_mask,
+    inverse_hessian_factor,
     layerwise_calibration,
     magnitude_scores,
     nested_masks,
@@ -195,10 +196,12 @@ class Block:
 
     @property
     def structured(self) -> bool:
+        """True when the SLM is physically smaller (kept rows / columns index into the LLM)."""
         return self.index is not None
 
     @property
     def dense(self) -> bool:
+        """True for the sparsity-0 block (a full copy of the LLM's linear weights)."""
         return self.sparsity == 0
 
     def __repr__(self) -> str:
@@ -552,14 +555,17 @@ def extract_blocks(llm: nn.Module, tokenizer, sparsities: Sequence[float] = (0, 
         if method == "sparsegpt" and pat.kind != "structured":
             _sparsegpt_layer(weights, stats, todo, pat, blocksize, percdamp, acc, new, nested=not propagate)
         else:
-            scores = {}
+            scores, factors = {}, {}
             for n, w in weights.items():
                 if method == "magnitude":
                     scores[n] = magnitude_scores(w)
                 elif method == "wanda":
                     scores[n] = wanda_scores(w, stats.act_norm(n))
-                else:
-                    scores[n] = obs_scores(w, stats.hessian(n), percdamp)
+                else:  # q/k/v and gate/up share their input, so their Hessian factor
+                    key = stats.shared(n)
+                    if key not in factors:
+                        factors[key] = inverse_hessian_factor(stats.hessian(n), percdamp)
+                    scores[n] = obs_scores(w, stats.hessian(n), percdamp, factor=factors[key])
             if pat.kind == "structured":
                 short = {k: scores[n] for k, n in names.items()}
                 for s in todo:
@@ -615,10 +621,11 @@ def _sparsegpt_layer(weights: dict[str, torch.Tensor], stats, todo: list[float],
     for members in groups.values():
         W = torch.cat([weights[n] for n in members], 0)  # (sum of outs, in)
         H = stats.hessian(members[0])  # (in, in)
+        factor = inverse_hessian_factor(H, percdamp)  # shared by every level
         within = None
         for s in todo:
             W_new, keep = sparsegpt_prune(W, H, s, str(pat), blocksize=blocksize, percdamp=percdamp,
-                                          within=within)
+                                          within=within, factor=factor)
             if nested:
                 within = keep
             start = 0

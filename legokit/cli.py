@@ -78,12 +78,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="overrides, e.g. fed.rounds=3")
     s.set_defaults(func=_cmd_run)
 
-    try:
-        from legokit.batch import add_commands
-    except ImportError:
-        pass
-    else:
-        add_commands(sub)
+    from legokit.batch import add_commands as add_batch_commands
+    from legokit.flower.cli import add_commands as add_flower_commands
+
+    add_batch_commands(sub)
+    add_flower_commands(sub)
     return p
 
 

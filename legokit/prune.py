@@ -71,12 +71,14 @@ def parse_pattern(pattern: str | Pattern) -> Pattern:
 
 
 def check_method(method: str) -> str:
+    """Return ``method`` if it is one of ``METHODS``, else raise listing them."""
     if method not in METHODS:
         raise LegokitError(f"unknown pruning method {method!r}: use one of {METHODS}")
     return method
 
 
 def check_calibration(mode: str) -> str:
+    """Return ``mode`` if it is one of ``CALIBRATION_MODES``, else raise listing them."""
     if mode not in CALIBRATION_MODES:
         raise LegokitError(f"unknown calibration mode {mode!r}: use one of {CALIBRATION_MODES}")
     return mode
@@ -121,8 +123,15 @@ def wanda_scores(weight: torch.Tensor, act_norm: torch.Tensor) -> torch.Tensor:
     return weight.detach().abs().float() * act_norm.float().to(weight.device)[None, :]  # (out, in)
 
 
-def _inverse_hessian_cholesky(hessian: torch.Tensor, percdamp: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Upper Cholesky factor of the dampened inverse Hessian (as SparseGPT), and the dead inputs."""
+Factor = tuple[torch.Tensor, torch.Tensor]  # (U (in, in) upper Cholesky factor of H^-1, dead (in,) bool)
+
+
+def inverse_hessian_factor(hessian: torch.Tensor, percdamp: float = 0.01) -> Factor:
+    """SparseGPT's upper Cholesky factor U of the dampened inverse Hessian, and the dead inputs.
+
+    Returns ``(U (in, in), dead (in,) bool)``; pass it to ``sparsegpt_prune(factor=...)`` to prune one
+    weight at several sparsities without refactoring the Hessian.
+    """
     H = hessian.detach().float().clone()  # (in, in)
     dead = torch.diag(H) == 0
     H[dead, dead] = 1  # an input that is always zero: any weight there is free to prune
@@ -137,10 +146,11 @@ def _inverse_hessian_cholesky(hessian: torch.Tensor, percdamp: float) -> tuple[t
                            "raise percdamp or use more calibration text") from err
 
 
-def obs_scores(weight: torch.Tensor, hessian: torch.Tensor, percdamp: float = 0.01) -> torch.Tensor:
+def obs_scores(weight: torch.Tensor, hessian: torch.Tensor, percdamp: float = 0.01,
+               factor: Factor | None = None) -> torch.Tensor:
     """SparseGPT's OBS saliency w_ij^2 / [H^-1]_jj^2 (before any reconstruction), shape (out, in)."""
     _check_hessian(weight, hessian)
-    U, _ = _inverse_hessian_cholesky(hessian, percdamp)
+    U, _ = factor if factor is not None else inverse_hessian_factor(hessian, percdamp)
     d = torch.diag(U)  # (in,): diagonal of the Cholesky factor, as SparseGPT's first block uses
     return weight.detach().float().square() / d.square()[None, :].to(weight.device)
 
@@ -249,7 +259,8 @@ def apply_masks(model: nn.Module, masks: Mapping[str, torch.Tensor]) -> None:
 @torch.no_grad()
 def sparsegpt_prune(weight: torch.Tensor, hessian: torch.Tensor, sparsity: float | None,
                     pattern: str = "unstructured", blocksize: int = 128, percdamp: float = 0.01,
-                    within: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                    within: torch.Tensor | None = None,
+                    factor: Factor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """SparseGPT: prune column by column and update the remaining weights to undo the error (OBS).
 
     Args:
@@ -262,6 +273,8 @@ def sparsegpt_prune(weight: torch.Tensor, hessian: torch.Tensor, sparsity: float
         percdamp: dampening, a fraction of the mean Hessian diagonal added to the diagonal.
         within: optional keep-mask; the new mask is chosen inside it (its pruned weights are pruned
             first), which makes masks of increasing sparsity nested.
+        factor: ``inverse_hessian_factor(hessian, percdamp)`` when already computed (then ``hessian``
+            only checks the shape).
     Returns:
         ``(new_weight, keep_mask)``: the reconstructed weight (zero where pruned), and the bool keep-mask.
     """
@@ -279,41 +292,56 @@ def sparsegpt_prune(weight: torch.Tensor, hessian: torch.Tensor, sparsity: float
     if s == 0:
         return weight.detach().clone(), torch.ones(rows, cols, dtype=torch.bool, device=weight.device)
     W = weight.detach().float().clone()  # (out, in), updated in place as columns are pruned
-    Hinv, dead = _inverse_hessian_cholesky(hessian.to(W.device), percdamp)  # (in, in) upper triangular
+    Hinv, dead = factor if factor is not None else inverse_hessian_factor(hessian.to(W.device), percdamp)
+    Hinv, dead = Hinv.to(W.device), dead.to(W.device)  # (in, in) upper triangular, (in,)
     W[:, dead] = 0
     forced = None if within is None else ~within.to(W.device)  # (out, in) pruned by a lower level
     pruned = torch.zeros(rows, cols, dtype=torch.bool, device=W.device)
     for i1 in range(0, cols, blocksize):
         i2 = min(i1 + blocksize, cols)
-        W1 = W[:, i1:i2].clone()  # (out, b)
-        Q1 = torch.zeros_like(W1)
-        Err1 = torch.zeros_like(W1)
-        Hinv1 = Hinv[i1:i2, i1:i2]  # (b, b)
-        d = torch.diag(Hinv1)  # (b,)
-        mask1 = torch.zeros_like(W1, dtype=torch.bool)  # True = pruned
+        W1 = W[:, i1:i2]  # (out, b), already updated by the earlier blocks
+        Hinv1 = Hinv[i1:i2, i1:i2]  # (b, b) upper triangular
+        f1 = None if forced is None else forced[:, i1:i2]
         if pat.kind == "unstructured":
+            d = torch.diag(Hinv1)  # (b,)
             k = n_pruned(s, i2) - n_pruned(s, i1)  # cumulative rounding: each row loses n_pruned(s, in)
-            sal = W1.square() / d.square()[None, :]
-            if forced is not None:
-                sal = sal.masked_fill(forced[:, i1:i2], -math.inf)  # a lower level's pruned weights go first
+            sal = W1.square() / d.square()[None, :]  # (out, b) OBS saliency
+            if f1 is not None:
+                sal = sal.masked_fill(f1, -math.inf)  # a lower level's pruned weights go first
+            mask1 = torch.zeros_like(W1, dtype=torch.bool)  # True = pruned
             mask1.scatter_(1, torch.argsort(sal, dim=1, stable=True)[:, :k], True)
-        for i in range(i2 - i1):
-            w = W1[:, i]
-            if pat.kind == "nm" and i % pat.m == 0:
-                sal = W1[:, i:i + pat.m].square() / d[i:i + pat.m].square()[None, :]  # (out, M)
-                if forced is not None:
-                    sal = sal.masked_fill(forced[:, i1 + i:i1 + i + pat.m], -math.inf)
-                mask1.scatter_(1, i + torch.argsort(sal, dim=1, stable=True)[:, :pat.n], True)
-            q = w.clone()
-            q[mask1[:, i]] = 0
-            Q1[:, i] = q
-            err = (w - q) / Hinv1[i, i]  # (out,)
-            W1[:, i:] -= err[:, None] @ Hinv1[i, i:][None, :]  # OBS update of the block's later columns
-            Err1[:, i] = err
+            Q1, Err1 = _obs_loop(W1, Hinv1, mask1)
+        else:
+            Q1, Err1, mask1 = _obs_loop(W1, Hinv1, None, pat, f1)
         W[:, i1:i2] = Q1
         pruned[:, i1:i2] = mask1
         W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]  # lazy update of the columns after the block
     return W.to(weight.dtype), ~pruned
+
+
+def _obs_loop(W1: torch.Tensor, Hinv1: torch.Tensor, mask1: torch.Tensor | None, pat: Pattern | None = None,
+              forced: torch.Tensor | None = None):
+    """One block, column by column, as the SparseGPT paper. N:M picks its mask every M columns from the
+    updated weights. Returns (pruned block, scaled errors[, mask])."""
+    W1 = W1.clone()
+    Q1, Err1 = torch.zeros_like(W1), torch.zeros_like(W1)
+    choose = mask1 is None
+    mask1 = torch.zeros_like(W1, dtype=torch.bool) if choose else mask1
+    d = torch.diag(Hinv1)
+    for i in range(W1.shape[1]):
+        if choose and i % pat.m == 0:
+            sal = W1[:, i:i + pat.m].square() / d[i:i + pat.m].square()[None, :]  # (out, M)
+            if forced is not None:
+                sal = sal.masked_fill(forced[:, i:i + pat.m], -math.inf)
+            mask1.scatter_(1, i + torch.argsort(sal, dim=1, stable=True)[:, :pat.n], True)
+        w = W1[:, i]
+        q = w.clone()
+        q[mask1[:, i]] = 0
+        Q1[:, i] = q
+        err = (w - q) / d[i]  # (out,)
+        W1[:, i:] -= err[:, None] @ Hinv1[i, i:][None, :]  # OBS update of the block's later columns
+        Err1[:, i] = err
+    return (Q1, Err1, mask1) if choose else (Q1, Err1)
 
 
 # ----- structured: whole MLP channels and attention heads -------------------------------------------------

@@ -11,6 +11,7 @@ import shutil
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -50,8 +51,15 @@ def _have_data() -> bool:
 needs_data = pytest.mark.skipif(not _have_data(), reason="task data not prepared: run `legokit setup` first")
 
 
-def _reference(cfg: ExperimentConfig, blocks_from: Path, out: Path, inject_failures=None) -> dict:
-    """The in-process run (``legokit.federation``) on the same blocks; returns its final ΔW per module."""
+def _reference(cfg: ExperimentConfig, blocks_from: Path, out: Path, inject_failures=None,
+               threads: int | None = None) -> dict:
+    """The in-process run (``legokit.federation``) on the same blocks; returns its final ΔW per module.
+
+    ``threads``: torch threads for the run, to match the Flower processes' (``FLOWER_ENV``). Bit-equality
+    needs the same float summation order: with a degenerate aggregate (one survivor, global rank 4 > its
+    rank 2) the SVD's spare directions are rounding noise, and Adam turns any difference there into lr-sized
+    steps in the next round.
+    """
     from legokit.experiment import client_partitions, load_or_extract_blocks
     from legokit.federation import run_federation
     from legokit.models import load_model
@@ -60,13 +68,13 @@ def _reference(cfg: ExperimentConfig, blocks_from: Path, out: Path, inject_failu
     shutil.copytree(blocks_from / "blocks", out / "blocks")
     llm, tok = load_model(cfg.model, device=cfg.device)
     blocks = load_or_extract_blocks(cfg, llm, tok, out, progress=False)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # as the ClientApps (node config threads=1): small matmuls, no oversubscription
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads or before)
     try:
         server = run_federation(cfg, llm, tok, blocks, client_partitions(cfg), out, progress=False,
                                 inject_failures=inject_failures)
     finally:
-        torch.set_num_threads(threads)
+        torch.set_num_threads(before)
     return {n: server.global_scaling * (b @ a) for n, (a, b) in server.global_factors.items()}
 
 
@@ -142,6 +150,44 @@ def test_factors_travel_exactly_and_malformed_records_are_refused():
     with pytest.raises(LegokitError, match="client 3 sent .* as float64"):
         factors_from_record(ArrayRecord({"base_model.model.x.lora_A.weight": torch.zeros(2, 3, dtype=torch.float64)}),
                             "client 3")
+
+
+class _Reply:
+    """Duck-typed stand-in for a Flower reply (real ones need a running Flower runtime)."""
+
+    def __init__(self, info: dict | None = None, error: str | None = None):
+        from flwr.app import ConfigRecord
+
+        self.content = {"info": ConfigRecord(info or {})}
+        self.error = SimpleNamespace(code=2, reason=f"<class 'legokit.utils.LegokitError'>:<'{error}'>")
+        self._failed = error is not None
+
+    def has_error(self) -> bool:
+        return self._failed
+
+
+def test_server_admits_supernodes_by_partition_and_block(tmp_path):
+    from legokit.flower.runconfig import FlowerOptions
+    from legokit.flower.strategy import LegoStrategy
+
+    blocks = [SimpleNamespace(id="wanda-unstructured-0"), SimpleNamespace(id="wanda-unstructured-50")]
+    server = SimpleNamespace(cfg=_cfg(), blocks=blocks, assignment=[0, 1], num_examples=[0, 0])
+    strategy = LegoStrategy(server, SimpleNamespace(path=tmp_path), FlowerOptions(), log=lambda line: None)
+    strategy._admit(11, _Reply({"partition-id": 0, "block-id": "", "num-examples": 4}))
+    strategy._admit(12, _Reply({"partition-id": 0, "block-id": "", "num-examples": 4}))  # duplicate
+    strategy._admit(13, _Reply({"partition-id": 2, "block-id": ""}))  # out of range
+    strategy._admit(14, _Reply({"partition-id": 1, "block-id": "magnitude-unstructured-90"}))  # unknown block
+    strategy._admit(15, _Reply(error="partition-id=9 is out of range"))  # the ClientApp refused itself
+    strategy._admit(16, _Reply({"partition-id": 1, "block-id": "wanda-unstructured-0", "num-examples": 3}))
+    assert strategy.clients == {0: 11, 1: 16}
+    assert server.assignment == [0, 0] and server.num_examples == [4, 3]  # the device's own block counts
+    reasons = {n: v.get("reason", "") for n, v in strategy.nodes.items()}
+    assert "already served by SuperNode 11" in reasons[12]
+    assert "partition-id 2 is out of range 0..1" in reasons[13]
+    assert "'magnitude-unstructured-90', unknown to the server" in reasons[14]
+    assert reasons[15] == "CLIENT_APP_RAISED_EXCEPTION: LegokitError: partition-id=9 is out of range"
+    strategy._write_nodes()
+    assert json.loads((tmp_path / "nodes.json").read_text())["16"]["status"] == "ok"
 
 
 @needs_data
@@ -299,7 +345,7 @@ def test_loopback_deployment_equals_in_process_run(tmp_path, user_flwr_home):
                                                                          (2, 1, "ok")]
     nodes = json.loads((run_dir / "nodes.json").read_text())
     assert sorted(v["client"] for v in nodes.values() if v["status"] == "ok") == [0, 1]
-    ref = _reference(cfg, run_dir, tmp_path / "ref")
+    ref = _reference(cfg, run_dir, tmp_path / "ref", threads=1)
     diff = _max_diff(_adapter_delta(run_dir, 2), ref)
     print(f"\nloopback deployment: {time.time() - t0:.1f} s; max |ΔW_flower - ΔW_in-process| = {diff:.3g}; "
           f"bytes/round {[(r['bytes_down'], r['bytes_up']) for r in _lines(run_dir, 'rounds.jsonl')]}; "
@@ -368,6 +414,6 @@ def test_supernode_killed_mid_round_run_finishes_over_survivors(tmp_path, user_f
     assert "no reply within round-timeout=40" in lines[(1, 1)]["error"]
     assert json.loads((run_dir / "state.json").read_text())["round"] == 2
     # The same failures in the in-process loop give the same global adapter.
-    ref = _reference(cfg, run_dir, tmp_path / "ref", inject_failures={1: [1], 2: [1]})
+    ref = _reference(cfg, run_dir, tmp_path / "ref", inject_failures={1: [1], 2: [1]}, threads=1)
     assert _max_diff(_adapter_delta(run_dir, 2), ref) <= TOL
 

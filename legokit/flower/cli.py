@@ -2,8 +2,9 @@
 
     legokit flower up   --clients 3 --config quick --out runs/flower   # SuperLink + 3 SuperNodes, run, stop
     legokit flower sim  --config quick --out runs/flower-sim            # Flower's simulation engine
-    legokit flower app  --out my-app --config quick --run-dir /srv/run  # a Flower app dir for `flwr run`
-    legokit flower node --superlink HOST:9092 --partition-id 0 ...      # one SuperNode (a client device)
+    legokit flower blocks --config exp.yaml --run-dir /srv/run           # extract the blocks to ship to devices
+    legokit flower app  --out my-app --config exp.yaml --run-dir /srv/run  # a Flower app dir for `flwr run`
+    legokit flower node --superlink HOST:9093 --partition-id 0 ...      # one SuperNode (a client device)
     legokit flower run  --app my-app --superlink HOST:9093              # submit the app to a SuperLink
 """
 
@@ -58,7 +59,8 @@ def _cmd_up(args: argparse.Namespace) -> None:
     _terminate_on_sigterm()
     cfg = _config(args)
     out = deploy(cfg, args.out, work_dir=args.work_dir, timeout=args.timeout, round_timeout=args.round_timeout,
-                 resume=args.resume, threads=args.threads)
+                 resume=args.resume, threads=args.threads,
+                 env={"OMP_NUM_THREADS": str(args.threads)} if args.threads else None)
     run_dir = Path(args.out).resolve()
     _print_rounds(run_dir)
     traffic = out["flower"].get("network-traffic", {})
@@ -89,6 +91,20 @@ def _cmd_app(args: argparse.Namespace) -> None:
           f"or `legokit flower run --app {d} --superlink HOST:PORT`")
 
 
+def _cmd_blocks(args: argparse.Namespace) -> None:
+    from legokit.experiment import load_or_extract_blocks
+    from legokit.models import load_model
+    from legokit.utils import seed_everything
+
+    cfg = _config(args)
+    run_dir = Path(args.run_dir).resolve()
+    seed_everything(cfg.seed)
+    llm, tok = load_model(cfg.model, device=cfg.device, dtype=cfg.dtype)
+    blocks = load_or_extract_blocks(cfg, llm, tok, run_dir)
+    print(f"{len(blocks)} blocks in {run_dir / 'blocks'}: {[b.id for b in blocks]}; copy that directory to each "
+          "client device and give its SuperNode --blocks-dir")
+
+
 def _tls_args(args: argparse.Namespace) -> list[str]:
     if args.insecure:
         return ["--insecure"]
@@ -112,7 +128,9 @@ def _cmd_node(args: argparse.Namespace) -> None:
     if args.auth_private_key:
         cmd += ["--auth-supernode-private-key", args.auth_private_key]
     print("exec:", " ".join(cmd), flush=True)
-    os.execv(cmd[0], cmd)
+    env = dict(os.environ)  # the SuperNode starts flower-superexec and flwr-clientapp from PATH: this venv's first
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    os.execve(cmd[0], cmd, env)
 
 
 def _cmd_run(args: argparse.Namespace) -> None:
@@ -147,7 +165,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--resume", action="store_true", help="continue the run directory from its last finished round")
     s.add_argument("--timeout", type=float, default=3600.0, help="seconds for the whole run")
     s.add_argument("--round-timeout", type=float, default=3600.0, help="seconds a round waits for its clients")
-    s.add_argument("--threads", type=int, default=None, help="torch CPU threads per ClientApp")
+    s.add_argument("--threads", type=int, default=None,
+                   help="CPU threads of every Flower process (ServerApp and each ClientApp); default: each ClientApp "
+                        "gets cores / clients, the ServerApp all cores")
     s.add_argument("--work-dir", default=None, help="keep logs and FLWR_HOME here (default: a temporary dir; "
                                                     "logs are copied to OUT/flower-logs)")
     s.set_defaults(func=_cmd_up)
@@ -160,8 +180,15 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--resume", action="store_true")
     s.set_defaults(func=_cmd_sim)
 
+    s = fs.add_parser("blocks", help="extract the blocks into RUN_DIR/blocks (to copy to client devices)")
+    experiment(s)
+    s.add_argument("--clients", type=int, default=None, help="fed.num_clients")
+    s.add_argument("--run-dir", required=True, help="the ServerApp's run directory (the app's run-dir)")
+    s.set_defaults(func=_cmd_blocks)
+
     s = fs.add_parser("app", help="write a Flower app directory (pyproject.toml) for `flwr run`")
     experiment(s)
+    s.add_argument("--clients", type=int, default=None, help="fed.num_clients")
     s.add_argument("--out", required=True, help="the app directory to write")
     s.add_argument("--run-dir", default=None, help="the ServerApp's run directory on the SuperLink machine")
     s.add_argument("--round-timeout", type=float, default=3600.0)

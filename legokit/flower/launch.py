@@ -68,8 +68,8 @@ def check_superlink(address: str, timeout: float = 3.0, insecure: bool = True) -
         reason = f"HTTP {err.code}"
     except (urllib.error.URLError, OSError) as err:
         reason = str(getattr(err, "reason", err))
-    raise LegokitError(f"no SuperLink reachable at {address} (tried {url}: {reason}); start one with "
-                       "`legokit flower superlink` or `flower-superlink --insecure`, or pass the right HOST:PORT")
+    raise LegokitError(f"no SuperLink reachable at {address} (tried {url}: {reason}); is it started "
+                       "(`flower-superlink --port PORT ...`) and is HOST:PORT its address?")
 
 
 def flower_env(flwr_home: Path, extra: Mapping[str, str] | None = None) -> dict[str, str]:

@@ -84,11 +84,10 @@ class LegoStrategy(Strategy):
             if new:
                 msgs = [Message(RecordDict({"config": ConfigRecord({})}), dst_node_id=node,
                                 message_type=MessageType.QUERY) for node in new]
-                replies, ids = self._exchange(grid, msgs, self.options.round_timeout)
-                by_id = dict(zip(ids, new, strict=True))
+                replies, sent = self._exchange(grid, msgs, self.options.round_timeout)
                 for reply in replies:
-                    self._admit(by_id.pop(reply.metadata.reply_to_message_id), reply)
-                for node in by_id.values():
+                    self._admit(sent[reply.metadata.reply_to_message_id].metadata.dst_node_id, reply)
+                for node in set(new) - set(self.nodes):
                     self.nodes[node] = {"status": "lost", "client": None,
                                         "reason": f"no answer to the query within {self.options.round_timeout} s"}
                 self._write_nodes()
@@ -192,11 +191,16 @@ class LegoStrategy(Strategy):
             line["update_norm"] = float(sum(float((res.scaling * b @ a).square().sum())
                                             for a, b in res.factors.values()) ** 0.5)
             line["bytes_up"] = record_nbytes(reply.content["factors"])
+        accepted = set(self._sent.values())
         for k, line in self._lines.items():
-            if "status" not in line and k not in replied:
-                line.update(status="failed", error=f"no reply within round-timeout={self.options.round_timeout} s")
-                self.log(f"round {server_round}: client {k} sent no reply in time; its SuperNode is dropped")
-                self._drop(k, f"no reply in round {server_round}")
+            if "status" in line or k in replied:
+                continue
+            if k not in accepted:
+                line.update(status="failed", error="the SuperLink did not accept the train message")
+                continue
+            line.update(status="failed", error=f"no reply within round-timeout={self.options.round_timeout} s")
+            self.log(f"round {server_round}: client {k} sent no reply in time; its SuperNode is dropped")
+            self._drop(k, f"no reply in round {server_round}")
         results.sort(key=lambda r: r.client)  # the in-process loop's order, so sums add up the same way
         round_line = self.server.aggregate(server_round, results)
         self.server.save(self.run.path, server_round)
@@ -289,9 +293,9 @@ class LegoStrategy(Strategy):
         for rnd in range(self.run.last_round + 1, rounds + 1):
             self.discover(grid, 0.0)  # SuperNodes that joined or restarted since
             msgs = list(self.configure_train(rnd, ArrayRecord(), train_config or ConfigRecord(), grid))
-            replies, ids = self._exchange(grid, msgs, self.options.round_timeout)
+            replies, sent = self._exchange(grid, msgs, self.options.round_timeout)
             self._exchanged = time.time()
-            self._sent = {mid: int(m.content["config"]["client"]) for mid, m in zip(ids, msgs, strict=True)}
+            self._sent = {mid: int(m.content["config"]["client"]) for mid, m in sent.items()}
             arrays, metrics = self.aggregate_train(rnd, replies)
             if arrays is not None:
                 result.arrays = arrays
@@ -299,12 +303,17 @@ class LegoStrategy(Strategy):
                 result.train_metrics_clientapp[rnd] = metrics
         return result
 
-    def _exchange(self, grid: Grid, msgs: list[Message], timeout: float) -> tuple[list[Message], list[str]]:
-        """Push ``msgs``, pull replies until all arrived or ``timeout`` s passed; return (replies, message ids)."""
+    def _exchange(self, grid: Grid, msgs: list[Message], timeout: float) -> tuple[list[Message], dict[str, Message]]:
+        """Push ``msgs``, pull replies until all arrived or ``timeout`` s passed.
+
+        Returns:
+            (replies, {message id: message} of the messages the SuperLink accepted).
+        """
         if not msgs:
-            return [], []
-        ids = list(grid.push_messages(msgs))
-        waiting, replies = set(ids), []
+            return [], {}
+        accepted = {i for i in grid.push_messages(msgs) if i}
+        sent = {m.metadata.message_id: m for m in msgs if m.metadata.message_id in accepted}
+        waiting, replies = set(sent), []
         deadline = time.time() + timeout
         while waiting:
             for reply in grid.pull_messages(list(waiting)):
@@ -315,4 +324,4 @@ class LegoStrategy(Strategy):
             if not waiting or time.time() >= deadline:
                 break
             time.sleep(self.options.poll_interval)
-        return replies, ids
+        return replies, sent

@@ -1,0 +1,399 @@
+"""The claims of the LEGO experiment, read off the conditions' results: tables and verdicts.
+
+LEGO (arXiv 2410.18287) claims, and this module tests, with the conditions of ``experiment.CONDITIONS``:
+
+- **C1 model heterogeneity**: clients holding SLMs of different sparsity, aggregated with HeteAgg (``lego``),
+  give a global LLM close to what homogeneous dense clients reach (``fedavg_dense``), and better than
+  mask-agnostic averaging of the same heterogeneous clients (``fedavg``).
+- **C2 data heterogeneity**: after LEGO each client's SLM scores higher on the tasks it never trained on than
+  the same SLM fine-tuned on its own data only (``local``), without losing much on its own task.
+- **C3 robustness**: the recombined LLM keeps its general ability: held-out corpus perplexity (and the tasks
+  no client trained on) close to the untrained LLM (``base``).
+
+Input everywhere: ``runs = {condition: results}`` where ``results`` is the dict ``experiment.run_condition``
+returns (and writes to ``results.json``), or a list of such dicts, one per seed. Scores are reported in
+**points** (0-100, the task's primary metric x 100); perplexity as is. With several seeds, tables keep one
+row per seed (``global_table``, ``block_table``) or average them (``claims_table``); verdicts use the means.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from legokit.utils import LegokitError, atomic_write_json
+
+CLAIMS = {
+    "C1": "model heterogeneity: HeteAgg over 0-75% sparse clients ~ dense FedAvg, and above mask-agnostic FedAvg",
+    "C2": "data heterogeneity: LEGO blocks beat local-only blocks on the tasks they never saw, at every sparsity",
+    "C3": "robustness: the recombined LLM keeps the base LLM's held-out perplexity (within +5%)",
+}
+
+# The thresholds of the verdicts (the issue's wording): C1 within 2 points or 5% relative of fedavg_dense,
+# C3 perplexity at most 5% above base.
+THRESHOLDS = {"c1_points": 2.0, "c1_relative": 0.05, "c3_ppl_relative": 0.05}
+
+# The experiment's condition order (tables and plots follow it; other names go last).
+_EPS = 1e-9  # thresholds are inclusive: +5.0% is within +5% despite float rounding
+
+ORDER = ("base", "local", "fedavg_dense", "fedavg", "lego", "centralized")
+
+Runs = Mapping[str, "dict | Sequence[dict]"]
+
+
+# ----- running and loading ---------------------------------------------------------------------------------------
+def run_conditions(cfg, conditions: Sequence[str], run_dir: str | Path, *,
+                   block_conditions: Sequence[str] | None = None, progress: bool = True) -> dict[str, dict]:
+    """Run each condition into ``run_dir/<condition>`` (``experiment.run_condition``), or load it when finished.
+
+    Every condition shares ``cfg`` (seeds, data, budget); only the condition's overrides differ. The building
+    blocks are extracted once and hard-linked into the other conditions' directories (they depend only on the
+    LLM, ``prune`` and the seed). The base LLM is scored once, by the ``base`` condition (``eval.base`` is off
+    for the others).
+
+    Args:
+        cfg: the experiment's ``ExperimentConfig``.
+        conditions: names from ``experiment.CONDITIONS``.
+        run_dir: the parent directory; a condition whose ``results.json`` exists is loaded, not rerun.
+        block_conditions: conditions whose blocks are scored too (None: all). C2 needs ``local`` and ``lego``.
+        progress: progress bars.
+    Returns:
+        ``{condition: results}`` in the order given.
+    Raises:
+        LegokitError: an unknown condition, or a finished condition directory written with another config.
+    """
+    from legokit.experiment import CONDITIONS, run_condition
+
+    bad = [c for c in conditions if c not in CONDITIONS]
+    if bad or not conditions:
+        raise LegokitError(f"conditions {bad or 'none'}: use names from {list(CONDITIONS)}")
+    run_dir = Path(run_dir)
+    out: dict[str, dict] = {}
+    for cond in conditions:
+        blocks = block_conditions is None or cond in block_conditions
+        ccfg = cfg.with_overrides({"eval.base": False, "eval.blocks": bool(blocks)})
+        d = run_dir / cond
+        stamp = d / "condition.json"
+        want = {"condition": cond, "config": ccfg.to_dict()}
+        if (d / "results.json").is_file():
+            have = json.loads(stamp.read_text()) if stamp.is_file() else None
+            if have != json.loads(json.dumps(want)):
+                raise LegokitError(f"{d} holds results of another configuration ({_first_diff(have, want)}): "
+                                   f"choose another RUN_DIR, or delete {d} to rerun it")
+            out[cond] = json.loads((d / "results.json").read_text())
+            continue
+        d.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(stamp, want)
+        if not (d / "blocks" / "index.json").is_file():
+            _share_blocks(run_dir, d)
+        out[cond] = run_condition(ccfg, cond, d, resume=True, progress=progress)
+    return out
+
+
+def _share_blocks(run_dir: Path, dest: Path) -> None:
+    """Hard-link (copy where links fail) the blocks a sibling condition already extracted into ``dest``."""
+    for src in sorted(run_dir.glob("*/blocks/index.json")):
+        if src.parent.parent == dest:
+            continue
+        try:
+            shutil.copytree(src.parent, dest / "blocks", copy_function=os.link)
+        except OSError:
+            shutil.rmtree(dest / "blocks", ignore_errors=True)
+            shutil.copytree(src.parent, dest / "blocks")
+        return
+
+
+def _first_diff(a: Any, b: Any, prefix: str = "") -> str:
+    if a is None:
+        return "no condition.json"
+    if isinstance(a, dict) and isinstance(b, dict):
+        for k in sorted(set(a) | set(b)):
+            if a.get(k) != b.get(k):
+                return _first_diff(a.get(k), b.get(k), f"{prefix}{k}.")
+    return f"{prefix.rstrip('.')}: {a!r} there, {b!r} here"
+
+
+def load_runs(run_dir: str | Path, conditions: Sequence[str] | None = None) -> dict[str, dict]:
+    """``{condition: results}`` from ``run_dir/<condition>/results.json`` (all conditions found, or those named)."""
+    run_dir = Path(run_dir)
+    names = conditions or [p.parent.name for p in sorted(run_dir.glob("*/results.json"))]
+    missing = [c for c in names if not (run_dir / c / "results.json").is_file()]
+    if missing:
+        raise LegokitError(f"no results for condition(s) {missing} under {run_dir}: run them first")
+    return _ordered({c: json.loads((run_dir / c / "results.json").read_text()) for c in names})
+
+
+def load_sweep(sweep_dir: str | Path, where: Mapping[str, Any] | None = None,
+               conditions: Sequence[str] | None = None) -> dict[str, list[dict]]:
+    """``{condition: [results, one per seed]}`` from the finished points of a ``legokit sweep`` of this notebook.
+
+    Each point's ``RUN_DIR`` holds one directory per condition. Points are pooled over their seed (and over
+    which conditions they ran); every other parameter must agree, so pass ``where`` (e.g.
+    ``{"PARTITION": "task"}``) to pick one setting from a sweep that varies more. A (condition, seed) met twice
+    is kept once.
+    """
+    sweep_dir = Path(sweep_dir)
+    meta_file = sweep_dir / "sweep.json"
+    if not meta_file.is_file():
+        raise LegokitError(f"{sweep_dir} is not a sweep directory (no sweep.json): run `legokit sweep` first")
+    meta = json.loads(meta_file.read_text())
+    defaults = meta.get("defaults", {})
+    where = dict(where or {})
+    chosen, settings = [], {}
+    for p in meta["points"]:
+        params = {**defaults, **p["params"]}
+        if any(params.get(k) != v for k, v in where.items()):
+            continue
+        if not (sweep_dir / "points" / p["name"] / "results.json").is_file():
+            continue  # unfinished or failed point
+        chosen.append(p["name"])
+        setting = {k: v for k, v in params.items() if "seed" not in k.lower() and k not in ("CONDITIONS", "RUN_DIR")}
+        settings[json.dumps(setting, sort_keys=True, default=str)] = setting
+    if not chosen:
+        raise LegokitError(f"no finished point of {sweep_dir} matches {where or 'anything'}")
+    if len(settings) > 1:
+        a, b = list(settings.values())[:2]
+        keys = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+        raise LegokitError(f"the points of {sweep_dir} differ in {keys} besides the seed: pass where= with one "
+                           f"value for each (e.g. {{{keys[0]!r}: {a.get(keys[0])!r}}})")
+    pooled: dict[str, list[dict]] = {}
+    seen = set()
+    for name in chosen:
+        for res_file in sorted((sweep_dir / "points" / name).glob("*/results.json")):
+            cond = res_file.parent.name
+            if conditions is not None and cond not in conditions:
+                continue
+            res = json.loads(res_file.read_text())
+            key = (cond, res.get("seed"))
+            if key not in seen:
+                seen.add(key)
+                pooled.setdefault(cond, []).append(res)
+    return _ordered(pooled)
+
+
+def _ordered(d: dict) -> dict:
+    rank = {c: i for i, c in enumerate(ORDER)}
+    return dict(sorted(d.items(), key=lambda kv: rank.get(kv[0], len(ORDER))))
+
+
+def _seeds(runs: Runs) -> list[tuple[str, dict]]:
+    out = []
+    for cond, res in runs.items():
+        for r in ([res] if isinstance(res, Mapping) else list(res)):
+            out.append((cond, r))
+    return out
+
+
+# ----- tables ----------------------------------------------------------------------------------------------------
+def global_table(runs: Runs) -> pd.DataFrame:
+    """One row per (condition, seed) with a global LLM: ``condition, seed, <task> (points)..., mean_score,
+    perplexity``. ``local`` has no global model and no row."""
+    rows = []
+    for cond, r in _seeds(runs):
+        g = r.get("global")
+        if not g:
+            continue
+        row = {"condition": cond, "seed": r.get("seed", 0)}
+        row.update({t: 100 * float(v) for t, v in g["primary"].items()})
+        row.update(mean_score=100 * float(g["mean_score"]), perplexity=float(g["perplexity"]))
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def block_table(runs: Runs) -> pd.DataFrame:
+    """One row per (condition, seed, client) whose block was scored: ``condition, seed, client, block,
+    sparsity (%), own_tasks, own_task_score, other_task_score, mean_score`` (points), ``perplexity``.
+
+    ``own`` = the tasks the client trained on, ``other`` = every other evaluated task (its primary metrics
+    averaged); in federated conditions clients holding the same block share its scores.
+    """
+    rows = []
+    for cond, r in _seeds(runs):
+        for c in r.get("clients", []):
+            if "scores" not in c:
+                continue
+            rows.append({"condition": cond, "seed": r.get("seed", 0), "client": c["client"], "block": c["block"],
+                         "sparsity": round(100 * float(c["sparsity"])), "own_tasks": "+".join(c["tasks"]),
+                         "own_task_score": _points(c.get("own_task_score")),
+                         "other_task_score": _points(c.get("other_task_score")),
+                         "mean_score": _points(c["scores"]["mean_score"]),
+                         "perplexity": float(c["scores"]["perplexity"])})
+    return pd.DataFrame(rows)
+
+
+def _points(x: float | None) -> float:
+    return math.nan if x is None else 100 * float(x)
+
+
+def claims_table(runs: Runs) -> pd.DataFrame:
+    """The claims table: one row per condition (seed means).
+
+    Columns: each task's score of the global LLM, ``mean`` and ``ppl`` (global LLM), then per sparsity level
+    ``s`` the blocks' ``own@s%`` and ``other@s%`` task scores (mean over the clients holding that level), and
+    ``seeds``. Scores in points; NaN where a condition has no such model (``local``: no global LLM).
+    """
+    g, b = global_table(runs), block_table(runs)
+    conds = list(_ordered({c: None for c, _ in _seeds(runs)}))
+    table = pd.DataFrame(index=pd.Index(conds, name="condition"))
+    if not g.empty:
+        tasks = [c for c in g.columns if c not in ("condition", "seed", "mean_score", "perplexity")]
+        means = g.groupby("condition", sort=False)[[*tasks, "mean_score", "perplexity"]].mean()
+        table = table.join(means.rename(columns={"mean_score": "mean", "perplexity": "ppl"}))
+    if not b.empty:
+        per = b.groupby(["condition", "sparsity"], sort=True)[["own_task_score", "other_task_score"]].mean()
+        for s in sorted(b["sparsity"].unique()):
+            for col, short in (("own_task_score", "own"), ("other_task_score", "other")):
+                vals = {cond: per.loc[(cond, s), col] for cond in conds if (cond, s) in per.index}
+                table[f"{short}@{s}%"] = pd.Series(vals, dtype=float)
+    table["seeds"] = pd.Series({c: len({r.get("seed", 0) for c2, r in _seeds(runs) if c2 == c}) for c in conds})
+    return table
+
+
+# ----- verdicts --------------------------------------------------------------------------------------------------
+def _global_means(runs: Runs) -> dict[str, dict[str, float]]:
+    g = global_table(runs)
+    if g.empty:
+        return {}
+    return {c: row.to_dict() for c, row in g.groupby("condition").mean(numeric_only=True).iterrows()}
+
+
+def _verdict(claim: str, held: bool | None, margin: float | None, detail: str, **numbers) -> dict:
+    return {"claim": claim, "statement": CLAIMS[claim], "held": held,
+            "verdict": "n/a" if held is None else ("held" if held else "not held"),
+            "margin": None if margin is None or math.isnan(margin) else float(margin), "detail": detail,
+            "numbers": {k: (None if v is None or (isinstance(v, float) and math.isnan(v)) else v)
+                        for k, v in numbers.items()}}
+
+
+def verdict_c1(runs: Runs, thresholds: Mapping[str, float] = THRESHOLDS) -> dict:
+    """C1: lego's global mean score within ``c1_points`` points or ``c1_relative`` of fedavg_dense (or above it),
+    and above fedavg. ``margin`` = lego - fedavg_dense (points)."""
+    m = _global_means(runs)
+    need = [c for c in ("lego", "fedavg_dense", "fedavg") if c not in m]
+    if need:
+        return _verdict("C1", None, None, f"needs the conditions {need} (with a global LLM)")
+    lego, dense, fedavg = m["lego"]["mean_score"], m["fedavg_dense"]["mean_score"], m["fedavg"]["mean_score"]
+    gap = lego - dense
+    rel = gap / dense if dense else math.nan
+    close = gap >= -thresholds["c1_points"] - _EPS or (dense > 0 and rel >= -thresholds["c1_relative"] - _EPS)
+    above = lego > fedavg
+    detail = (f"lego {lego:.1f} vs fedavg_dense {dense:.1f} ({gap:+.1f} points, {100 * rel:+.1f}%: "
+              f"{'within' if close else 'outside'} {thresholds['c1_points']:g} points / "
+              f"{100 * thresholds['c1_relative']:g}%); vs fedavg {fedavg:.1f} ({lego - fedavg:+.1f}: "
+              f"{'above' if above else 'not above'})")
+    return _verdict("C1", bool(close and above), gap, detail, lego=lego, fedavg_dense=dense, fedavg=fedavg,
+                    gap_dense_points=gap, gap_dense_relative=rel, gap_fedavg_points=lego - fedavg)
+
+
+def verdict_c2(runs: Runs, thresholds: Mapping[str, float] = THRESHOLDS) -> dict:
+    """C2: at every sparsity level the lego blocks' other-task score beats the local blocks'.
+    ``margin`` = the smallest per-level gain (points); the own-task change is reported alongside."""
+    b = block_table(runs)
+    if b.empty or not {"lego", "local"} <= set(b["condition"]):
+        return _verdict("C2", None, None, "needs block scores of the conditions lego and local")
+    per = b.groupby(["condition", "sparsity"])[["own_task_score", "other_task_score"]].mean()
+    levels = sorted(set(per.loc["lego"].index) & set(per.loc["local"].index))
+    other = {s: per.loc[("lego", s), "other_task_score"] - per.loc[("local", s), "other_task_score"] for s in levels}
+    own = {s: per.loc[("lego", s), "own_task_score"] - per.loc[("local", s), "own_task_score"] for s in levels}
+    valid = {s: v for s, v in other.items() if not math.isnan(v)}
+    if not valid:
+        return _verdict("C2", None, None, "no client has tasks it did not train on (other-task score undefined)")
+    held = all(v > 0 for v in valid.values())
+    worst = min(valid.values())
+    parts = ", ".join(f"{s}%: other {other[s]:+.1f} / own {own[s]:+.1f}" for s in levels)
+    own_vals = [v for v in own.values() if not math.isnan(v)]
+    own_mean = float(np.mean(own_vals)) if own_vals else math.nan
+    detail = (f"lego - local per sparsity ({parts}); other-task gain "
+              f"{'> 0 at every level' if held else 'not > 0 at every level'} (min {worst:+.1f} points); "
+              f"own-task change mean {own_mean:+.1f} points")
+    return _verdict("C2", held, worst, detail, other_gain={str(s): v for s, v in other.items()},
+                    own_change={str(s): v for s, v in own.items()}, min_other_gain=worst,
+                    mean_own_change=own_mean)
+
+
+def verdict_c3(runs: Runs, thresholds: Mapping[str, float] = THRESHOLDS) -> dict:
+    """C3: lego's held-out perplexity at most ``c3_ppl_relative`` above base. ``margin`` = the relative
+    change (0.03 = +3%). Tasks no client trained on are reported alongside (points, lego - base)."""
+    m = _global_means(runs)
+    need = [c for c in ("lego", "base") if c not in m]
+    if need:
+        return _verdict("C3", None, None, f"needs the conditions {need} (with a global LLM)")
+    lego, base = m["lego"]["perplexity"], m["base"]["perplexity"]
+    rel = lego / base - 1
+    held = rel <= thresholds["c3_ppl_relative"] + _EPS
+    trained = {t for _, r in _seeds(runs) for c in r.get("clients", []) for t in c.get("tasks", [])}
+    untouched = [t for t in m["lego"] if t not in trained and t not in ("seed", "mean_score", "perplexity")
+                 and t in m["base"]]
+    delta = float(np.mean([m["lego"][t] - m["base"][t] for t in untouched])) if untouched else math.nan
+    detail = (f"perplexity lego {lego:.2f} vs base {base:.2f} ({100 * rel:+.1f}%: "
+              f"{'within' if held else 'above'} +{100 * thresholds['c3_ppl_relative']:g}%)")
+    if untouched:
+        detail += f"; untouched tasks ({', '.join(untouched)}): {delta:+.1f} points vs base"
+    return _verdict("C3", bool(held), rel, detail, lego_perplexity=lego, base_perplexity=base,
+                    perplexity_change=rel, untouched_tasks=untouched, untouched_change_points=delta)
+
+
+def verdicts(runs: Runs, thresholds: Mapping[str, float] = THRESHOLDS) -> list[dict]:
+    """The verdict of each claim: ``claim, statement, held (True | False | None), verdict ("held" | "not held"
+    | "n/a"), margin, detail, numbers``; with several seeds, on the seed means plus how many seeds hold."""
+    out = [verdict_c1(runs, thresholds), verdict_c2(runs, thresholds), verdict_c3(runs, thresholds)]
+    seeds = sorted({r.get("seed", 0) for _, r in _seeds(runs)})
+    if len(seeds) > 1:
+        for v, fn in zip(out, (verdict_c1, verdict_c2, verdict_c3), strict=True):
+            per = [fn({c: [r for c2, r in _seeds(runs) if c2 == c and r.get("seed", 0) == s] for c in runs},
+                      thresholds)["held"] for s in seeds]
+            known = [h for h in per if h is not None]
+            v["seeds_held"] = f"{sum(known)}/{len(known)}"
+            v["detail"] += f"; held in {sum(known)} of {len(known)} seeds"
+    return out
+
+
+def verdicts_table(vs: Sequence[dict]) -> pd.DataFrame:
+    """The verdicts as a small table (claim, verdict, margin, detail)."""
+    return pd.DataFrame([{"claim": v["claim"], "verdict": v["verdict"], "margin": v["margin"],
+                          "detail": v["detail"]} for v in vs]).set_index("claim")
+
+
+# ----- recording -------------------------------------------------------------------------------------------------
+def summary(runs: Runs, vs: Sequence[dict] | None = None) -> dict:
+    """The headline numbers for ``RUN_DIR/results.json``, flat enough for ``legokit sweep`` to collect.
+
+    Keys (``legokit.batch.flatten`` joins nested keys with dots): ``<condition>.mean_score``,
+    ``<condition>.perplexity``, ``<condition>.<task>`` (global LLM, points), ``<condition>.own@<s>`` /
+    ``other@<s>`` (blocks, points), ``verdict.C1`` ("held" | "not held" | "n/a"), ``held.C1`` (1 / 0 / None),
+    ``margin.C1``, ``thresholds``, and ``seconds.<condition>`` (wall time of the run, seed mean).
+    """
+    vs = verdicts(runs) if vs is None else vs
+    table = claims_table(runs)
+    out: dict[str, Any] = {}
+    for cond, row in table.iterrows():
+        vals = {("mean_score" if k == "mean" else "perplexity" if k == "ppl" else k.rstrip("%")): _num(v)
+                for k, v in row.items() if k != "seeds"}
+        out[cond] = {k: v for k, v in vals.items() if v is not None}
+        out[cond]["seeds"] = int(row["seeds"])
+    out["verdict"] = {v["claim"]: v["verdict"] for v in vs}
+    out["held"] = {v["claim"]: (None if v["held"] is None else int(v["held"])) for v in vs}
+    out["margin"] = {v["claim"]: v["margin"] for v in vs}
+    out["thresholds"] = dict(THRESHOLDS)
+    secs = {}
+    for cond, r in _seeds(runs):
+        if isinstance(r.get("seconds"), Mapping) and "total" in r["seconds"]:
+            secs.setdefault(cond, []).append(float(r["seconds"]["total"]))
+    out["seconds"] = {c: round(float(np.mean(v)), 1) for c, v in secs.items()}
+    return out
+
+
+def _num(v: Any) -> float | None:
+    try:
+        f = float(v)
+    except (TypeError, ValueError):
+        return None
+    return None if math.isnan(f) else round(f, 4)
