@@ -455,6 +455,10 @@ def svd_refactor(delta: Tensor, rank: int, scaling: float, method: str = "full",
         U, S, Vh = U[:, :r], S[:r], V[:, :r].t()
     else:
         raise LegokitError(f"svd_refactor method={method!r} is unknown: use 'full' or 'lowrank'")
+    # Directions beyond the aggregate's true rank are rounding noise (their σ ~ 1e-7·σ_max) whose signs
+    # depend on the BLAS thread count; the next round's Adam would turn them into lr-sized steps.
+    if S.numel():
+        S = torch.where(S > 1e-6 * S[0], S, torch.zeros_like(S))
     root = (S / scaling).sqrt()  # split σ/s evenly: (s·B) A = U diag(σ) Vh
     B = U * root  # (out, r)
     A = root[:, None] * Vh  # (r, in)
