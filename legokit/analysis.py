@@ -186,14 +186,54 @@ def response_nll(model: nn.Module, tokenizer, examples: Sequence, batch_size: in
     return total / count
 
 
+class LazyDeltas(Mapping):
+    """A read-only ``{module: tensor}`` whose values are computed on access by ``fn(module)``."""
+
+    def __init__(self, names: Sequence[str], fn):
+        self.names, self.fn = list(names), fn
+
+    def __getitem__(self, name: str) -> Tensor:
+        if name not in self.names:
+            raise KeyError(name)
+        return self.fn(name)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.names)
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+
+def block_update(server, block_index: int) -> Mapping[str, Tensor]:
+    """The server's global update as the block applies it: ``M ⊙ s·B_g A_g`` in the SLM's coordinates.
+
+    Lazy, one module per access. Adding it to the block's base weights (:func:`apply_delta`) gives the
+    same model as ``federation.block_model`` (adapter mode) without a LoRA layer recomputing the masked
+    product in every forward.
+    """
+    if server.merged:
+        raise LegokitError("merge mode folds the update into the blocks already: use block.model as is")
+    block = server.blocks[block_index]
+    masked = not (block.dense or block.structured)
+
+    def local(name: str) -> Tensor:
+        a, b = server.global_factors[name]  # (r_g, in), (out, r_g) in LLM coordinates
+        d = (b @ a).mul_(server.global_scaling)  # (out, in)
+        if masked:
+            d.mul_(block.masks[name])
+        return block.shrink(name, d)
+
+    return LazyDeltas(list(server.global_factors), local)
+
+
 def client_scores(server, tokenizer, partitions: Sequence[Sequence], other_task: str, n: int = 8,
                   split: str = "test", batch_size: int = 8, progress: bool = True) -> pd.DataFrame:
     """Each client's block on its own (main) task and on ``other_task``, before and after the federation.
 
     Before: the block's SLM as extracted (the broadcast's initial adapter has B = 0, so it adds nothing).
-    After: the SLM with the server's global update applied through the block's mask
-    (``legokit.federation.block_model``). Metrics: response NLL for every task, accuracy for choice tasks
-    (first ``n`` examples of ``split``). Blocks shared by several clients are scored once.
+    After: the SLM with the server's global update applied through the block's mask (:func:`block_update`,
+    the model ``federation.block_model`` gives). Metrics: response NLL for every task, accuracy for choice
+    tasks (first ``n`` examples of ``split``). Blocks shared by several clients are scored once.
 
     Returns one row per (client, task, phase): ``client, block, task, role (own | other), phase
     (before | after), nll, accuracy``.
@@ -202,7 +242,6 @@ def client_scores(server, tokenizer, partitions: Sequence[Sequence], other_task:
 
     from legokit.data import TASKS, load_task
     from legokit.evaluate import evaluate_examples
-    from legokit.federation import block_model
 
     own = [main_task(p) for p in partitions]
     wanted: dict[int, set[str]] = {}
@@ -222,11 +261,12 @@ def client_scores(server, tokenizer, partitions: Sequence[Sequence], other_task:
     for i, tasks in tqdm(sorted(wanted.items()), desc="score blocks", disable=not progress, leave=False):
         block = server.blocks[i]
         try:
-            scored[i, "before"] = score(block.model, tasks)
+            model = block.model  # built once for both phases
+            scored[i, "before"] = score(model, tasks)
+            with apply_delta(model, block_update(server, i)):
+                scored[i, "after"] = score(model, tasks)
         finally:
             block.release()
-        with block_model(server, i) as model:
-            scored[i, "after"] = score(model, tasks)
     rows = []
     for k, task in enumerate(own):
         i = server.assignment[k]

@@ -357,9 +357,17 @@ def verdicts(runs: Runs, thresholds: Mapping[str, float] = THRESHOLDS) -> list[d
 
 
 def verdicts_table(vs: Sequence[dict]) -> pd.DataFrame:
-    """The verdicts as a small table (claim, verdict, margin, detail)."""
-    return pd.DataFrame([{"claim": v["claim"], "verdict": v["verdict"], "margin": v["margin"],
-                          "detail": v["detail"]} for v in vs]).set_index("claim")
+    """The verdicts as a small table indexed by claim: ``verdict, margin`` (number), ``by`` (the margin with
+    its unit: points for C1 and C2, percent for C3), ``seeds_held`` (several seeds only), ``detail``."""
+    rows = []
+    for v in vs:
+        m = v["margin"]
+        by = "" if m is None else (f"{100 * m:+.1f}%" if v["claim"] == "C3" else f"{m:+.1f} points")
+        row = {"claim": v["claim"], "verdict": v["verdict"], "margin": m, "by": by}
+        if "seeds_held" in v:
+            row["seeds_held"] = v["seeds_held"]
+        rows.append({**row, "detail": v["detail"]})
+    return pd.DataFrame(rows).set_index("claim")
 
 
 # ----- recording -------------------------------------------------------------------------------------------------

@@ -403,18 +403,19 @@ def plot_energy_kept(rounds):
 
 
 def plot_before_after(scores):
-    """Scores before and after the federation: 2 axes (accuracy, response NLL), bars per model and task.
+    """Scores before and after the federation: 2 axes (task score, response NLL), bars per model and task.
 
     Args:
-        scores: long table ``model, task, phase (before | after), accuracy, nll``.
+        scores: long table ``model, task, phase (before | after), score`` (the task's primary metric, 0-1),
+            ``nll``.
     """
     import seaborn as sns
 
     fig, axes = _panel_figure(2, width=4.6, height=3.2)
     plot = scores.assign(label=scores["model"] + "\n" + scores["task"])
-    for ax, metric, name in zip(axes, ("accuracy", "nll"), ("accuracy (%)", "response NLL (lower is better)"),
+    for ax, metric, name in zip(axes, ("score", "nll"), ("score (%)", "response NLL (lower is better)"),
                                 strict=True):
-        data = plot.assign(value=100 * plot[metric] if metric == "accuracy" else plot[metric])
+        data = plot.assign(value=100 * plot[metric] if metric == "score" else plot[metric])
         sns.barplot(data=data, x="label", y="value", hue="phase", ax=ax, errorbar=None)
         ax.set(xlabel="", ylabel=name)
         ax.tick_params(axis="x", labelsize=7)

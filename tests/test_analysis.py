@@ -11,6 +11,7 @@ from legokit.analysis import (
     AggregatedDeltas,
     aggregation_errors,
     apply_delta,
+    block_update,
     client_masks,
     client_table,
     client_updates,
@@ -27,7 +28,7 @@ from legokit.analysis import (
 from legokit.blocks import extract_blocks
 from legokit.config import ExperimentConfig
 from legokit.data import Example
-from legokit.federation import ClientResult, Server, assign_blocks, run_federation
+from legokit.federation import ClientResult, Server, assign_blocks, block_model, run_federation
 from legokit.lora import svd_refactor
 from legokit.models import linear_modules, load_model
 from legokit.utils import LegokitError
@@ -208,6 +209,17 @@ def test_a_real_round_feeds_metrics_and_reaggregation(tiny, tmp_path):
     a, b = server.global_factors[name]
     rel = torch.linalg.vector_norm(server.global_scaling * (b @ a) - delta) / torch.linalg.vector_norm(delta)
     assert float(rel) ** 2 == pytest.approx(1 - kept, abs=1e-4)
+    # the global update merged through each block's mask is the model block_model gives
+    ids = torch.tensor([[1, 40, 50, 60, 70, 80]])
+    for i, block in enumerate(blocks):
+        with block_model(server, i) as m, torch.no_grad():
+            want = m(ids).logits
+        with apply_delta(block.model, block_update(server, i)) as m, torch.no_grad():
+            got = m(ids).logits
+        block.release()
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+        assert not torch.allclose(got, blocks[i].model(ids).logits.detach(), atol=1e-4)
+        block.release()
     nll = [response_nll(llm, tok, parts[0], batch_size=bs) for bs in (1, 3)]
     assert 0 < nll[0] < 20 and nll[0] == pytest.approx(nll[1], rel=1e-4)  # padding does not change it
     with pytest.raises(LegokitError, match="metrics.jsonl"):

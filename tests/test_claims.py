@@ -174,3 +174,10 @@ def test_run_conditions_rejects_unknown_condition(tmp_path):
 
     with pytest.raises(LegokitError, match="conditions"):
         claims.run_conditions(ExperimentConfig(), ["lego", "fedprox"], tmp_path)
+
+
+def test_verdicts_table_states_the_margin_with_its_unit():
+    t = claims.verdicts_table(claims.verdicts(experiment()))
+    assert list(t.index) == ["C1", "C2", "C3"]
+    assert list(t["by"]) == ["-1.0 points", "+10.0 points", "+2.5%"]
+    assert "seeds_held" not in t.columns
