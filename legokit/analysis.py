@@ -252,9 +252,11 @@ def client_scores(server, tokenizer, partitions: Sequence[Sequence], other_task:
     def score(model, tasks) -> dict:
         out = {}
         for t in sorted(tasks):
-            acc = (evaluate_examples(model, tokenizer, t, data[t], batch_size)["accuracy"]
-                   if TASKS[t].kind == "choice" else float("nan"))
-            out[t] = {"nll": response_nll(model, tokenizer, data[t], batch_size), "accuracy": acc}
+            if TASKS[t].kind == "choice":  # one forward gives the accuracy and the same response NLL
+                m = evaluate_examples(model, tokenizer, t, data[t], batch_size)
+                out[t] = {"nll": m["nll"], "accuracy": m["accuracy"]}
+            else:  # no generation: the NLL of the gold response only
+                out[t] = {"nll": response_nll(model, tokenizer, data[t], batch_size), "accuracy": float("nan")}
         return out
 
     scored: dict[tuple[int, str], dict] = {}

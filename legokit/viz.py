@@ -40,7 +40,7 @@ def plot_client_population(table):
     labels = _client_labels(table)
     ax_mem.bar(x - 0.2, table["dense_mb"], 0.4, label="dense LLM", color="#bbbbbb")
     ax_mem.bar(x + 0.2, table["sparse_mb"], 0.4, label="SLM, stored sparse", color="#3b75af")
-    ax_mem.set(xticks=x, ylabel="MiB", title="memory per client")
+    ax_mem.set(xticks=x, ylabel="MiB", title="memory per client", ylim=(0, 1.3 * float(table["dense_mb"].max())))
     ax_mem.set_xticklabels(labels, fontsize=8)
     ax_mem.legend(fontsize=8)
     ax_flops.bar(x, table["gflops_per_token"], 0.6, color="#ef8636")
@@ -161,9 +161,10 @@ def plot_layer_coverage(table):
     fig, (ax_mean, ax_frac) = _panel_figure(2, width=4.8)
     for kind, g in table.groupby("kind", sort=False):
         ax_mean.plot(g["layer"], g["mean_owners"], marker=".", label=kind)
-    ax_mean.set(xlabel="layer", ylabel="mean owners per coordinate", title="mean coverage")
-    ax_mean.legend(fontsize=7, ncol=2)
     cols = [c for c in table.columns if c.startswith("owners_")]
+    ax_mean.set(xlabel="layer", ylabel="mean owners per coordinate", title="mean coverage",
+                ylim=(0, len(cols) - 0.5))
+    ax_mean.legend(fontsize=7, ncol=2, loc="lower right")
     per_layer = table.groupby("layer")[cols].mean()
     colors = ["#ffffff"] + sns.color_palette("viridis", len(cols) - 1)
     ax_frac.stackplot(per_layer.index, per_layer.T.values, labels=[c.split("_")[1] for c in cols],
@@ -266,20 +267,27 @@ def plot_energy_by_rank(curves, ranks, marks=None):
 
 
 def plot_aggregator_scores(scores):
-    """The global LLM per aggregator: 2 axes (mean task score, held-out perplexity).
+    """The global LLM per aggregator: mean task score, held-out perplexity, and mean response NLL.
 
     Args:
-        scores: one row per model with columns ``model``, ``mean_score``, ``perplexity``.
+        scores: one row per model with columns ``model``, ``mean_score``, ``perplexity`` and optionally
+            ``response_nll``.
+    Returns a Figure with 2 axes, or 3 with ``response_nll``.
     """
-    fig, (ax_s, ax_p) = _panel_figure(2, width=4.8)
-    x = range(len(scores))
-    ax_s.bar(x, 100 * scores["mean_score"], color="#3b75af")
-    ax_s.set(xticks=list(x), ylabel="mean task score (%)", title="task score")
-    ax_p.bar(x, scores["perplexity"], color="#ef8636")
-    lo, hi = float(scores["perplexity"].min()), float(scores["perplexity"].max())
-    ax_p.set(xticks=list(x), ylabel="perplexity", title="held-out perplexity",
-             ylim=(lo - 0.6 * (hi - lo + 1e-3), hi + 0.3 * (hi - lo + 1e-3)))
-    for ax in (ax_s, ax_p):
+    panels = [("mean_score", "mean task score (%)", "task score", "#3b75af", 100.0),
+              ("perplexity", "perplexity", "held-out perplexity", "#ef8636", 1.0)]
+    if "response_nll" in scores:
+        panels.append(("response_nll", "mean response NLL", "response NLL (scored examples)", "#55a868", 1.0))
+    fig, axes = _panel_figure(len(panels), width=4.2)
+    x = list(range(len(scores)))
+    for ax, (col, ylabel, title, color, scale) in zip(axes, panels, strict=True):
+        vals = scale * scores[col].astype(float)
+        ax.bar(x, vals, color=color)
+        if col != "mean_score":  # zoom: the differences between aggregators are small
+            lo, hi = float(vals.min()), float(vals.max())
+            pad = hi - lo + 1e-3 * max(abs(hi), 1e-9)
+            ax.set_ylim(lo - 0.6 * pad, hi + 0.3 * pad)
+        ax.set(xticks=x, ylabel=ylabel, title=title)
         ax.set_xticklabels(scores["model"], rotation=30, ha="right", fontsize=8)
     return fig
 

@@ -28,6 +28,7 @@ from legokit.analysis import (
 from legokit.blocks import extract_blocks
 from legokit.config import ExperimentConfig
 from legokit.data import Example
+from legokit.evaluate import evaluate_examples
 from legokit.federation import ClientResult, Server, assign_blocks, block_model, run_federation
 from legokit.lora import svd_refactor
 from legokit.models import linear_modules, load_model
@@ -222,5 +223,9 @@ def test_a_real_round_feeds_metrics_and_reaggregation(tiny, tmp_path):
         block.release()
     nll = [response_nll(llm, tok, parts[0], batch_size=bs) for bs in (1, 3)]
     assert 0 < nll[0] < 20 and nll[0] == pytest.approx(nll[1], rel=1e-4)  # padding does not change it
+    # the same quantity evaluate reports for choice tasks (client_scores takes it from there)
+    choice = [Example(task="piqa", prompt=f"Pick one: {i}?", response="A", choices=("x", "y"), answer_index=0,
+                      uid=f"c{i}") for i in range(3)]
+    assert response_nll(llm, tok, choice) == pytest.approx(evaluate_examples(llm, tok, "piqa", choice)["nll"], rel=1e-4)
     with pytest.raises(LegokitError, match="metrics.jsonl"):
         read_metrics(tmp_path / "nowhere")

@@ -57,6 +57,7 @@ def test_aggregation_plots_have_their_axes():
     scores = pd.DataFrame({"model": ["base"] + AGGS, "mean_score": [0.4, 0.5, 0.45, 0.42],
                            "perplexity": [20.0, 19.0, 19.5, 19.8]})
     assert len(viz.plot_aggregator_scores(scores).axes) == 2
+    assert len(viz.plot_aggregator_scores(scores.assign(response_nll=[2.0, 1.9, 1.95, 1.97])).axes) == 3
 
 
 @pytest.mark.parametrize("k", [1, 4])
