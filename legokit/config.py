@@ -281,6 +281,8 @@ def _split_override(text: str) -> tuple[str, Any]:
     if "=" not in text:
         raise LegokitError(f"override {text!r} must look like section.key=value, e.g. fed.rounds=3")
     key, raw = text.split("=", 1)
+    if re.fullmatch(r"\s*\d+:\d+\s*", raw):  # YAML 1.1 would read 2:4 as the base-60 number 124
+        return key.strip(), raw.strip()
     return key.strip(), yaml.safe_load(raw)
 
 
@@ -322,7 +324,9 @@ def _coerce(f: dataclasses.Field, value: Any, where: str) -> Any:
         return float(value)
     expected = {"int": int, "str": str, "bool": bool}.get(base)
     if expected is not None and (not isinstance(value, expected) or (expected is int and isinstance(value, bool))):
-        raise LegokitError(f"config key {where!r} must be {base}, got {value!r} ({type(value).__name__})")
+        hint = (" (YAML reads an unquoted N:M such as 2:4 as a base-60 number: write it quoted, \"2:4\")"
+                if expected is str and isinstance(value, int) else "")
+        raise LegokitError(f"config key {where!r} must be {base}, got {value!r} ({type(value).__name__}){hint}")
     if base.startswith("list") and not isinstance(value, list):
         raise LegokitError(f"config key {where!r} must be a list, got {value!r}")
     if base == "float" and not isinstance(value, (int, float)):

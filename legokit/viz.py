@@ -301,27 +301,26 @@ def _crop(t, crop):
     return a if crop is None else a[: crop[0], : crop[1]]
 
 
-def plot_mask(mask, title: str = "keep-mask", crop=(48, 96), pool: int = 16):
+def plot_mask(mask, title: str = "keep-mask", crop=(48, 96)):
     """One module's keep-mask (bool, out x in): 2 axes.
 
-    Left: the kept fraction in ``pool`` x ``pool`` tiles of the whole matrix (stripes = input features
-    that Wanda keeps in every row, because their activations are large). Right: the individual weights
-    of the top-left ``crop`` (dark = kept, white = pruned).
+    Left: the share of rows that keep each input feature. Wanda scores |W_ij| x ‖X_j‖, so an input whose
+    activations are large is kept in almost every row (spikes towards 100%) and a quiet one almost nowhere.
+    Right: the individual weights of the top-left ``crop`` (dark = kept, white = pruned).
     """
-    import torch
-
     m = mask.detach().float().cpu()
-    h, w = m.shape
-    tiles = torch.nn.functional.avg_pool2d(m[None, None], pool, ceil_mode=True)[0, 0]  # (h/pool, w/pool)
-    fig, (ax_t, ax_c) = _panel_figure(2, width=4.6, height=3.2)
-    im = ax_t.imshow(tiles.numpy(), cmap="viridis", vmin=0, vmax=1, aspect="auto", interpolation="nearest",
-                     extent=(0, w, h, 0))
-    ax_t.set(xlabel="input feature", ylabel="output feature", title=f"{title}: kept fraction per {pool}x{pool} tile")
-    fig.colorbar(im, ax=ax_t, label="kept")
+    per_input = 100 * m.mean(0).numpy()  # (in,)
+    pruned = 100 * (1 - float(m.mean()))
+    fig, (ax_l, ax_c) = _panel_figure(2, width=4.6, height=3.0)
+    ax_l.plot(per_input, lw=0.6, color="#3b75af")
+    ax_l.axhline(100 - pruned, ls="--", color="k", lw=0.8, label=f"overall: {100 - pruned:.0f}% kept")
+    ax_l.set(xlabel="input feature j", ylabel="rows keeping it (%)", ylim=(0, 100), xlim=(0, len(per_input)),
+             title=f"{title}: kept per input feature")
+    ax_l.legend(fontsize=7, loc="lower right")
     ax_c.imshow(_crop(m, crop), cmap="Greys", vmin=0, vmax=1, aspect="auto", interpolation="nearest")
-    ax_c.set(xlabel="input feature", ylabel="output feature",
-             title=f"top-left {crop[0]}x{crop[1]} weights ({100 * (1 - float(m.mean())):.0f}% pruned)")
-    for ax in (ax_t, ax_c):
+    ax_c.set(xlabel="input feature j", ylabel="output feature i",
+             title=f"top-left {crop[0]}x{crop[1]} weights ({pruned:.0f}% pruned)")
+    for ax in (ax_l, ax_c):
         ax.title.set_fontsize(9)
     return fig
 
@@ -378,7 +377,7 @@ def plot_aggregate_vs_client(client_delta, owners, aggregates, max_points: int =
     lim = float(np.abs(x[idx]).max()) or 1.0
     for ax, (label, agg) in zip(axes, aggregates.items(), strict=True):
         y = agg.detach().float().cpu().reshape(-1).numpy()
-        for c in sorted(set(own[idx].tolist())):
+        for c in sorted(set(own[idx].tolist()), reverse=True):  # fewest owners drawn last, on top
             sel = idx[own[idx] == c]
             ax.scatter(x[sel], y[sel], s=3, alpha=0.5, label=f"{c} owner{'s' if c != 1 else ''}")
         ax.plot([-lim, lim], [-lim, lim], ls="--", color="grey", lw=0.8)
@@ -448,7 +447,17 @@ def plot_condition_scores(table, tasks=None):
                     legend=False)
         ax.set(xlabel="", ylabel=name, title=name)
         ax.tick_params(axis="x", labelsize=7, rotation=30)
+    means = table.groupby("condition")[["mean_score", "perplexity"]].mean()
+    if "fedavg_dense" in means.index:  # C1: lego within 2 points of dense FedAvg (or 5% relative)
+        ax_m.axhline(means.loc["fedavg_dense", "mean_score"] - 2, ls="--", color="grey", lw=0.8,
+                     label="fedavg_dense − 2 (C1)")
+        ax_m.legend(fontsize=7, loc="lower right")
     lo, hi = float(table["perplexity"].min()), float(table["perplexity"].max())
+    if "base" in means.index:  # C3: lego at most 5% above base
+        limit = 1.05 * means.loc["base", "perplexity"]
+        ax_p.axhline(limit, ls="--", color="grey", lw=0.8, label="base + 5% (C3)")
+        ax_p.legend(fontsize=7, loc="lower right")
+        hi = max(hi, limit)
     ax_p.set_ylim(lo - 0.5 * (hi - lo + 0.1), hi + 0.3 * (hi - lo + 0.1))
     return fig
 

@@ -45,6 +45,14 @@ def test_bad_values_name_the_problem(override, needle):
     assert needle in str(err.value)
 
 
+def test_unquoted_n_m_in_yaml_gets_a_hint(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("prune:\n  pattern: 2:4\n")  # YAML 1.1 reads this as the number 124
+    with pytest.raises(LegokitError, match='write it quoted, "2:4"'):
+        ExperimentConfig.from_yaml(path)
+    assert ExperimentConfig().with_overrides(["prune.pattern=2:4"]).prune.pattern == "2:4"
+
+
 def test_dirichlet_needs_alpha():
     with pytest.raises(LegokitError, match="needs data.alpha"):
         ExperimentConfig.from_dict({"data": {"partition": "dirichlet"}})
