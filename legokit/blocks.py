@@ -419,6 +419,8 @@ class Block:
 
         have = {n: tuple(m.weight.shape) for n, m in linear_modules(llm).items()}
         shapes = {n: tuple(s) for n, s in info["shapes"].items()}
+        # block.json is written with sorted keys: restore the LLM's module order (layers.2 before layers.10)
+        shapes = {n: shapes[n] for n in have if n in shapes} | {n: s for n, s in shapes.items() if n not in have}
         for n, s in shapes.items():
             if have.get(n) != s:
                 raise LegokitError(f"block {d} was made for another LLM: module {n} has shape {s} in the "
