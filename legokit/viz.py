@@ -129,18 +129,25 @@ def plot_client_scores(scores):
 # ===================================================================== aggregation (03_aggregation)
 
 
-def plot_coverage_map(cov, title: str = "coverage"):
+def plot_coverage_map(cov, title: str = "coverage", crop=(64, 128)):
     """Heatmap of how many clients own each coordinate of one module (``aggregate.coverage``).
 
-    2 axes: the (out, in) map and its colorbar (one colour per owner count 0..K).
+    Args:
+        cov: int (out, in) owner counts.
+        crop: show only the top-left ``(rows, cols)`` so single weights stay visible (None: everything).
+    Returns a Figure with 2 axes: the map and its colorbar (one colour per owner count 0..K).
     """
     import seaborn as sns
     from matplotlib.colors import BoundaryNorm, ListedColormap
 
-    K = int(cov.max()) if cov.numel() else 0
-    K = max(K, 1)
+    K = max(int(cov.max()) if cov.numel() else 0, 1)
     cmap = ListedColormap(["#ffffff"] + sns.color_palette("viridis", K))
     norm = BoundaryNorm([c - 0.5 for c in range(K + 2)], cmap.N)
+    full = tuple(cov.shape)
+    if crop is not None:
+        cov = cov[: crop[0], : crop[1]]
+        if tuple(cov.shape) != full:
+            title = f"{title}\n(top-left {cov.shape[0]} x {cov.shape[1]} of {full[0]} x {full[1]})"
     h, w = cov.shape
     fig, (ax,) = _panel_figure(1, width=min(9.0, 2.5 + 4.5 * w / max(h, w)), height=3.6)
     im = ax.imshow(cov.cpu().numpy(), cmap=cmap, norm=norm, aspect="auto", interpolation="nearest")

@@ -229,3 +229,13 @@ def test_a_real_round_feeds_metrics_and_reaggregation(tiny, tmp_path):
     assert response_nll(llm, tok, choice) == pytest.approx(evaluate_examples(llm, tok, "piqa", choice)["nll"], rel=1e-4)
     with pytest.raises(LegokitError, match="metrics.jsonl"):
         read_metrics(tmp_path / "nowhere")
+
+
+def test_module_explorer_draws_headless(tiny):
+    from legokit.widgets import module_explorer
+
+    server, results = _server_with_random_results(tiny)
+    explorer = module_explorer(server, results, ["heteagg", "flora"])
+    fig = explorer.draw(server.modules[1])
+    assert len(fig.axes) == 1 and len(fig.axes[0].lines) == 2 + 2  # two curves, two rank marks
+    explorer.update(server.modules[2])  # redraws into the widget's output area without error

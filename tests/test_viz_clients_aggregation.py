@@ -36,6 +36,8 @@ def test_client_plots_have_their_axes():
 def test_aggregation_plots_have_their_axes():
     cov = torch.tensor([[3, 2, 1, 0], [3, 3, 1, 1]], dtype=torch.int32)
     assert len(viz.plot_coverage_map(cov, "m").axes) == 2  # map + colorbar
+    cropped = viz.plot_coverage_map(cov, "m", crop=(1, 2))
+    assert cropped.axes[0].get_images()[0].get_array().shape == (1, 2) and "top-left" in cropped.axes[0].get_title()
     table = pd.DataFrame([{"module": f"l{l}.{k}", "layer": l, "kind": k, "mean_owners": 1.75, "owners_0": 0.0,
                            "owners_1": 0.25, "owners_2": 0.25, "owners_3": 0.5} for l in range(3)
                           for k in ("q_proj", "up_proj")])
