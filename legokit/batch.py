@@ -68,7 +68,7 @@ from typing import Any
 import pandas as pd
 import yaml
 
-from legokit.utils import LegokitError, atomic_write_text
+from legokit.utils import LegokitError, atomic_write_text, progress_bar, progress_write
 
 _GRID_KEYS = ("notebook", "base", "grid", "points", "summary")
 _SUMMARY_KEYS = ("x", "y", "hue")
@@ -362,16 +362,14 @@ def sweep(notebook: str | Path | None, grid: str | Path | Mapping[str, Any], out
         else:
             todo.append(p)
 
-    from tqdm.auto import tqdm
-
-    bar = tqdm(todo, desc=f"sweep {nb.stem}", unit="point", disable=not progress or not todo)
+    bar = progress_bar(todo, desc=f"sweep {nb.stem}", unit="point", disable=not progress or not todo)
     for p in bar:
         bar.set_postfix_str(p.name)
         err = run_point(nb, p, out / "points" / p.name)
         result.ran.append(p.name)
         if err is not None:
             result.failed[p.name] = err
-            tqdm.write(f"legokit sweep: point {p.name} FAILED, see {err}", file=sys.stderr)
+            progress_write(f"legokit sweep: point {p.name} FAILED, see {err}", file=sys.stderr)
 
     result.results = collect(out)
     result.results_csv = out / "results.csv"

@@ -41,9 +41,9 @@ CLAIMS = {
 # C3 perplexity at most 5% above base.
 THRESHOLDS = {"c1_points": 2.0, "c1_relative": 0.05, "c3_ppl_relative": 0.05}
 
-# The experiment's condition order (tables and plots follow it; other names go last).
 _EPS = 1e-9  # thresholds are inclusive: +5.0% is within +5% despite float rounding
 
+# The experiment's condition order (tables and plots follow it; other names go last).
 ORDER = ("base", "local", "fedavg_dense", "fedavg", "lego", "centralized")
 
 Runs = Mapping[str, "dict | Sequence[dict]"]
@@ -93,15 +93,20 @@ def run_conditions(cfg, conditions: Sequence[str], run_dir: str | Path, *,
         d.mkdir(parents=True, exist_ok=True)
         atomic_write_json(stamp, want)
         if not (d / "blocks" / "index.json").is_file():
-            _share_blocks(run_dir, d)
+            _share_blocks(run_dir, d, ccfg)
         out[cond] = run_condition(ccfg, cond, d, resume=True, progress=progress)
     return out
 
 
-def _share_blocks(run_dir: Path, dest: Path) -> None:
-    """Hard-link (copy where links fail) the blocks a sibling condition already extracted into ``dest``."""
+def _share_blocks(run_dir: Path, dest: Path, cfg) -> None:
+    """Hard-link (copy where links fail) into ``dest`` the blocks a sibling condition extracted with the same
+    LLM, seed and ``prune`` settings (read from its ``condition.json``)."""
+    key = _blocks_key(cfg.to_dict())
     for src in sorted(run_dir.glob("*/blocks/index.json")):
-        if src.parent.parent == dest:
+        stamp = src.parent.parent / "condition.json"
+        if src.parent.parent == dest or not stamp.is_file():
+            continue
+        if _blocks_key(json.loads(stamp.read_text())["config"]) != key:
             continue
         try:
             shutil.copytree(src.parent, dest / "blocks", copy_function=os.link)
@@ -109,6 +114,11 @@ def _share_blocks(run_dir: Path, dest: Path) -> None:
             shutil.rmtree(dest / "blocks", ignore_errors=True)
             shutil.copytree(src.parent, dest / "blocks")
         return
+
+
+def _blocks_key(config: dict) -> str:
+    """What a condition's blocks depend on: the LLM, the seed and the pruning settings."""
+    return json.dumps({k: config.get(k) for k in ("model", "seed", "prune")}, sort_keys=True)
 
 
 def _first_diff(a: Any, b: Any, prefix: str = "") -> str:

@@ -30,10 +30,9 @@ from fractions import Fraction
 
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from legokit.data import TASKS, Example, choice_ids, load_task, prompt_ids, render, tokenize_example
-from legokit.utils import LegokitError
+from legokit.utils import LegokitError, progress_bar
 
 # ---------------------------------------------------------------- string metrics
 
@@ -190,7 +189,7 @@ def generate(model, tokenizer, examples: Sequence[Example], max_new_tokens: int 
     prompts = [prompt_ids(tokenizer, render(ex, tokenizer)[0]) for ex in examples]
     with _eval_mode(model):
         return _generate(model, tokenizer, prompts, max_new_tokens, batch_size,
-                         tqdm(total=len(prompts), desc="generate", leave=False, disable=not progress))
+                         progress_bar(total=len(prompts), desc="generate", leave=False, disable=not progress))
 
 
 def _generate(model, tokenizer, prompts: Sequence[list[int]], max_new_tokens: int, batch_size: int,
@@ -239,7 +238,7 @@ def perplexity(model, tokenizer, texts: Sequence[str], seq_len: int = 256, batch
     total, count = 0.0, 0
     with _eval_mode(model):
         batches = [windows[i: i + batch_size] for i in range(0, len(windows), batch_size)]
-        for batch in tqdm(batches, desc="perplexity", leave=False):
+        for batch in progress_bar(batches, desc="perplexity", leave=False):
             groups: dict[int, list[list[int]]] = {}
             for w in batch:  # only the last window can be shorter; it gets its own forward
                 groups.setdefault(len(w), []).append(w)
@@ -350,7 +349,7 @@ def evaluate_tasks(
     data = {t: list(exs)[:n] if n is not None else list(exs) for t, exs in data.items()}
     total = sum(len(exs) * (1 if _kind(t, exs) == "choice" else 2) for t, exs in data.items())
     results: dict[str, dict[str, float]] = {}
-    with _eval_mode(model, seed), tqdm(total=total, desc="evaluate", leave=False) as bar:
+    with _eval_mode(model, seed), progress_bar(total=total, desc="evaluate", leave=False) as bar:
         for task, exs in data.items():
             bar.set_postfix_str(task)
             results[task] = evaluate_examples(model, tokenizer, task, exs, batch_size, bar)

@@ -15,7 +15,6 @@ import torch
 from legokit.config import ExperimentConfig
 from legokit.utils import LegokitError, atomic_write_json, peak_rss_mb, seed_everything
 
-
 # The conditions of the LEGO experiment (issue: do heterogeneous SLM clients rebuild a robust LLM?).
 # Each maps to overrides of one base config, so every condition shares seeds, data and budget.
 CONDITIONS = {

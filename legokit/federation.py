@@ -28,14 +28,13 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
-from tqdm.auto import tqdm
 
 from legokit.aggregate import AGGREGATORS, ClientUpdate
 from legokit.config import DEVICE_PROFILES, ExperimentConfig
 from legokit.lora import attach_lora, detach_lora, load_peft_adapter, lora_factors, save_peft_adapter, svd_refactor
 from legokit.models import linear_modules
 from legokit.train import train_client
-from legokit.utils import LegokitError, atomic_write_json, atomic_write_text
+from legokit.utils import LegokitError, atomic_write_json, atomic_write_text, progress_bar, progress_write
 
 Factors = dict[str, tuple[torch.Tensor, torch.Tensor]]  # module -> (A (r, in), B (out, r))
 
@@ -212,7 +211,7 @@ class Server:
         energies, new_factors = {}, {}
         # FlexLoRA sends each client back its own rank (all clients share lora.rank here).
         bcast_rank = cfg.lora.rank if cfg.fed.aggregator == "flexlora" else self.global_rank
-        for name in tqdm(self.modules, desc=f"round {rnd} aggregate", leave=False,
+        for name in progress_bar(self.modules, desc=f"round {rnd} aggregate", leave=False,
                          disable=not getattr(self, "progress", True)):
             updates = [ClientUpdate(client=f"client-{r.client}", factors={name: r.factors[name]},
                                     scaling=r.scaling, masks={name: self._mask(r.client, name)}, weight=w)
@@ -421,7 +420,7 @@ def run_federation(cfg: ExperimentConfig, llm: nn.Module, tokenizer, blocks: lis
                 line.update(status="failed", error=f"{type(err).__name__}: {err}",
                             traceback=traceback.format_exc(limit=5))
                 if progress:
-                    tqdm.write(f"round {rnd}: client {k} failed: {err}")
+                    progress_write(f"round {rnd}: client {k} failed: {err}")
             lines.append(line)
         round_line = server.aggregate(rnd, results)
         server.save(run.path, rnd)

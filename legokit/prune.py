@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from legokit.utils import LegokitError
+from legokit.utils import LegokitError, progress_bar
 
 METHODS = ("magnitude", "wanda", "sparsegpt")
 PATTERNS = ("unstructured", "structured", "N:M")
@@ -323,24 +323,22 @@ def _obs_loop(W1: torch.Tensor, Hinv1: torch.Tensor, mask1: torch.Tensor | None,
               forced: torch.Tensor | None = None):
     """One block, column by column, as the SparseGPT paper. N:M picks its mask every M columns from the
     updated weights. Returns (pruned block, scaled errors[, mask])."""
-    W1 = W1.clone()
-    Q1, Err1 = torch.zeros_like(W1), torch.zeros_like(W1)
+    W1 = W1.clone()  # (out, b); after column i is done, W1[:, i] is final
+    Err1 = torch.zeros_like(W1)
     choose = mask1 is None
-    mask1 = torch.zeros_like(W1, dtype=torch.bool) if choose else mask1
+    mask1 = torch.zeros_like(W1, dtype=torch.bool) if choose else mask1  # True = pruned
     d = torch.diag(Hinv1)
+    dl = d.tolist()
     for i in range(W1.shape[1]):
         if choose and i % pat.m == 0:
             sal = W1[:, i:i + pat.m].square() / d[i:i + pat.m].square()[None, :]  # (out, M)
             if forced is not None:
                 sal = sal.masked_fill(forced[:, i:i + pat.m], -math.inf)
             mask1.scatter_(1, i + torch.argsort(sal, dim=1, stable=True)[:, :pat.n], True)
-        w = W1[:, i]
-        q = w.clone()
-        q[mask1[:, i]] = 0
-        Q1[:, i] = q
-        err = (w - q) / d[i]  # (out,)
-        W1[:, i:] -= err[:, None] @ Hinv1[i, i:][None, :]  # OBS update of the block's later columns
+        err = (W1[:, i] * mask1[:, i]).div_(dl[i])  # (out,) (w - q) / d: zero where kept
+        W1[:, i:].addr_(err, Hinv1[i, i:], alpha=-1)  # OBS update of this and the later columns
         Err1[:, i] = err
+    Q1 = W1.masked_fill_(mask1, 0)  # pruned entries are now ~0: make them exactly 0
     return (Q1, Err1, mask1) if choose else (Q1, Err1)
 
 
@@ -590,14 +588,12 @@ def layerwise_calibration(llm: nn.Module, input_ids: torch.Tensor, on_layer: Lay
     ``sequential`` mode of Wanda and SparseGPT); if it returns ``None`` they come from the dense layer
     (``one_shot``). Memory: the hidden states of the windows plus one layer's statistics.
     """
-    from tqdm.auto import tqdm
-
     from legokit.models import decoder_layers, linear_modules
 
     layers = decoder_layers(llm)
     prefix = next(n for n, m in llm.named_modules() if m is layers)
     hidden, kwargs = _capture_layer0(llm, input_ids, batch_size)
-    for i, layer in enumerate(tqdm(layers, desc=desc, disable=not progress, leave=False)):
+    for i, layer in enumerate(progress_bar(layers, desc=desc, disable=not progress, leave=False)):
         linears = {f"{prefix}.{i}.{n}": m for n, m in linear_modules(layer).items()}
         with InputStats(linears, norms=norms, hessians=hessians) as stats:
             outs = [_layer_out(layer(h, **kw)) for h, kw in zip(hidden, kwargs, strict=True)]

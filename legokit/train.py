@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from legokit.config import TrainConfig
-from legokit.utils import LegokitError
+from legokit.utils import LegokitError, progress_bar
 
 IGNORE = -100
 VARLEN_ATTENTION = "legokit_varlen_sdpa"
@@ -166,7 +166,7 @@ def train_client(model: nn.Module, tokenizer, examples: Sequence, cfg: TrainConf
         seed: same seed, same data, same model -> bit-identical factors.
         client, round_idx: named in progress bars and error messages.
         device: move the model there first (default: where its parameters are).
-        progress: show a tqdm progress bar.
+        progress: show a progress bar.
         pack: padding-free packed batches (default) or right-padded ones.
     Returns:
         a ``TrainResult``; the model is left in the train/eval mode it came in.
@@ -174,8 +174,6 @@ def train_client(model: nn.Module, tokenizer, examples: Sequence, cfg: TrainConf
         LegokitError: no examples, nothing trainable, or a non-finite loss / gradient (names client,
             round and step).
     """
-    from tqdm.auto import tqdm
-
     from legokit.data import encode
 
     if len(examples) == 0:
@@ -196,7 +194,7 @@ def train_client(model: nn.Module, tokenizer, examples: Sequence, cfg: TrainConf
     result = TrainResult(num_examples=len(examples))
     was_training = model.training
     rng_devices = [dev.index or 0] if dev.type == "cuda" else []
-    bar = tqdm(total=cfg.local_steps, desc=f"train {client} r{round_idx}", disable=not progress, leave=False)
+    bar = progress_bar(total=cfg.local_steps, desc=f"train {client} r{round_idx}", disable=not progress, leave=False)
     start = time.perf_counter()
     try:
         model.train()

@@ -181,3 +181,36 @@ def test_verdicts_table_states_the_margin_with_its_unit():
     assert list(t.index) == ["C1", "C2", "C3"]
     assert list(t["by"]) == ["-1.0 points", "+10.0 points", "+2.5%"]
     assert "seeds_held" not in t.columns
+
+
+def test_run_conditions_shares_blocks_skips_finished_and_refuses_another_config(tmp_path, monkeypatch):
+    import legokit.experiment as experiment
+    from legokit.config import ExperimentConfig
+
+    calls = []
+
+    def fake_run_condition(cfg, condition, out_dir, resume=False, progress=True):
+        blocks = out_dir / "blocks"
+        calls.append((condition, (blocks / "index.json").is_file(), cfg.eval.base, cfg.eval.blocks))
+        if not (blocks / "index.json").is_file():  # what load_or_extract_blocks does: extract and save
+            blocks.mkdir(parents=True)
+            (blocks / "index.json").write_text('{"blocks": []}')
+        res = {"condition": condition, "seed": cfg.seed, "clients": []}
+        (out_dir / "results.json").write_text(json.dumps(res))
+        return res
+
+    monkeypatch.setattr(experiment, "run_condition", fake_run_condition)
+    cfg = ExperimentConfig()
+    runs = claims.run_conditions(cfg, ["lego", "base"], tmp_path, block_conditions=["lego"], progress=False)
+    assert list(runs) == ["lego", "base"]
+    # lego extracts; base reuses its blocks (hard-linked); the base LLM is scored by `base` only
+    assert calls == [("lego", False, False, True), ("base", True, False, False)]
+    assert (tmp_path / "base" / "blocks" / "index.json").stat().st_ino == \
+        (tmp_path / "lego" / "blocks" / "index.json").stat().st_ino
+    claims.run_conditions(cfg, ["lego", "base"], tmp_path, block_conditions=["lego"], progress=False)
+    assert len(calls) == 2  # both finished: loaded, not rerun
+    with pytest.raises(LegokitError, match="another configuration"):
+        claims.run_conditions(cfg.with_overrides({"seed": 1}), ["lego"], tmp_path, block_conditions=["lego"])
+    # a condition of another seed in the same directory does not borrow the seed-0 blocks
+    claims.run_conditions(cfg.with_overrides({"seed": 1}), ["fedavg"], tmp_path, progress=False)
+    assert calls[-1] == ("fedavg", False, False, True)
