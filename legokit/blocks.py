@@ -67,7 +67,7 @@ from legokit.prune import (
     structured_sizes,
     wanda_scores,
 )
-from legokit.utils import LegokitError, atomic_write_json
+from legokit.utils import LegokitError, atomic_write_json, release_heap
 
 FORMAT_VERSION = 1
 
@@ -228,6 +228,7 @@ class Block:
             self._model = None
             if ref() is not None:  # only a reference cycle (or a caller's variable) keeps it alive
                 gc.collect()
+            release_heap()
 
     @torch.no_grad()
     def local_weight(self, name: str, w_llm: torch.Tensor | None = None) -> torch.Tensor:

@@ -109,6 +109,10 @@ class TrainConfig:
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
     max_len: int = 256
+    # Recompute each decoder layer's activations in the backward pass instead of keeping them: the
+    # activations are the largest term of a client's training memory (measured on the quick profile:
+    # peak RSS 3.4 -> 2.5 GiB, federation time +27%); the trained factors are the same.
+    gradient_checkpointing: bool = False
 
     def __post_init__(self):
         _check(self.local_steps >= 1, f"train.local_steps={self.local_steps} must be >= 1")

@@ -198,6 +198,8 @@ def train_client(model: nn.Module, tokenizer, examples: Sequence, cfg: TrainConf
     start = time.perf_counter()
     try:
         model.train()
+        if cfg.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         attention = packed_attention(model) if pack else nullcontext()
         with torch.random.fork_rng(devices=rng_devices), attention:  # dropout draws from a seeded stream
             torch.manual_seed(seed)
@@ -225,6 +227,8 @@ def train_client(model: nn.Module, tokenizer, examples: Sequence, cfg: TrainConf
                 bar.set_postfix(loss=f"{value:.3f}")
     finally:
         bar.close()
+        if cfg.gradient_checkpointing:
+            model.gradient_checkpointing_disable()
         model.train(was_training)
         for p in params:  # a failed step must not leave gradients behind
             p.grad = None

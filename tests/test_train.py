@@ -186,3 +186,19 @@ def test_empty_examples_and_nothing_trainable_raise(tiny):
         p.requires_grad_(False)
     with pytest.raises(LegokitError, match="attach_lora"):
         train_client(model, tok, EXAMPLES, TrainConfig(), seed=0, progress=False)
+
+
+def test_gradient_checkpointing_trains_the_same(tiny):
+    _, tok = tiny
+    out = []
+    for ckpt in (False, True):
+        cfg = TrainConfig(local_steps=3, batch_size=3, lr=5e-3, max_len=96, gradient_checkpointing=ckpt)
+        m, _ = load_model("tiny-llama")
+        attach_lora(m, LoraConfig(rank=4), seed=0)
+        res = train_client(m, tok, EXAMPLES, cfg, seed=0, progress=False)
+        assert not m.is_gradient_checkpointing  # switched off again after training
+        out.append((res.losses, lora_factors(m)))
+    assert out[0][0] == pytest.approx(out[1][0], abs=1e-6)
+    for n, (a, b) in out[0][1].items():
+        torch.testing.assert_close(a, out[1][1][n][0], atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(b, out[1][1][n][1], atol=1e-6, rtol=1e-5)
