@@ -5,6 +5,7 @@ Nothing here runs on import; callers ask for each effect explicitly.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -129,14 +130,21 @@ def release_heap() -> None:
     A block's weights are many tensors of a few MiB; once freed, glibc keeps them in its heap, so every
     client model built and dropped in a round would otherwise stay in the process's resident memory.
     """
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
+
+
+@functools.cache
+def _malloc_trim():
+    """glibc's ``malloc_trim``, looked up once; None where the C library has none."""
     import ctypes
     import ctypes.util
 
-    name = ctypes.util.find_library("c")
     try:
-        ctypes.CDLL(name).malloc_trim(0)
+        return ctypes.CDLL(ctypes.util.find_library("c")).malloc_trim
     except (OSError, AttributeError, TypeError):  # not glibc
-        pass
+        return None
 
 
 def peak_rss_mb() -> float:
