@@ -3,6 +3,10 @@
 An ``ExperimentConfig`` holds one section per stage (prune, lora, train, fed, data, eval). Every
 value is checked in ``__post_init__`` so a bad config fails before any model is loaded, and an
 unknown key names the closest valid one.
+
+Sizes live in YAML files, never in notebooks: ``configs/<profile>.yaml`` (``quick``, ``full``) for the
+library and the CLI, and ``configs/notebooks/<notebook>-<profile>.yaml`` for a notebook that needs other
+sizes (``notebook_config`` picks one).
 """
 
 from __future__ import annotations
@@ -10,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import re
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -191,7 +196,10 @@ class EvalConfig:
     """What is measured after training."""
 
     tasks: list[str] | None = None  # None: every task in legokit.data.TASKS
-    n: int = 20  # examples per task (the first n of the test split)
+    n: int = 20  # test items per task for the global LLMs (the models claim C1 compares)
+    n_blocks: int | None = None  # test items per task for every block (None: n); C2 compares blocks
+    items: str = "per_seed"  # per_seed: a seeded draw of the test split per run seed | first: the first n
+    scoring: str = "harness"  # choice tasks: harness (lm-eval acc / acc_norm on option text) | label
     ppl_texts: int = 32
     seq_len: int = 256
     batch_size: int = 8
@@ -205,6 +213,12 @@ class EvalConfig:
             bad = [t for t in self.tasks if t not in TASKS]
             _check(not bad, f"eval.tasks has unknown tasks {bad}: use names from {sorted(TASKS)}")
         _check(self.n >= 1, f"eval.n={self.n} must be >= 1")
+        _check(self.n_blocks is None or self.n_blocks >= 1, f"eval.n_blocks={self.n_blocks} must be >= 1 (or null: n)")
+        _check(self.items in ("per_seed", "first"), f"eval.items={self.items!r}: use per_seed or first")
+        from legokit.evaluate import SCORINGS
+
+        _check(self.scoring in SCORINGS, f"eval.scoring={self.scoring!r} is unknown: use one of {list(SCORINGS)} "
+               f"({'; '.join(f'{k}: {v}' for k, v in SCORINGS.items())})")
         _check(self.ppl_texts >= 1, f"eval.ppl_texts={self.ppl_texts} must be >= 1")
 
 
@@ -230,8 +244,18 @@ class ExperimentConfig:
     fed: FedConfig = field(default_factory=FedConfig)
     data: DataConfig = field(default_factory=DataConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    # Sizes only a notebook reads (e.g. 03's error_layer_step); the library ignores them. Plain YAML literals,
+    # so a run directory's config.yaml records them too. null reads as {}.
+    notebook: dict[str, Any] | None = field(default_factory=dict)
 
     def __post_init__(self):
+        if self.notebook is None:
+            self.notebook = {}
+        _check(isinstance(self.notebook, dict), f"notebook must be a mapping of names to values, got {self.notebook!r}")
+        for key, value in self.notebook.items():
+            _check(isinstance(key, str), f"notebook key {key!r} must be a string")
+            _check(_is_literal(value), f"notebook.{key}={value!r} must be a YAML literal (number, string, bool, "
+                                       "null, or a list / mapping of them)")
         for s in self.fed.client_sparsities or []:
             _check(any(abs(s - p) < 1e-9 for p in self.prune.sparsities),
                    f"fed.client_sparsities asks for {s} but prune.sparsities extracts only {self.prune.sparsities}")
@@ -265,11 +289,14 @@ class ExperimentConfig:
         return cls.from_dict(d or {})
 
     def with_overrides(self, overrides: list[str] | dict[str, Any]) -> ExperimentConfig:
-        """A copy with dotted overrides applied, e.g. ``["fed.rounds=3", "lora.rank=4"]``."""
+        """A copy with dotted overrides applied, e.g. ``["fed.rounds=3", "lora.rank=4", "notebook.context=512"]``."""
         d = self.to_dict()
         items = overrides.items() if isinstance(overrides, dict) else (_split_override(o) for o in overrides)
         for key, value in items:
             parts = key.split(".")
+            if parts[0] == "notebook" and len(parts) == 2:  # free-form: any name is a valid key
+                d["notebook"][parts[1]] = value
+                continue
             node, cls = d, ExperimentConfig
             for p in parts[:-1]:
                 _known_key(cls, p, key)
@@ -279,6 +306,14 @@ class ExperimentConfig:
             _known_key(cls, parts[-1], key)
             node[parts[-1]] = value
         return ExperimentConfig.from_dict(d)
+
+
+def _is_literal(value: Any) -> bool:
+    if isinstance(value, (list, tuple)):
+        return all(_is_literal(v) for v in value)
+    if isinstance(value, dict):
+        return all(isinstance(k, str) and _is_literal(v) for k, v in value.items())
+    return value is None or isinstance(value, (str, int, float, bool))
 
 
 def _split_override(text: str) -> tuple[str, Any]:
@@ -345,3 +380,32 @@ def load_config(path_or_profile: str | Path, overrides: list[str] | None = None)
         path = CONFIGS_DIR / f"{path_or_profile}.yaml"
     cfg = ExperimentConfig.from_yaml(path)
     return cfg.with_overrides(overrides) if overrides else cfg
+
+
+def notebook_config(notebook: str, profile: str, overrides: Mapping[str, Any] | list[str] | None = None
+                    ) -> ExperimentConfig:
+    """The config a notebook runs with: its own sizes when it has them, else the shipped profile.
+
+    One rule: ``configs/notebooks/<notebook>-<profile>.yaml`` when that file exists, else
+    ``configs/<profile>.yaml``. Notebook parameters (seed, tasks, sparsities, ...) go in ``overrides``.
+
+    Args:
+        notebook: the notebook's file stem, number included, e.g. ``"04_lego_experiment"``.
+        profile: ``"quick"``, ``"full"``, or another profile that has a file.
+        overrides: dotted overrides applied last, as in ``ExperimentConfig.with_overrides``.
+    Returns:
+        the validated ``ExperimentConfig``.
+    Raises:
+        LegokitError: neither file exists (the message names both and the profiles there are), or the
+            file or an override is invalid.
+    """
+    own = CONFIGS_DIR / "notebooks" / f"{notebook}-{profile}.yaml"
+    shared = CONFIGS_DIR / f"{profile}.yaml"
+    path = own if own.is_file() else shared
+    if not path.is_file():
+        found = {p.stem for p in CONFIGS_DIR.glob("*.yaml")}
+        found |= {p.stem.removeprefix(f"{notebook}-") for p in (CONFIGS_DIR / "notebooks").glob(f"{notebook}-*.yaml")}
+        raise LegokitError(f"no config for notebook {notebook!r}, profile {profile!r}: looked for {own} and {shared}; "
+                           f"profiles found: {sorted(found)}")
+    cfg = ExperimentConfig.from_yaml(path)
+    return cfg.with_overrides(dict(overrides) if isinstance(overrides, Mapping) else overrides) if overrides else cfg

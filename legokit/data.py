@@ -62,7 +62,9 @@ class Example:
 
     ``prompt`` is the user message (no chat template; ``render`` adds it); ``response`` the gold
     response used for training. Choice tasks set ``choices`` (the labels the model answers with) and
-    ``answer_index``; generative tasks set ``answers`` (every accepted gold answer).
+    ``answer_index``; generative tasks set ``answers`` (every accepted gold answer). Choice tasks also
+    carry the field's cloze form: ``context`` (``"Question: ...\nAnswer:"``, no chat template) and
+    ``options`` (each option's text), scored as lm-evaluation-harness scores multiple choice.
     """
 
     task: str
@@ -72,6 +74,8 @@ class Example:
     answer_index: int | None = None
     uid: str = ""
     answers: tuple[str, ...] = ()
+    context: str = ""  # choice tasks: the plain (non-chat) context of lm-eval-style option scoring
+    options: tuple[str, ...] = ()  # choice tasks: each option's own text, in ``choices`` order
 
 
 @dataclass(frozen=True)
@@ -143,7 +147,10 @@ def _build_boolq(r: dict) -> Example:
     prompt = f"{title}{_clip(r['passage'], PASSAGE_CHARS)}\n\nQuestion: {_as_question(r['question'])}\n" \
              "Answer yes or no."
     idx = 0 if r["answer"] else 1
-    return Example("boolq", prompt, ("yes", "no")[idx], ("yes", "no"), idx, r["uid"])
+    # The cloze context follows lm-eval's boolq ("{passage}\nQuestion: {question}?\nAnswer:").
+    context = f"{_clip(r['passage'], PASSAGE_CHARS)}\nQuestion: {_as_question(r['question'])}\nAnswer:"
+    return Example("boolq", prompt, ("yes", "no")[idx], ("yes", "no"), idx, r["uid"], context=context,
+                   options=("yes", "no"))
 
 
 def _parse_nq(row: dict) -> dict | None:
@@ -186,7 +193,10 @@ def _choice_builder(task: str, stem: Callable[[str], str], instruction: str) -> 
     def build(r: dict) -> Example:
         letters = tuple(LETTERS[: len(r["options"])])
         prompt = _choice_prompt(stem(r["question"]), r["options"], instruction)
-        return Example(task, prompt, letters[r["answer_index"]], letters, r["answer_index"], r["uid"])
+        # The cloze context (lm-eval's piqa, and the "cloze" form of MMLU / CommonsenseQA): the option texts
+        # are the continuations, so the score is the model's knowledge, not its answer-format following.
+        return Example(task, prompt, letters[r["answer_index"]], letters, r["answer_index"], r["uid"],
+                       context=f"Question: {_clean(r['question'])}\nAnswer:", options=tuple(r["options"]))
 
     return build
 

@@ -22,6 +22,8 @@ positions are computed, which keeps the 49k-vocabulary projection small on CPU.
 from __future__ import annotations
 
 import collections
+import math
+import random
 import re
 import string
 from collections.abc import Iterator, Mapping, Sequence
@@ -33,6 +35,13 @@ import torch.nn.functional as F
 
 from legokit.data import TASKS, Example, choice_ids, load_task, prompt_ids, render, tokenize_example
 from legokit.utils import LegokitError, progress_bar
+
+# How choice tasks are scored (``score_items``): the field's convention, and the answer-label convention.
+SCORINGS = {
+    "harness": "lm-evaluation-harness multiple choice: log-likelihood of each option's text after a plain "
+               "cloze context (acc, acc_norm)",
+    "label": "log-probability of each answer label (yes/no, A-E) as the response to the chat prompt",
+}
 
 # ---------------------------------------------------------------- string metrics
 
@@ -153,33 +162,108 @@ def _left_pad(seqs: Sequence[Sequence[int]], pad: int, device) -> tuple[torch.Te
     return ids.to(device), mask.to(device)
 
 
-def _tail_logprobs(model, seqs: Sequence[Sequence[int]], keep: int, pad: int) -> torch.Tensor:
-    """Log-probabilities at the last ``keep`` positions of each left-padded sequence: (B, keep, V)."""
-    ids, mask = _left_pad(seqs, pad, _device(model))
-    pos = (mask.cumsum(-1) - 1).clamp(min=0)  # real tokens get 0.. regardless of padding
-    logits = model(input_ids=ids, attention_mask=mask, position_ids=pos, logits_to_keep=keep).logits
-    return torch.log_softmax(logits[:, -keep:].float(), dim=-1)
+# ---------------------------------------------------------------- the scorer
+
+# A scoring request: one prefix and the continuations scored after it, ``(prefix_ids, [continuation_ids])``.
+Request = tuple[list[int], list[list[int]]]
 
 
-def _continuation_scores(model, pairs: Sequence[tuple[list[int], list[int]]], pad: int,
-                         batch_size: int, bar=None) -> list[tuple[float, int]]:
-    """``[(sum log p(continuation | prompt), n tokens)]`` for ``(prompt_ids, continuation_ids)`` pairs."""
-    out: list[tuple[float, int]] = [(0.0, 0)] * len(pairs)
-    order = sorted(range(len(pairs)), key=lambda i: -(len(pairs[i][0]) + len(pairs[i][1])))
-    for b in range(0, len(order), batch_size):
-        chunk = order[b: b + batch_size]
-        seqs = [pairs[i][0] + pairs[i][1] for i in chunk]
-        keep = max(len(pairs[i][1]) for i in chunk) + 1
-        logp = _tail_logprobs(model, seqs, keep, pad)  # (B, keep, V)
-        for row, i in enumerate(chunk):
-            cont = pairs[i][1]
-            m = len(cont)
-            # token t of the continuation is predicted at position keep-1-m+t of the tail
-            steps = logp[row, keep - 1 - m: keep - 1]
-            tgt = torch.tensor(cont, device=steps.device)
-            out[i] = (steps.gather(-1, tgt[:, None]).sum().item(), m)
+def _layout(req: Request) -> tuple[list[int], list[int], list[int], list[tuple[int, int, int]]]:
+    """One request as a token tree: ``(ids, branch, depth, targets)``.
+
+    The prefix is laid out once, then each continuation's tokens but its last (nothing is predicted after the
+    last one). ``branch`` is 0 on the prefix and ``j + 1`` on continuation ``j``; ``depth`` is the position id
+    (a continuation token sits right after the prefix, whatever continuations come before it in the layout).
+    ``targets`` lists ``(continuation j, token t, layout index of the hidden state that predicts it)``.
+    """
+    prefix, conts = req
+    ids, branch, depth = list(prefix), [0] * len(prefix), list(range(len(prefix)))
+    targets = []
+    for j, cont in enumerate(conts):
+        at = len(prefix) - 1  # the first token is predicted by the prefix's last state
+        for t, tok in enumerate(cont):
+            targets.append((j, t, at))
+            if t < len(cont) - 1:
+                at = len(ids)
+                ids.append(tok)
+                branch.append(j + 1)
+                depth.append(len(prefix) + t)
+    return ids, branch, depth, targets
+
+
+def _pack(lengths: Sequence[int], capacity: int) -> list[list[int]]:
+    """First-fit-decreasing bin packing of request lengths into rows of ``capacity`` tokens (index lists)."""
+    rows: list[list[int]] = []
+    free: list[int] = []
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        for r, room in enumerate(free):
+            if lengths[i] <= room:
+                rows[r].append(i)
+                free[r] -= lengths[i]
+                break
+        else:
+            rows.append([i])
+            free.append(max(capacity, lengths[i]) - lengths[i])
+    return rows
+
+
+def score_requests(model, requests: Sequence[Request], *, row_tokens: int = 384, batch_tokens: int = 3072,
+                   bar=None) -> list[list[float]]:
+    """Summed log-probability of every continuation after its prefix: ``[[log p(cont_j | prefix)]]``.
+
+    The fast path of every likelihood score. Requests are packed without padding into rows of about
+    ``row_tokens`` tokens (first-fit decreasing; a longer request gets a row of its own), rows into forwards of
+    about ``batch_tokens`` tokens. Inside a row a block-diagonal tree mask lets each continuation attend to its
+    own prefix and its own earlier tokens, so a prefix shared by several options is computed once and one
+    option never sees another. The vocabulary projection runs only on the hidden states that predict a
+    continuation token. Exact up to float rounding: every token sees exactly the context it would see alone.
+    """
+    if any(not p for p, _ in requests):
+        raise LegokitError("a scoring request has an empty prefix; start it with a BOS/EOS token")
+    layouts = [_layout(r) for r in requests]
+    rows = _pack([len(lay[0]) for lay in layouts], row_tokens)
+    rows.sort(key=lambda r: -sum(len(layouts[i][0]) for i in r))  # similar widths share a forward
+    decoder, head = model.get_decoder(), model.get_output_embeddings()
+    device = _device(model)
+    out: list[list[float]] = [[0.0] * len(r[1]) for r in requests]
+    b = 0
+    while b < len(rows):
+        width = sum(len(layouts[i][0]) for i in rows[b])
+        n_rows = max(1, min(len(rows) - b, batch_tokens // max(width, 1)))
+        batch = rows[b: b + n_rows]
+        b += n_rows
+        ids = torch.zeros((len(batch), width), dtype=torch.long)
+        pos = torch.zeros((len(batch), width), dtype=torch.long)
+        seg = torch.full((len(batch), width), -1, dtype=torch.long)  # which request a token belongs to
+        br = torch.zeros((len(batch), width), dtype=torch.long)
+        where: list[tuple[int, int, int, int, int]] = []  # (request, cont j, token t, row, column)
+        for r, members in enumerate(batch):
+            col = 0
+            for i in members:
+                tok_ids, branch, depth, targets = layouts[i]
+                n = len(tok_ids)
+                ids[r, col: col + n] = torch.tensor(tok_ids)
+                pos[r, col: col + n] = torch.tensor(depth)
+                seg[r, col: col + n] = i
+                br[r, col: col + n] = torch.tensor(branch)
+                where += [(i, j, t, r, col + at) for j, t, at in targets]
+                col += n
+        # (B, T, T): same request, causal in layout order, and the key is on the prefix or on the query's branch
+        idx = torch.arange(width)
+        mask = (seg[:, :, None] == seg[:, None, :]) & (idx[None, :, None] >= idx[None, None, :])
+        mask &= (br[:, None, :] == 0) | (br[:, None, :] == br[:, :, None])
+        mask |= torch.eye(width, dtype=torch.bool)[None]  # padding attends to itself: no empty softmax row
+        hidden = decoder(input_ids=ids.to(device), attention_mask=mask[:, None].to(device),
+                         position_ids=pos.to(device)).last_hidden_state  # (B, T, D)
+        rows_t = torch.tensor([w[3] for w in where], device=device)
+        cols_t = torch.tensor([w[4] for w in where], device=device)
+        logp = torch.log_softmax(head(hidden[rows_t, cols_t]).float(), dim=-1)  # (K, V), K = scored tokens
+        tgt = torch.tensor([requests[i][1][j][t] for i, j, t, _, _ in where], device=device)
+        picked = logp.gather(-1, tgt[:, None])[:, 0].tolist()
+        for (i, j, _, _, _), v in zip(where, picked, strict=True):
+            out[i][j] += v
         if bar is not None:
-            bar.update(len(chunk))
+            bar.update(len({i for r in batch for i in r}))
     return out
 
 
@@ -224,6 +308,13 @@ def perplexity(model, tokenizer, texts: Sequence[str], seq_len: int = 256, batch
     The windows do not overlap; the first token of each has no context and is not scored; a final
     shorter window is kept when it has at least two tokens.
     """
+    windows = window_nlls(model, tokenizer, texts, seq_len, batch_size)
+    return float(math.exp(sum(s for s, _ in windows) / sum(n for _, n in windows)))
+
+
+def window_nlls(model, tokenizer, texts: Sequence[str], seq_len: int = 256,
+                batch_size: int = 8) -> list[tuple[float, int]]:
+    """``[(summed NLL, predicted tokens)]`` per window of ``perplexity``: the per-item records of held-out text."""
     if not texts:
         raise LegokitError("perplexity needs at least one text")
     if seq_len < 2:
@@ -235,7 +326,7 @@ def perplexity(model, tokenizer, texts: Sequence[str], seq_len: int = 256, batch
     windows = [stream[i: i + seq_len] for i in range(0, len(stream), seq_len)]
     windows = [w for w in windows if len(w) >= 2]
     device = _device(model)
-    total, count = 0.0, 0
+    out: list[tuple[float, int]] = []
     with _eval_mode(model):
         batches = [windows[i: i + batch_size] for i in range(0, len(windows), batch_size)]
         for batch in progress_bar(batches, desc="perplexity", leave=False):
@@ -246,9 +337,9 @@ def perplexity(model, tokenizer, texts: Sequence[str], seq_len: int = 256, batch
                 ids = torch.tensor(group, device=device)  # (B, T)
                 logits = model(input_ids=ids).logits
                 for row in range(ids.shape[0]):  # per row keeps the fp32 log-softmax copy small
-                    total += F.cross_entropy(logits[row, :-1].float(), ids[row, 1:], reduction="sum").item()
-                    count += ids.shape[1] - 1
-    return float(torch.exp(torch.tensor(total / count)))
+                    nll = F.cross_entropy(logits[row, :-1].float(), ids[row, 1:], reduction="sum").item()
+                    out.append((nll, ids.shape[1] - 1))
+    return out
 
 
 def _kind(task: str, examples: Sequence[Example]) -> str:
@@ -257,65 +348,188 @@ def _kind(task: str, examples: Sequence[Example]) -> str:
     return "choice" if examples and examples[0].choices else "generate"
 
 
-def evaluate_examples(model, tokenizer, task: str, examples: Sequence[Example], batch_size: int = 8,
-                      bar=None) -> dict[str, float]:
-    """Metrics of one task on given examples (see the module docstring for what each metric is)."""
+def harness_requests(example: Example, tokenizer) -> Request:
+    """The option-scoring request of a choice example as lm-evaluation-harness builds it (``HFLM._encode_pair``).
+
+    Each continuation is ``" " + option`` (the target delimiter) after the plain ``example.context``; trailing
+    whitespace of the context moves onto the continuation; the continuation's ids are those of
+    ``context + continuation`` after the context's own ids; no special tokens.
+    """
+    if not example.context or not example.options:
+        raise LegokitError(f"example {example.uid or example.prompt[:40]!r} of {example.task!r} has no cloze form "
+                           "(context and options); harness scoring needs a choice task from legokit.data.TASKS")
+    context = example.context.rstrip()
+    space = example.context[len(context):]
+    ctx = _ids(tokenizer, context)
+    conts = []
+    for option in example.options:
+        whole = _ids(tokenizer, context + space + " " + option)
+        conts.append(whole[len(ctx):])
+    return ctx, conts
+
+
+def _ids(tokenizer, text: str) -> list[int]:
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def _argmax(xs: Sequence[float]) -> int:
+    return max(range(len(xs)), key=xs.__getitem__)  # the first maximum, as numpy.argmax
+
+
+def _margin(scores: Sequence[float], gold: int) -> float:
+    others = [v for j, v in enumerate(scores) if j != gold]
+    return scores[gold] - max(others) if others else math.inf
+
+
+def score_items(model, tokenizer, task: str, examples: Sequence[Example], *, scoring: str = "label",
+                batch_size: int = 8, bar=None) -> list[dict]:
+    """One record per example: what the model predicted, whether it was right, and how sure it was.
+
+    Args:
+        scoring: for choice tasks, ``"label"`` (the chat prompt training uses; each answer label is scored as
+            the response) or ``"harness"`` (lm-evaluation-harness's multiple choice: each option's own text after
+            the plain cloze context, ``acc`` and ``acc_norm``). Generative tasks are scored the same under both.
+        batch_size: sequences per generation call (likelihoods are packed by tokens, see ``score_requests``).
+    Returns:
+        dicts with ``uid, task, scoring, prediction`` (option index, or the generated answer), ``correct`` (the
+        item's primary metric: 1/0 accuracy, token F1, exact match or ROUGE-L), ``nll`` (mean negative
+        log-likelihood per token of the gold response: the chat response under ``label`` and for generative
+        tasks, the gold option's text under ``harness``), ``tokens`` (its token count), ``margin`` (choice: summed
+        log-probability of the gold option minus the best other option; > 0 iff right, ties aside) and
+        ``option_logprobs``; ``harness`` adds ``acc_norm``; generative tasks add their metrics.
+    """
+    if scoring not in SCORINGS:
+        raise LegokitError(f"unknown scoring {scoring!r}: use one of {list(SCORINGS)}")
     if not examples:
         raise LegokitError(f"no examples to evaluate for task {task!r}")
     kind = _kind(task, examples)
-    pad = _pad_id(tokenizer)
-    tokens = [tokenize_example(ex, tokenizer) for ex in examples]
-    metrics: dict[str, float] = {}
+    base = [{"uid": ex.uid, "task": task, "scoring": scoring} for ex in examples]
 
     if kind == "choice":
-        options = [choice_ids(ex, tokenizer) for ex in examples]
-        fast = [all(len(o) == 1 for o in opts) and len({o[0] for o in opts}) == len(opts) for opts in options]
-        # One forward of prompt + gold response gives the NLL and, for single-token labels, every option.
-        nll_sum, nll_tok, correct = 0.0, 0, 0
-        order = sorted(range(len(examples)), key=lambda i: -(len(tokens[i][0]) + len(tokens[i][1])))
-        option_scores: dict[int, list[float]] = {}
-        for b in range(0, len(order), batch_size):
-            chunk = order[b: b + batch_size]
-            keep = max(len(tokens[i][1]) for i in chunk) + 1
-            logp = _tail_logprobs(model, [tokens[i][0] + tokens[i][1] for i in chunk], keep, pad)
-            for row, i in enumerate(chunk):
-                resp = tokens[i][1]
-                m = len(resp)
-                steps = logp[row, keep - 1 - m: keep - 1]  # (m, V): predictions of the response tokens
-                nll_sum -= steps.gather(-1, torch.tensor(resp, device=steps.device)[:, None]).sum().item()
-                nll_tok += m
-                if fast[i]:
-                    option_scores[i] = [steps[0, o[0]].item() for o in options[i]]
-            if bar is not None:
-                bar.update(len(chunk))
-        slow = [(i, j) for i in range(len(examples)) if not fast[i] for j in range(len(options[i]))]
-        if slow:
-            scores = _continuation_scores(model, [(tokens[i][0], options[i][j]) for i, j in slow], pad,
-                                          batch_size)
-            for (i, _), (s, _) in zip(slow, scores, strict=True):
-                option_scores.setdefault(i, []).append(s)
-        for i, ex in enumerate(examples):
-            s = option_scores[i]
-            correct += int(max(range(len(s)), key=s.__getitem__) == ex.answer_index)
-        metrics["accuracy"] = correct / len(examples)
-        metrics["nll"] = nll_sum / nll_tok
-        return metrics
+        if scoring == "harness":
+            requests = [harness_requests(ex, tokenizer) for ex in examples]
+            sums = score_requests(model, requests, bar=bar)
+            out = []
+            for rec, ex, (_, conts), opts in zip(base, examples, requests, sums, strict=True):
+                gold = ex.answer_index
+                norm = [v / len(o) for v, o in zip(opts, ex.options, strict=True)]  # lm-eval: characters
+                pred = _argmax(opts)
+                out.append({**rec, "prediction": pred, "correct": float(pred == gold),
+                            "acc_norm": float(_argmax(norm) == gold), "nll": -opts[gold] / len(conts[gold]),
+                            "tokens": len(conts[gold]), "margin": _margin(opts, gold), "option_logprobs": opts})
+            return out
+        # label: the gold response (label + end of turn) gives the NLL, each label its option score
+        requests = []
+        for ex in examples:
+            prompt, response = tokenize_example(ex, tokenizer)
+            requests.append((prompt, [response, *choice_ids(ex, tokenizer)]))
+        sums = score_requests(model, requests, bar=bar)
+        out = []
+        for rec, ex, (_, conts), got in zip(base, examples, requests, sums, strict=True):
+            opts, gold = got[1:], ex.answer_index
+            pred = _argmax(opts)
+            out.append({**rec, "prediction": pred, "correct": float(pred == gold), "nll": -got[0] / len(conts[0]),
+                        "tokens": len(conts[0]), "margin": _margin(opts, gold), "option_logprobs": opts})
+        return out
 
-    scores = _continuation_scores(model, tokens, pad, batch_size, bar)
-    metrics_nll = -sum(s for s, _ in scores) / sum(m for _, m in scores)
+    tokens = [tokenize_example(ex, tokenizer) for ex in examples]
+    sums = score_requests(model, [(p, [r]) for p, r in tokens], bar=bar)
     budget = TASKS[task].max_new_tokens if task in TASKS else 16
     preds = _generate(model, tokenizer, [p for p, _ in tokens], budget, batch_size, bar)
-    golds = [ex.answers or (ex.response,) for ex in examples]
-    if kind == "summarize":
-        metrics["rouge_l"] = sum(max(rouge_l(p, g) for g in gs) for p, gs in zip(preds, golds, strict=True))
-        metrics["rouge_l"] /= len(examples)
-    else:
-        preds = [p.strip().split("\n")[0] for p in preds]  # short answers: the first line is the answer
-        em = number_match if task == "asdiv" else exact_match
-        metrics["exact_match"] = sum(em(p, g) for p, g in zip(preds, golds, strict=True)) / len(examples)
-        metrics["f1"] = sum(token_f1(p, g) for p, g in zip(preds, golds, strict=True)) / len(examples)
-    metrics["nll"] = metrics_nll
-    return metrics
+    out = []
+    for rec, ex, (_, resp), (nll_sum,), pred in zip(base, examples, tokens, sums, preds, strict=True):
+        golds = ex.answers or (ex.response,)
+        item = {**rec, "nll": -nll_sum / len(resp), "tokens": len(resp), "margin": None}
+        if kind == "summarize":
+            item.update(prediction=pred, rouge_l=max(rouge_l(pred, g) for g in golds))
+        else:
+            pred = pred.strip().split("\n")[0]  # short answers: the first line is the answer
+            em = number_match if task == "asdiv" else exact_match
+            item.update(prediction=pred, exact_match=em(pred, golds), f1=token_f1(pred, golds))
+        item["correct"] = item[TASKS[task].primary if task in TASKS else "exact_match"]
+        out.append(item)
+    return out
+
+
+def summarize(task: str, records: Sequence[dict]) -> dict[str, float]:
+    """A task's metrics from its per-item records: the mean of each per-item metric over the items."""
+    if not records:
+        raise LegokitError(f"no records to summarize for task {task!r}")
+    names = ["accuracy", "acc_norm", "nll"] if "option_logprobs" in records[0] else \
+        [m for m in ("exact_match", "f1", "rouge_l", "nll") if m in records[0]]
+    out = {}
+    for name in names:
+        key = "correct" if name == "accuracy" else name
+        if key not in records[0]:
+            continue
+        vals = [float(r[key]) for r in records]
+        bad = [r["uid"] for r, v in zip(records, vals, strict=True) if not math.isfinite(v)]
+        if bad:
+            raise LegokitError(f"task {task!r}: {name} is not finite for item(s) {bad[:3]}; the model produced "
+                               "NaN/inf log-probabilities (check the weights, e.g. a diverged LoRA update)")
+        out[name] = sum(vals) / len(vals)
+    return out
+
+
+def evaluate_examples(model, tokenizer, task: str, examples: Sequence[Example], batch_size: int = 8,
+                      bar=None, scoring: str = "label") -> dict[str, float]:
+    """Metrics of one task on given examples (``summarize`` over ``score_items``)."""
+    return summarize(task, score_items(model, tokenizer, task, examples, scoring=scoring, batch_size=batch_size,
+                                       bar=bar))
+
+
+def select_items(examples: Sequence[Example], n: int | None, draw_seed: int | None = None) -> list[Example]:
+    """The test items to score: the first ``n`` (``draw_seed=None``; the splits are pre-shuffled) or a seeded
+    random sample of ``n`` (a different draw per seed, the same draw for every model of one seed)."""
+    examples = list(examples)
+    if n is None or n >= len(examples):
+        return examples
+    if draw_seed is None:
+        return examples[:n]
+    task = examples[0].task if examples else ""
+    picked = sorted(random.Random(f"legokit-eval-{task}-{draw_seed}").sample(range(len(examples)), n))
+    return [examples[i] for i in picked]
+
+
+def score_tasks(
+    model,
+    tokenizer,
+    tasks: str | Sequence[str] | Mapping[str, Sequence[Example]],
+    split: str = "test",
+    n: int | None = None,
+    batch_size: int = 8,
+    seed: int = 0,
+    scoring: str = "label",
+    draw_seed: int | None = None,
+) -> dict[str, list[dict]]:
+    """Per-item records (``score_items``) of a model on tasks: ``{task: [record, ...]}``.
+
+    Args:
+        tasks: task names (loaded with ``load_task(name, split)``) or ``{task: examples}``.
+        split: which prepared split to read for named tasks.
+        n: score ``n`` examples of each task (``select_items``): the first ``n``, or a sample drawn with
+            ``draw_seed``.
+        batch_size: sequences per generate call.
+        seed: seeds a private torch RNG for the duration (greedy scoring uses none; kept for safety).
+        scoring: ``"label"`` or ``"harness"`` (``SCORINGS``).
+    """
+    if n is not None and n < 1:
+        raise LegokitError(f"n={n}; use a positive number of examples per task, or None for all")
+    if batch_size < 1:
+        raise LegokitError(f"batch_size={batch_size}; use at least 1")
+    if scoring not in SCORINGS:
+        raise LegokitError(f"unknown scoring {scoring!r}: use one of {list(SCORINGS)}")
+    if isinstance(tasks, str):
+        tasks = [tasks]
+    data = dict(tasks) if isinstance(tasks, Mapping) else {t: load_task(t, split) for t in tasks}
+    data = {t: select_items(exs, n, draw_seed) for t, exs in data.items()}
+    total = sum(len(exs) * (1 if _kind(t, exs) == "choice" else 2) for t, exs in data.items())
+    out: dict[str, list[dict]] = {}
+    with _eval_mode(model, seed), progress_bar(total=total, desc="evaluate", leave=False) as bar:
+        for task, exs in data.items():
+            bar.set_postfix_str(task)
+            out[task] = score_items(model, tokenizer, task, exs, scoring=scoring, batch_size=batch_size, bar=bar)
+    return out
 
 
 def evaluate_tasks(
@@ -326,31 +540,15 @@ def evaluate_tasks(
     n: int | None = None,
     batch_size: int = 8,
     seed: int = 0,
+    scoring: str = "label",
+    draw_seed: int | None = None,
 ) -> dict[str, dict[str, float]]:
-    """Score a model on tasks.
+    """Score a model on tasks (``score_tasks``, then ``summarize`` per task).
 
-    Args:
-        tasks: task names (loaded with ``load_task(name, split)``) or ``{task: examples}``.
-        split: which prepared split to read for named tasks.
-        n: score only the first ``n`` examples of each task (splits are pre-shuffled: deterministic).
-        batch_size: sequences per forward / generate call.
-        seed: seeds a private torch RNG for the duration (greedy scoring uses none; kept for safety).
     Returns:
-        ``{task: {metric: value}}``; metrics are ``accuracy`` (choice), ``exact_match`` and ``f1``
-        (nq_open, asdiv), ``rouge_l`` (xsum), all in [0, 1], and ``nll`` for every task.
+        ``{task: {metric: value}}``; metrics are ``accuracy`` (choice; ``acc`` under harness scoring, which adds
+        ``acc_norm``), ``exact_match`` and ``f1`` (nq_open, asdiv), ``rouge_l`` (xsum), all in [0, 1], and
+        ``nll`` for every task (the item mean of each item's per-token NLL).
     """
-    if n is not None and n < 1:
-        raise LegokitError(f"n={n}; use a positive number of examples per task, or None for all")
-    if batch_size < 1:
-        raise LegokitError(f"batch_size={batch_size}; use at least 1")
-    if isinstance(tasks, str):
-        tasks = [tasks]
-    data = dict(tasks) if isinstance(tasks, Mapping) else {t: load_task(t, split) for t in tasks}
-    data = {t: list(exs)[:n] if n is not None else list(exs) for t, exs in data.items()}
-    total = sum(len(exs) * (1 if _kind(t, exs) == "choice" else 2) for t, exs in data.items())
-    results: dict[str, dict[str, float]] = {}
-    with _eval_mode(model, seed), progress_bar(total=total, desc="evaluate", leave=False) as bar:
-        for task, exs in data.items():
-            bar.set_postfix_str(task)
-            results[task] = evaluate_examples(model, tokenizer, task, exs, batch_size, bar)
-    return results
+    records = score_tasks(model, tokenizer, tasks, split, n, batch_size, seed, scoring, draw_seed)
+    return {task: summarize(task, recs) for task, recs in records.items()}

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from legokit.config import ExperimentConfig
-from legokit.utils import LegokitError, atomic_write_json, peak_rss_mb, seed_everything
+from legokit.utils import LegokitError, atomic_write_json, atomic_write_text, peak_rss_mb, seed_everything
 
 # The conditions of the LEGO experiment (issue: do heterogeneous SLM clients rebuild a robust LLM?).
 # Each maps to overrides of one base config, so every condition shares seeds, data and budget.
@@ -38,6 +38,10 @@ def condition_config(cfg: ExperimentConfig, condition: str) -> ExperimentConfig:
     return cfg.with_overrides(over) if over else cfg
 
 
+# The task name of held-out-text windows in per-item files (``score_model``).
+HELDOUT = "heldout_text"
+
+
 def primary_metric(task: str) -> str:
     """The headline metric of a task (the one averaged into ``mean_score``)."""
     from legokit.data import TASKS
@@ -45,19 +49,41 @@ def primary_metric(task: str) -> str:
     return TASKS[task].primary
 
 
-def score_model(model, tokenizer, cfg: ExperimentConfig, progress: bool = True) -> dict:
-    """Task scores, their mean over primary metrics, and held-out corpus perplexity."""
+def score_model(model, tokenizer, cfg: ExperimentConfig, progress: bool = True, *, n: int | None = None,
+                items_file: str | Path | None = None) -> dict:
+    """Task scores, their mean over primary metrics, and held-out corpus perplexity.
+
+    Args:
+        n: test items per task (default ``cfg.eval.n``); drawn per seed when ``cfg.eval.items == "per_seed"``.
+        items_file: where to write the per-item records (JSON lines, one per test item, ``task`` and ``uid``
+            included), so two models can be compared item by item; its name is recorded under ``items``.
+    Returns:
+        ``{"tasks": {task: metrics}, "primary": {task: value}, "mean_score", "perplexity", "scoring", "n",
+        "items"}``.
+    """
     from legokit.data import TASKS, eval_texts
-    from legokit.evaluate import evaluate_tasks, perplexity
+    from legokit.evaluate import score_tasks, summarize, window_nlls
 
     tasks = cfg.eval.tasks or list(TASKS)
-    scores = evaluate_tasks(model, tokenizer, tasks, split="test", n=cfg.eval.n,
-                            batch_size=cfg.eval.batch_size, seed=cfg.seed)
-    ppl = perplexity(model, tokenizer, eval_texts(cfg.eval.ppl_texts, seed=cfg.seed), seq_len=cfg.eval.seq_len,
-                     batch_size=cfg.eval.batch_size)
+    n = cfg.eval.n if n is None else n
+    draw = cfg.seed if cfg.eval.items == "per_seed" else None
+    records = score_tasks(model, tokenizer, tasks, split="test", n=n, batch_size=cfg.eval.batch_size,
+                          seed=cfg.seed, scoring=cfg.eval.scoring, draw_seed=draw)
+    scores = {t: summarize(t, recs) for t, recs in records.items()}
+    windows = window_nlls(model, tokenizer, eval_texts(cfg.eval.ppl_texts, seed=cfg.seed), seq_len=cfg.eval.seq_len,
+                          batch_size=cfg.eval.batch_size)
+    ppl = float(np.exp(sum(s for s, _ in windows) / sum(k for _, k in windows)))
+    # held-out text as items too: a window's mean NLL (C3 compares perplexities window by window)
+    records[HELDOUT] = [{"uid": f"window-{i:03d}", "task": HELDOUT, "nll": s / k, "tokens": k}
+                        for i, (s, k) in enumerate(windows)]
     primary = {t: scores[t][primary_metric(t)] for t in tasks}
-    return {"tasks": scores, "primary": primary, "mean_score": float(np.mean(list(primary.values()))),
-            "perplexity": ppl}
+    out = {"tasks": scores, "primary": primary, "mean_score": float(np.mean(list(primary.values()))),
+           "perplexity": ppl, "scoring": cfg.eval.scoring, "n": n}
+    if items_file is not None:
+        items_file = Path(items_file)
+        atomic_write_text(items_file, "".join(json.dumps(r) + "\n" for recs in records.values() for r in recs))
+        out["items"] = items_file.name
+    return out
 
 
 def client_partitions(cfg: ExperimentConfig) -> list[list]:
@@ -138,7 +164,7 @@ def run_experiment(cfg: ExperimentConfig, out_dir: str | Path, *, resume: bool =
         if resume and base_file.is_file():
             results["base"] = json.loads(base_file.read_text())
         else:
-            results["base"] = score_model(llm, tok, cfg, progress)
+            results["base"] = score_model(llm, tok, cfg, progress, items_file=out / "items" / "base.jsonl")
             atomic_write_json(base_file, results["base"])
         timings["eval_base"] = time.time() - t
 
@@ -158,7 +184,7 @@ def run_experiment(cfg: ExperimentConfig, out_dir: str | Path, *, resume: bool =
         results["global"] = results["base"]
     elif cfg.fed.aggregator != "local":
         with global_model(server) as model:
-            results["global"] = score_model(model, tok, cfg, progress)
+            results["global"] = score_model(model, tok, cfg, progress, items_file=out / "items" / "global.jsonl")
     clients = []
     for k in range(cfg.fed.num_clients):
         tasks = sorted({ex.task for ex in partitions[k]})
@@ -173,8 +199,10 @@ def run_experiment(cfg: ExperimentConfig, out_dir: str | Path, *, resume: bool =
             key = k if cfg.fed.aggregator == "local" else server.assignment[k]
             if key not in scored:
                 client = k if cfg.fed.aggregator == "local" else None
+                label = f"block-{blocks[server.assignment[k]].id}" + ("" if client is None else f"-client{k}")
                 with block_model(server, server.assignment[k], client) as model:
-                    scored[key] = score_model(model, tok, cfg, progress)
+                    scored[key] = score_model(model, tok, cfg, progress, n=cfg.eval.n_blocks,
+                                              items_file=out / "items" / f"{label}.jsonl")
             own = set(clients[k]["tasks"])
             prim = scored[key]["primary"]
             clients[k]["scores"] = scored[key]

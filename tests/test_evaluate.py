@@ -113,19 +113,21 @@ def test_choice_accuracy_matches_brute_force_option_scores(tiny, labels):
     assert evaluate_tasks(model, tok, {"boolq": wrong}, batch_size=3)["boolq"]["accuracy"] == 0.0
 
 
-def test_nll_is_the_mean_response_token_nll_for_any_batch_size(tiny):
+def test_nll_is_the_item_mean_of_response_token_nll_for_any_batch_size(tiny):
     model, tok = tiny
     examples = [Example("nq_open", q, ans, uid=str(i), answers=(ans,))
                 for i, (q, ans) in enumerate(zip(PROMPTS, ["Paris", "yes it is", "x", "four legs", "4"], strict=True))]
     parts = [_brute_nll(model, tok, e) for e in examples]
-    expected = sum(s for s, _ in parts) / sum(n for _, n in parts)
+    # each item's mean NLL per response token, then the mean over items (responses of 1-4 tokens: a
+    # token-weighted mean would differ)
+    expected = sum(s / n for s, n in parts) / len(parts)
     for bs in (1, 2, 8):
         got = evaluate_tasks(model, tok, {"nq_open": examples}, batch_size=bs)["nq_open"]["nll"]
         assert got == pytest.approx(expected, rel=1e-4), bs
     choice = _choice_examples(("A", "B"))
     parts = [_brute_nll(model, tok, e) for e in choice]
     got = evaluate_tasks(model, tok, {"mmlu": choice}, batch_size=4)["mmlu"]["nll"]
-    assert got == pytest.approx(sum(s for s, _ in parts) / sum(n for _, n in parts), rel=1e-4)
+    assert got == pytest.approx(sum(s / n for s, n in parts) / len(parts), rel=1e-4)
 
 
 def test_batched_generation_matches_one_at_a_time(tiny):
@@ -260,3 +262,103 @@ def test_default_llm_perplexity_on_held_out_wikipedia(llm):
     model, tok = llm
     ppl = perplexity(model, tok, eval_texts(8), seq_len=256)
     assert 5.0 < ppl < 80.0  # measured ~28 on 32 paragraphs
+
+
+# ---------------------------------------------------------------- the packed scorer and harness scoring
+
+
+def test_packed_scorer_matches_one_unpadded_forward_per_continuation(tiny):
+    import random
+
+    from legokit.evaluate import score_requests
+
+    model, _ = tiny
+    vocab, rng = model.config.vocab_size, random.Random(0)
+    requests = [([rng.randrange(vocab) for _ in range(rng.randrange(1, 40))],
+                 [[rng.randrange(vocab) for _ in range(rng.randrange(1, 6))] for _ in range(rng.randrange(1, 5))])
+                for _ in range(30)]
+    with torch.inference_mode():
+        # small rows and forwards: many requests share a row, several rows share a forward
+        got = score_requests(model, requests, row_tokens=64, batch_tokens=200)
+    for (prefix, conts), sums in zip(requests, got, strict=True):
+        for cont, value in zip(conts, sums, strict=True):
+            logp = _brute_logprobs(model, prefix + cont)
+            want = sum(logp[len(prefix) - 1 + t, cont[t]].item() for t in range(len(cont)))
+            assert value == pytest.approx(want, abs=1e-3)
+    with pytest.raises(LegokitError, match="empty prefix"):
+        score_requests(model, [([], [[1]])])
+
+
+def _cloze(i: int, options: tuple[str, ...], gold: int) -> Example:
+    return Example("piqa", f"Goal {i}?", "AB"[gold], ("A", "B"), gold, f"piqa-{i}",
+                   context=f"Question: {PROMPTS[i]}\nAnswer:", options=options)
+
+
+def test_harness_scoring_scores_option_text_after_the_plain_context(tiny):
+    from legokit.evaluate import harness_requests, score_items
+
+    model, tok = tiny
+    options = ("a short one", "a much longer option with many more characters")
+    examples = [_cloze(i, options, i % 2) for i in range(len(PROMPTS))]
+    records = score_items(model, tok, "piqa", examples, scoring="harness")
+    for ex, rec in zip(examples, records, strict=True):
+        ctx = tok(ex.context, add_special_tokens=False)["input_ids"]
+        brute = []
+        for opt in ex.options:  # lm-eval: the continuation's ids are the whole's after the context's
+            whole = tok(ex.context + " " + opt, add_special_tokens=False)["input_ids"]
+            cont = whole[len(ctx):]
+            logp = _brute_logprobs(model, ctx + cont)
+            brute.append(sum(logp[len(ctx) - 1 + t, cont[t]].item() for t in range(len(cont))))
+        assert harness_requests(ex, tok)[0] == ctx
+        assert rec["option_logprobs"] == pytest.approx(brute, abs=1e-3)
+        pred = max(range(2), key=brute.__getitem__)
+        norm = max(range(2), key=lambda j: brute[j] / len(options[j]))
+        assert (rec["prediction"], rec["correct"], rec["acc_norm"]) == (pred, float(pred == ex.answer_index),
+                                                                          float(norm == ex.answer_index))
+        other = brute[1 - ex.answer_index]
+        assert rec["margin"] == pytest.approx(brute[ex.answer_index] - other, abs=1e-3)
+        assert (rec["margin"] > 0) == bool(rec["correct"])
+        n_gold = len(harness_requests(ex, tok)[1][ex.answer_index])
+        assert rec["nll"] == pytest.approx(-brute[ex.answer_index] / n_gold, abs=1e-3)
+        assert rec["uid"] == ex.uid and rec["scoring"] == "harness"
+    res = evaluate_tasks(model, tok, {"piqa": examples}, scoring="harness")["piqa"]
+    assert res["accuracy"] == sum(r["correct"] for r in records) / len(records)
+    assert res["acc_norm"] == sum(r["acc_norm"] for r in records) / len(records)
+
+
+def test_label_records_carry_prediction_margin_and_nll(tiny):
+    from legokit.evaluate import score_items
+
+    model, tok = tiny
+    examples = _choice_examples(("A", "B", "C"))
+    records = score_items(model, tok, "mmlu", examples, scoring="label")
+    for ex, rec in zip(examples, records, strict=True):
+        brute = _brute_option_scores(model, tok, ex)
+        assert rec["option_logprobs"] == pytest.approx(brute, abs=1e-3)
+        assert rec["prediction"] == max(range(3), key=brute.__getitem__)
+        s, n = _brute_nll(model, tok, ex)
+        assert rec["nll"] == pytest.approx(s / n, abs=1e-3) and rec["tokens"] == n
+
+
+def test_items_are_drawn_per_seed_and_shared_by_every_model_of_a_seed():
+    from legokit.evaluate import select_items
+
+    pool = [Example("piqa", f"q{i}", "A", uid=f"piqa-{i}") for i in range(100)]
+    first = select_items(pool, 10)
+    assert [e.uid for e in first] == [f"piqa-{i}" for i in range(10)]
+    a, b = select_items(pool, 10, draw_seed=0), select_items(pool, 10, draw_seed=1)
+    assert a == select_items(pool, 10, draw_seed=0) and {e.uid for e in a} != {e.uid for e in b}
+    assert len({e.uid for e in a}) == 10 and select_items(pool, 500, draw_seed=3) == pool
+
+
+def test_bad_scoring_and_non_finite_records_are_named(tiny):
+    from legokit.evaluate import harness_requests, summarize
+
+    model, tok = tiny
+    with pytest.raises(LegokitError, match="unknown scoring 'lmeval'.*harness"):
+        evaluate_tasks(model, tok, {"boolq": _choice_examples(("yes", "no"))}, scoring="lmeval")
+    with pytest.raises(LegokitError, match="no cloze form"):
+        harness_requests(_choice_examples(("yes", "no"))[0], tok)
+    with pytest.raises(LegokitError, match="not finite for item.*'x1'"):
+        summarize("piqa", [{"uid": "x0", "correct": 1.0, "nll": 1.0, "option_logprobs": [0.0]},
+                           {"uid": "x1", "correct": 0.0, "nll": math.nan, "option_logprobs": [0.0]}])
