@@ -22,6 +22,7 @@ import json
 import math
 import os
 import shutil
+import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -39,7 +40,8 @@ CLAIMS = {
 
 # The thresholds of the verdicts (the issue's wording): C1 within 2 points or 5% relative of fedavg_dense,
 # C3 perplexity at most 5% above base.
-THRESHOLDS = {"c1_points": 2.0, "c1_relative": 0.05, "c3_ppl_relative": 0.05}
+THRESHOLDS = {"c1_points": 2.0, "c1_relative": 0.05, "c3_ppl_relative": 0.05, "c1_nll": 0.05}
+# c1_nll: lego's gold-response NLL at most 0.05 nats per token above fedavg_dense's (the NLL reading of "close")
 
 _EPS = 1e-9  # thresholds are inclusive: +5.0% is within +5% despite float rounding
 
@@ -76,6 +78,12 @@ def run_conditions(cfg, conditions: Sequence[str], run_dir: str | Path, *,
     if bad or not conditions:
         raise LegokitError(f"conditions {bad or 'none'}: use names from {list(CONDITIONS)}")
     run_dir = Path(run_dir)
+    mde = detectable_effect(cfg.eval.n, len(cfg.eval.tasks or [1]))
+    if mde > THRESHOLDS["c1_points"]:
+        warnings.warn(f"eval.n={cfg.eval.n} test items per task on {len(cfg.eval.tasks or [1])} task(s) detects a C1 "
+                      f"margin of about {mde:.1f} points (80% power, one seed), wider than C1's "
+                      f"{THRESHOLDS['c1_points']:g}-point threshold: expect 'inconclusive' verdicts; raise eval.n "
+                      "or run more seeds", stacklevel=2)
     out: dict[str, dict] = {}
     for cond in conditions:
         blocks = block_conditions is None or cond in block_conditions
@@ -88,13 +96,13 @@ def run_conditions(cfg, conditions: Sequence[str], run_dir: str | Path, *,
             if have != json.loads(json.dumps(want)):
                 raise LegokitError(f"{d} holds results of another configuration ({_first_diff(have, want)}): "
                                    f"choose another RUN_DIR, or delete {d} to rerun it")
-            out[cond] = json.loads((d / "results.json").read_text())
+            out[cond] = {**json.loads((d / "results.json").read_text()), "run_dir": str(d)}
             continue
         d.mkdir(parents=True, exist_ok=True)
         atomic_write_json(stamp, want)
         if not (d / "blocks" / "index.json").is_file():
             _share_blocks(run_dir, d, ccfg)
-        out[cond] = run_condition(ccfg, cond, d, resume=True, progress=progress)
+        out[cond] = {**run_condition(ccfg, cond, d, resume=True, progress=progress), "run_dir": str(d)}
     return out
 
 
@@ -138,7 +146,8 @@ def load_runs(run_dir: str | Path, conditions: Sequence[str] | None = None) -> d
     missing = [c for c in names if not (run_dir / c / "results.json").is_file()]
     if missing:
         raise LegokitError(f"no results for condition(s) {missing} under {run_dir}: run them first")
-    return _ordered({c: json.loads((run_dir / c / "results.json").read_text()) for c in names})
+    return _ordered({c: {**json.loads((run_dir / c / "results.json").read_text()), "run_dir": str(run_dir / c)}
+                     for c in names})
 
 
 def load_sweep(sweep_dir: str | Path, where: Mapping[str, Any] | None = None,
@@ -181,7 +190,7 @@ def load_sweep(sweep_dir: str | Path, where: Mapping[str, Any] | None = None,
             cond = res_file.parent.name
             if conditions is not None and cond not in conditions:
                 continue
-            res = json.loads(res_file.read_text())
+            res = {**json.loads(res_file.read_text()), "run_dir": str(res_file.parent)}
             key = (cond, res.get("seed"))
             if key not in seen:
                 seen.add(key)
@@ -380,6 +389,213 @@ def verdicts_table(vs: Sequence[dict]) -> pd.DataFrame:
     return pd.DataFrame(rows).set_index("claim")
 
 
+# ----- evidence: paired intervals over test items -----------------------------------------------------------------
+# A verdict on seed means says nothing about noise. With per-item records (``experiment.score_model`` writes them)
+# every margin a claim uses is a paired difference over the same test items (and seeds), with a 95% bootstrap
+# interval (``legokit.stats``), read three ways: held, not held, or inconclusive when the interval straddles the
+# threshold. Each claim is judged on the primary metric (points) and on gold-response NLL (nats per token).
+
+def _items(run_dir: str, name: str) -> list[dict]:
+    path = Path(run_dir) / "items" / name
+    if not path.is_file():
+        raise LegokitError(f"{path} is missing: this run was scored without per-item records (legokit before "
+                           "per-item evaluation); rerun the condition to get intervals")
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _model_items(r: dict, model: str | int) -> tuple[str, list[dict]] | None:
+    """``(label, records)`` of one model of one result: ``"global"``, or the block at sparsity ``model`` (%)."""
+    if "run_dir" not in r:
+        return None
+    if model == "global":
+        g = r.get("global")
+        if not g or "items" not in g:
+            return None
+        return "global", _items(r["run_dir"], g["items"])
+    for c in r.get("clients", []):
+        if round(100 * float(c["sparsity"])) == model and "items" in c.get("scores", {}):
+            return f"block@{model}%", _items(r["run_dir"], c["scores"]["items"])
+    return None
+
+
+def item_cells(runs: Runs, condition: str, model: str | int = "global", value: str = "correct",
+               tasks: Sequence[str] | None = None) -> tuple[dict, str]:
+    """``({(seed, task): {uid: value}}, scoring)`` of one condition's model over all its seeds.
+
+    ``model``: ``"global"`` or a block's sparsity in percent. ``value``: ``"correct"`` (the item's primary metric,
+    in points) or ``"nll"``. ``tasks``: restrict to these tasks. Raises when a seed lacks per-item records.
+    """
+    cells: dict = {}
+    scorings = set()
+    for cond, r in _seeds(runs):
+        if cond != condition:
+            continue
+        got = _model_items(r, model)
+        if got is None:
+            raise LegokitError(f"condition {condition!r} (seed {r.get('seed', 0)}) has no per-item records for "
+                               f"model {model!r}: score it (eval.blocks for blocks) with this version of legokit")
+        for rec in got[1]:
+            if (tasks is not None and rec["task"] not in tasks) or (tasks is None and rec["task"] == "heldout_text"):
+                continue  # held-out text windows join only when asked for by name
+            if rec["task"] != "heldout_text":
+                scorings.add(rec.get("scoring"))
+            v = float(rec[value]) * (100.0 if value == "correct" else 1.0)
+            cells.setdefault((r.get("seed", 0), rec["task"]), {})[rec["uid"]] = v
+    if not cells:
+        raise LegokitError(f"condition {condition!r} has no items for model {model!r} and tasks {tasks}")
+    if len(scorings) > 1:
+        raise LegokitError(f"condition {condition!r} mixes scorings {sorted(map(str, scorings))}: compare runs "
+                           "evaluated the same way (eval.scoring)")
+    return cells, next(iter(scorings), None)
+
+
+def _paired(runs: Runs, a: str, b: str, model, value: str, tasks=None, n_boot: int = 2000):
+    from legokit import stats
+
+    x, sx = item_cells(runs, a, model, value, tasks)
+    y, sy = item_cells(runs, b, model, value, tasks)
+    if sx != sy:
+        raise LegokitError(f"{a} was scored with {sx!r} and {b} with {sy!r}: a margin needs one scoring; "
+                           "rerun one of them with the other's eval.scoring")
+    return stats.paired_difference(x, y, n_boot=n_boot), sx
+
+
+def _row(claim: str, test: str, metric: str, res, threshold: float, better: str, scoring, **extra) -> dict:
+    from legokit import stats
+
+    return {"claim": claim, "test": test, "metric": metric, "estimate": res.estimate, "low": res.low,
+            "high": res.high, "threshold": threshold, "better": better,
+            "verdict": stats.verdict(res, threshold, better), "mde": stats.min_detectable_effect(res),
+            "items": res.n_items, "seeds": res.n_seeds, "scoring": scoring, **extra}
+
+
+def _client_levels(runs: Runs, condition: str) -> dict[int, list[str]]:
+    """``{sparsity %: tasks its client trained on}`` for a condition (from its first seed)."""
+    for cond, r in _seeds(runs):
+        if cond == condition:
+            return {round(100 * float(c["sparsity"])): list(c["tasks"]) for c in r.get("clients", [])}
+    return {}
+
+
+def evidence(runs: Runs, thresholds: Mapping[str, float] = THRESHOLDS, n_boot: int = 2000) -> pd.DataFrame:
+    """Every margin the claims use, as a paired difference over test items (and seeds) with a 95% interval.
+
+    One row per test: ``claim, test, metric`` (``points`` or ``nll``), ``estimate, low, high`` (the margin and its
+    interval), ``threshold, better`` (the side where the claim holds), ``verdict`` (held / not held /
+    inconclusive), ``mde`` (the smallest true margin this design detects at 80% power), ``items, seeds, scoring``.
+    Tests whose conditions or per-item records are missing are left out.
+
+    - C1 ``lego - fedavg_dense`` >= -c1_points (points) and <= +c1_nll (NLL); ``lego - fedavg`` > 0 (points) and
+      < 0 (NLL). Global LLMs, every evaluated task, equal task weights.
+    - C2 per sparsity level: the ``lego`` block minus the ``local`` block on the tasks its client never trained
+      on, > 0 (points) and < 0 (NLL).
+    - C3 ``lego - base`` mean held-out window NLL <= log(1 + c3_ppl_relative) (a perplexity ratio within +5%);
+      the tasks no client trained on are reported (``lego - base``, points) without a threshold.
+    """
+    rows: list[dict] = []
+    have = set(runs)
+
+    def attempt(fn):
+        try:
+            rows.extend(fn())
+        except LegokitError as err:
+            if "no per-item records" not in str(err) and "missing" not in str(err):
+                raise
+
+    if {"lego", "fedavg_dense", "fedavg"} <= have:
+        def c1():
+            out = []
+            for other, thr_pts, thr_nll, name in (("fedavg_dense", -thresholds["c1_points"], thresholds["c1_nll"],
+                                                   "lego - fedavg_dense"), ("fedavg", 0.0, 0.0, "lego - fedavg")):
+                res, sc = _paired(runs, "lego", other, "global", "correct", n_boot=n_boot)
+                out.append(_row("C1", name, "points", res, thr_pts, "above", sc))
+                res, sc = _paired(runs, "lego", other, "global", "nll", n_boot=n_boot)
+                out.append(_row("C1", name, "nll", res, thr_nll, "below", sc))
+            return out
+        attempt(c1)
+    if {"lego", "local"} <= have:
+        def c2():
+            out = []
+            levels, evaluated = _client_levels(runs, "lego"), None
+            for level, own in sorted(levels.items()):
+                x, _ = item_cells(runs, "lego", level, "correct")
+                evaluated = sorted({t for _, t in x} - {"heldout_text"})
+                other = [t for t in evaluated if t not in own]
+                if not other:
+                    continue
+                for value, metric, better in (("correct", "points", "above"), ("nll", "nll", "below")):
+                    res, sc = _paired(runs, "lego", "local", level, value, other, n_boot)
+                    out.append(_row("C2", f"lego - local, block {level}%, other tasks", metric, res, 0.0, better,
+                                    sc, sparsity=level))
+            return out
+        attempt(c2)
+    if {"lego", "base"} <= have:
+        def c3():
+            res, _ = _paired(runs, "lego", "base", "global", "nll", ["heldout_text"], n_boot)
+            out = [_row("C3", "lego - base, held-out text", "nll", res,
+                        math.log1p(thresholds["c3_ppl_relative"]), "below", None)]
+            trained = {t for _, r in _seeds(runs) for c in r.get("clients", []) for t in c.get("tasks", [])}
+            x, _ = item_cells(runs, "lego", "global", "correct")
+            untouched = sorted({t for _, t in x} - trained - {"heldout_text"})
+            if untouched:
+                res, sc = _paired(runs, "lego", "base", "global", "correct", untouched, n_boot)
+                row = _row("C3", f"lego - base, untouched tasks ({', '.join(untouched)})", "points", res,
+                           math.nan, "above", sc)
+                row["verdict"] = "reported"
+                out.append(row)
+            return out
+        attempt(c3)
+    return pd.DataFrame(rows)
+
+
+_RANK = {"not held": 0, "inconclusive": 1, "held": 2}
+
+
+def claim_verdicts(ev: pd.DataFrame) -> dict[str, dict[str, str]]:
+    """``{claim: {metric: verdict}}``: a claim holds on a metric when every one of its tests holds, is not held
+    when any test is not held, and is inconclusive otherwise."""
+    out: dict[str, dict[str, str]] = {}
+    if ev.empty:
+        return out
+    for (claim, metric), g in ev[ev["verdict"] != "reported"].groupby(["claim", "metric"], sort=True):
+        out.setdefault(claim, {})[metric] = min(g["verdict"], key=_RANK.__getitem__)
+    return out
+
+
+def evidence_table(ev: pd.DataFrame) -> pd.DataFrame:
+    """The evidence as a readable table: ``claim, test, metric, margin [95% CI], threshold, verdict, mde``."""
+    if ev.empty:
+        return ev
+
+    def fmt(v: float, metric: str) -> str:
+        return f"{v:+.1f}" if metric == "points" else f"{v:+.3f}"
+
+    rows = []
+    for _, r in ev.iterrows():
+        thr = "" if math.isnan(r["threshold"]) else ("≥ " if r["better"] == "above" else "≤ ") + fmt(
+            r["threshold"], r["metric"])
+        rows.append({"claim": r["claim"], "test": r["test"], "metric": r["metric"],
+                     "margin [95% CI]": f"{fmt(r['estimate'], r['metric'])} [{fmt(r['low'], r['metric'])}, "
+                                        f"{fmt(r['high'], r['metric'])}]",
+                     "holds if": thr, "verdict": r["verdict"], "mde": f"{r['mde']:.2f}" if r["metric"] == "points"
+                     else f"{r['mde']:.3f}", "items": int(r["items"]), "seeds": int(r["seeds"]),
+                     "scoring": r["scoring"] or "-"})
+    return pd.DataFrame(rows)
+
+
+def detectable_effect(n: int, tasks: int, seeds: int = 1, discordance: float = 0.2, power: float = 0.8) -> float:
+    """The C1 margin (points) a design can detect before it runs: paired 0/1 items disagree with probability
+    ``discordance`` (variance of a difference ~ discordance), ``n`` items per task, ``tasks`` tasks, equal weights.
+
+    Returns ``(z_{0.975} + z_power) * se`` in points, with ``se = 100 sqrt(discordance / (tasks n seeds))``.
+    """
+    from statistics import NormalDist
+
+    se = 100 * math.sqrt(discordance / (tasks * n * seeds))
+    z = NormalDist().inv_cdf
+    return (z(0.975) + z(power)) * se
+
+
 # ----- recording -------------------------------------------------------------------------------------------------
 def summary(runs: Runs, vs: Sequence[dict] | None = None) -> dict:
     """The headline numbers for ``RUN_DIR/results.json``, flat enough for ``legokit sweep`` to collect.
@@ -401,6 +617,12 @@ def summary(runs: Runs, vs: Sequence[dict] | None = None) -> dict:
     out["held"] = {v["claim"]: (None if v["held"] is None else int(v["held"])) for v in vs}
     out["margin"] = {v["claim"]: v["margin"] for v in vs}
     out["thresholds"] = dict(THRESHOLDS)
+    ev = evidence(runs)
+    if not ev.empty:  # the interval verdicts, per claim and metric, and each test's margin with its interval
+        out["ci_verdict"] = claim_verdicts(ev)
+        out["ci"] = {f"{r['claim']}|{r['test']}|{r['metric']}": {k: _num(r[k]) for k in ("estimate", "low", "high",
+                                                                                          "mde")}
+                     for _, r in ev.iterrows()}
     secs = {}
     for cond, r in _seeds(runs):
         if isinstance(r.get("seconds"), Mapping) and "total" in r["seconds"]:

@@ -1,8 +1,9 @@
-"""The ``legokit`` command: setup, eval, run (and, from the batch module, sweep and report)."""
+"""The ``legokit`` command: setup, eval, run, export-tasks, export (and, from the batch module, sweep and report)."""
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
@@ -54,6 +55,27 @@ def _cmd_run(args: argparse.Namespace) -> None:
           f"({results['peak_rss_mb'] / results['llm_fp32_mb']:.2f}x the LLM's fp32 size); run directory {args.out}")
 
 
+def _cmd_export_tasks(args: argparse.Namespace) -> None:
+    """Choice-task items as lm-eval task files, and the lm_eval command that scores them."""
+    from legokit.lmeval import export_tasks, lm_eval_command
+
+    paths = export_tasks(args.dir, tasks=args.tasks, n=args.n)
+    for p in paths:
+        print(f"wrote {p} and {p.with_suffix('.jsonl').name}")
+    print("\nscore them with lm-evaluation-harness (a checkpoint from `legokit export`, or any HF model):")
+    print(lm_eval_command(args.dir, args.tasks))
+
+
+def _cmd_export(args: argparse.Namespace) -> None:
+    """A run's final global LLM or one block as a plain Hugging Face checkpoint."""
+    from legokit.lmeval import export_checkpoint
+
+    out = export_checkpoint(args.run, args.out, model=args.model, client=args.client, device=args.device)
+    info = json.loads((out / "legokit_export.json").read_text())
+    print(f"wrote {info['model']} of {args.run} (round {info['round']}) to {out}: load it with "
+          f"AutoModelForCausalLM.from_pretrained({str(out)!r})")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="legokit", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -77,6 +99,22 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--resume", action="store_true", help="continue a crashed run from its last finished round")
     s.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="overrides, e.g. fed.rounds=3")
     s.set_defaults(func=_cmd_run)
+
+    from legokit.lmeval import DEFAULT_TASKS
+
+    s = sub.add_parser("export-tasks", help="write choice-task test items as lm-evaluation-harness task files")
+    s.add_argument("dir", help="the directory to write (lm_eval's --include_path)")
+    s.add_argument("--tasks", nargs="+", default=list(DEFAULT_TASKS), help="choice tasks (default: %(default)s)")
+    s.add_argument("--n", type=int, default=None, help="first N test items per task (default: all)")
+    s.set_defaults(func=_cmd_export_tasks)
+
+    s = sub.add_parser("export", help="write a run's final global LLM or a block as a Hugging Face checkpoint")
+    s.add_argument("run", help="the run directory")
+    s.add_argument("--model", default="global", help="'global', or a block id or index (RUN/blocks/index.json)")
+    s.add_argument("--client", type=int, default=None, help="local runs: the client whose own model to export")
+    s.add_argument("--out", required=True, help="the checkpoint directory")
+    s.add_argument("--device", default="cpu", help="where to rebuild the model (default: %(default)s)")
+    s.set_defaults(func=_cmd_export)
 
     from legokit.batch import add_commands as add_batch_commands
     from legokit.flower.cli import add_commands as add_flower_commands
