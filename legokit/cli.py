@@ -28,17 +28,19 @@ def _cmd_eval(args: argparse.Namespace) -> None:
     from legokit.utils import atomic_write_json, seed_everything
 
     cfg = ExperimentConfig(model=args.model, device=args.device,
-                           eval=EvalConfig(tasks=args.tasks, n=args.n, ppl_texts=args.ppl_texts))
+                           eval=EvalConfig(tasks=args.tasks, n=args.n, ppl_texts=args.ppl_texts, scoring=args.scoring,
+                                           items="first"))
     seed_everything(cfg.seed)
     t0 = time.time()
     model, tok = load_model(cfg.model, device=cfg.device)
-    scores = score_model(model, tok, cfg)
+    out = Path(args.out)
+    scores = score_model(model, tok, cfg, items_file=out / "items" / "base.jsonl")
     results = {"name": "zero-shot", "model": cfg.model, "n": args.n, "base": scores,
                "seconds": round(time.time() - t0, 1)}
-    out = Path(args.out)
     atomic_write_json(out / "results.json", results)
     print(results_table(results))
-    print(f"\n(n={args.n} test examples per task, {args.ppl_texts} held-out paragraphs; "
+    print(f"\n(n={args.n} test examples per task (the first n), {args.ppl_texts} held-out paragraphs; per-item "
+          f"records in {out / 'items'}; "
           f"{results['seconds']} s; written to {out / 'results.json'})")
 
 
@@ -47,6 +49,10 @@ def _cmd_run(args: argparse.Namespace) -> None:
     from legokit.experiment import results_table, run_experiment
 
     cfg = load_config(args.config, args.set)
+    out = Path(args.out)
+    if args.resume and not (out / "config.yaml").is_file():
+        raise LegokitError(f"--resume: {out} holds no run (no config.yaml): drop --resume to start a new run there, "
+                           "or point --out at the directory of the run to continue")
     results = run_experiment(cfg, args.out, resume=args.resume)
     print(results_table(results))
     s = results["seconds"]
@@ -89,6 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--tasks", nargs="*", default=None, help="default: every task")
     s.add_argument("--n", type=int, default=50, help="test examples per task")
     s.add_argument("--ppl-texts", type=int, default=64, help="held-out paragraphs for perplexity")
+    s.add_argument("--scoring", default="harness", help="choice tasks: harness (lm-eval acc on option text) | label")
     s.add_argument("--device", default="auto")
     s.add_argument("--out", default="runs/zero-shot")
     s.set_defaults(func=_cmd_eval)

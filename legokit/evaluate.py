@@ -1,22 +1,26 @@
-"""Perplexity on held-out text and task scores: option log-likelihood accuracy, EM/F1, ROUGE-L, NLL.
+"""Perplexity on held-out text and task scores, kept per test item: accuracy (two scorings), EM/F1, ROUGE-L, NLL.
 
-Every score reads prompts through ``data.render`` / ``data.tokenize_example``, so evaluation sees
-exactly the format training used.
+Every score is first a per-item record (``score_items``: uid, prediction, correct, gold-response NLL, the
+log-probability margin of the gold option over the best other one), so two models can be compared item by item
+(``legokit.stats``); task metrics are the means of those records (``summarize``).
 
-* Choice tasks (boolq, mmlu, commonsense_qa, piqa): each choice label (``yes``/``no``, ``A``..``E``)
-  is scored as the response continuation after the rendered prompt; the prediction is the choice
-  with the highest **sum** log-probability of its tokens (no length normalisation: the labels are one
-  token each for real tokenizers, and the sum is the probability of the exact response training
-  maximises). When every label is a single token, one forward pass per example gives both the
-  option scores and the NLL.
+* Choice tasks (boolq, mmlu, commonsense_qa, piqa) have two scorings (``SCORINGS``; ``eval.scoring`` picks one and
+  every table names it):
+  - ``harness``, the field's convention (lm-evaluation-harness ``multiple_choice``): the summed log-likelihood
+    of each option's own text (``" " + option``) after a plain cloze context (``Example.context``, no chat
+    template); ``accuracy`` is lm-eval's ``acc`` (argmax of the sums) and ``acc_norm`` divides each sum by the
+    option's length in characters. ``tests/test_lmeval.py`` pins agreement with lm-eval 0.4.13 item by item.
+  - ``label``: each answer label (``yes``/``no``, ``A``..``E``) scored as the response to the chat prompt
+    training uses; it measures answer-format following as much as knowledge.
 * nq_open, asdiv: greedy generation (16 new tokens), first line of the output; ``exact_match`` and
   token ``f1`` after SQuAD normalisation (asdiv's ``exact_match`` compares the first number).
-* xsum: greedy generation (48 new tokens), ROUGE-L F1 (own LCS, lowercase alphanumeric tokens).
-* ``nll``: teacher-forced mean negative log-likelihood per gold response token (end-of-turn
-  included), for every task.
+* xsum: greedy generation (48 new tokens), ROUGE-L F1 (own LCS, lowercase alphanumeric tokens; equal to the
+  ``rouge_score`` package without stemming, tested).
+* ``nll``: teacher-forced mean negative log-likelihood per gold response token (the chat response, or the
+  gold option's text under ``harness``), per item; the task's ``nll`` is the item mean.
 
-Scoring batches are left-padded with explicit position ids and only the logits of the last
-positions are computed, which keeps the 49k-vocabulary projection small on CPU.
+Likelihoods go through one scorer, ``score_requests``: requests packed without padding into rows, a tree mask so a
+prompt shared by several options is computed once, and the vocabulary projection only where a token is scored.
 """
 
 from __future__ import annotations

@@ -239,9 +239,12 @@ def results_table(results: dict) -> str:
     if not rows:
         return "(no scores)"
     tasks = list(rows[0][1]["primary"])
+    scoring = rows[0][1].get("scoring", "label")
+    note = (f"scores in points: choice tasks {scoring}-scored (accuracy), nq_open F1, asdiv exact match; "
+            f"n = {rows[0][1].get('n', '?')} test items per task for the LLMs")
     head = f"{'model':34s}" + "".join(f"{t[:12]:>13s}" for t in tasks) + f"{'mean':>8s}{'ppl':>9s}"
     lines = [head, "-" * len(head)]
     for label, s in rows:
         lines.append(f"{label[:34]:34s}" + "".join(f"{100 * s['primary'][t]:13.1f}" for t in tasks)
                      + f"{100 * s['mean_score']:8.1f}{s['perplexity']:9.2f}")
-    return "\n".join(lines)
+    return "\n".join([note, *lines])

@@ -111,3 +111,24 @@ def test_detectable_effect_warns_before_a_design_too_small_for_c1():
     assert claims.detectable_effect(16, 6) > 2 > claims.detectable_effect(2000, 6)
     # the formula: 2.80 x 100 sqrt(0.2 / (6 x 100))
     assert claims.detectable_effect(100, 6) == pytest.approx(2.8016 * 100 * math.sqrt(0.2 / 600), rel=1e-3)
+
+
+def test_run_conditions_warns_when_the_evaluation_cannot_resolve_c1(tmp_path, monkeypatch):
+    import warnings
+
+    import legokit.experiment as experiment
+    from legokit.config import ExperimentConfig
+
+    def fake_run_condition(cfg, condition, out_dir, resume=False, progress=True):
+        res = {"condition": condition, "seed": cfg.seed, "clients": []}
+        (out_dir / "results.json").write_text(json.dumps(res))
+        return res
+
+    monkeypatch.setattr(experiment, "run_condition", fake_run_condition)
+    small = ExperimentConfig().with_overrides({"eval.n": 16, "eval.tasks": ["boolq", "piqa"]})
+    with pytest.warns(UserWarning, match=r"eval.n=16 .* detects a C1 margin of about 2\d\.\d points"):
+        claims.run_conditions(small, ["base"], tmp_path / "small", progress=False)
+    big = small.with_overrides({"eval.n": 4000})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        claims.run_conditions(big, ["base"], tmp_path / "big", progress=False)

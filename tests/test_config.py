@@ -42,6 +42,9 @@ def test_shipped_profiles_load(profile):
         ("fed.client_sparsities=[0.0, 0.9, 0.5, 0.75]", "extracts only"),
         ("fed.devices=[phone, phone]", "one per client"),
         ("rounds=3", "unknown config key 'rounds'"),
+        ("eval.scoring=lmeval", "eval.scoring='lmeval' is unknown: use one of ['harness', 'label']"),
+        ("eval.items=random", "eval.items='random': use per_seed or first"),
+        ("eval.n_blocks=0", "eval.n_blocks=0 must be >= 1"),
     ],
 )
 def test_bad_values_name_the_problem(override, needle):
