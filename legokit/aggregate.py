@@ -40,10 +40,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from legokit.names import AGGREGATOR_NAMES, REFERENCE_MODES, UNCOVERED_RULES
 from legokit.utils import LegokitError
 
-UNCOVERED_RULES = ("keep", "zero")
-REFERENCES = ("local", "centralized")
 
 @dataclass
 class ClientUpdate:
@@ -472,13 +471,14 @@ AGGREGATORS: dict[str, Aggregator] = {
     "flora": flora,
     "flexlora": flexlora,
 }
+assert tuple(AGGREGATORS) == AGGREGATOR_NAMES, "legokit.names.AGGREGATOR_NAMES must list AGGREGATORS, in order"
 
 
 def get_aggregator(name: str) -> Aggregator:
     """``AGGREGATORS[name]``, or a LegokitError listing the valid names."""
     if name in AGGREGATORS:
         return AGGREGATORS[name]
-    if name in REFERENCES:
+    if name in REFERENCE_MODES:
         raise LegokitError(f"{name!r} is a reference run by the round loop (no aggregation step), not an "
                            f"aggregator; aggregators are {list(AGGREGATORS)}")
     raise LegokitError(f"unknown aggregator {name!r}: use one of {list(AGGREGATORS)}")

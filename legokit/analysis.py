@@ -86,9 +86,9 @@ def client_table(llm: nn.Module, blocks: Sequence, assignment: Sequence[int],
     Args:
         assignment: block index per client (``legokit.federation.assign_blocks``).
         partitions: each client's training examples (adds ``examples`` and the ``main_task``).
-        devices: each client's device profile name (``legokit.config.DEVICE_PROFILES``).
+        devices: each client's device profile name (``legokit.names.DEVICE_PROFILES``).
     """
-    from legokit.config import DEVICE_PROFILES
+    from legokit.names import DEVICE_PROFILES
 
     costs = {i: block_costs(llm, blocks[i], context) for i in sorted(set(assignment))}
     rows = []

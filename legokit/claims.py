@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from legokit.names import THRESHOLDS
 from legokit.utils import LegokitError, atomic_write_json
 
 CLAIMS = {
@@ -37,11 +38,6 @@ CLAIMS = {
     "C2": "data heterogeneity: LEGO blocks beat local-only blocks on the tasks they never saw, at every sparsity",
     "C3": "robustness: the recombined LLM keeps the base LLM's held-out perplexity (within +5%)",
 }
-
-# The thresholds of the verdicts (the wording): C1 within 2 points or 5% relative of fedavg_dense,
-# C3 perplexity at most 5% above base.
-THRESHOLDS = {"c1_points": 2.0, "c1_relative": 0.05, "c3_ppl_relative": 0.05, "c1_nll": 0.05}
-# c1_nll: lego's gold-response NLL at most 0.05 nats per token above fedavg_dense's (the NLL reading of "close")
 
 _EPS = 1e-9  # thresholds are inclusive: +5.0% is within +5% despite float rounding
 

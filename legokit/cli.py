@@ -1,4 +1,4 @@
-"""The ``legokit`` command: setup, eval, run, export-tasks, export (and, from the batch module, sweep and report)."""
+"""The ``legokit`` command: setup, eval, run, export-tasks, export, sweep and report (and the Flower commands)."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import sys
 import time
 from pathlib import Path
 
+from legokit.names import DEFAULT_MODEL
 from legokit.utils import LegokitError
 
 
@@ -82,6 +83,62 @@ def _cmd_export(args: argparse.Namespace) -> None:
           f"AutoModelForCausalLM.from_pretrained({str(out)!r})")
 
 
+def _cmd_sweep(args: argparse.Namespace) -> int:
+    from legokit.sweep import sweep
+
+    out = args.out or f"runs/sweep-{Path(args.grid).stem}"
+    res = sweep(args.notebook, args.grid, out, force=args.force, progress=not args.no_progress)
+    print(f"legokit sweep: {len(res.points)} points: {len(res.ran) - len(res.failed)} finished now, "
+          f"{len(res.skipped)} skipped (finished before), {len(res.failed)} failed")
+    print(f"results: {res.results_csv} ({len(res.results)} rows)"
+          + (f"; summary: {res.summary_png}" if res.summary_png else ""))
+    if res.failed:
+        for name, err in res.failed.items():
+            print(f"  FAILED {name}: {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _cmd_report(args: argparse.Namespace) -> None:
+    from legokit.collect import report
+
+    print(_lego_report(args.path) or report(args.path))
+
+
+def _lego_report(path: str) -> str | None:
+    """A LEGO run's tables (``experiment.results_table``); None for a sweep or for another notebook's results."""
+    from legokit.collect import locate, read_results
+
+    kind, results_json = locate(path)
+    if kind != "run":
+        return None
+    results = read_results(results_json)
+    if not (isinstance(results, dict) and ("base" in results or "global" in results)):
+        return None
+    from legokit.experiment import results_table
+
+    try:
+        return f"{results_json}\n\n{results_table(results)}"
+    except (KeyError, TypeError):
+        return None  # not a LEGO run's layout after all: the generic report prints it flat
+
+
+def add_sweep_commands(sub: argparse._SubParsersAction) -> None:
+    """Add ``sweep`` and ``report`` to the ``legokit`` command's subparsers."""
+    s = sub.add_parser("sweep", help="run a notebook once per grid point (papermill) and collect results.csv")
+    s.add_argument("notebook", nargs="?", default=None, help="the notebook (default: the grid file's 'notebook')")
+    s.add_argument("--grid", required=True, help="the grid YAML, e.g. sweeps/NAME.yaml")
+    s.add_argument("--out", default=None, help="the sweep directory (default: runs/sweep-<grid name>)")
+    s.add_argument("--force", action="store_true",
+                   help="rerun finished points, and sweep into a directory written by another grid")
+    s.add_argument("--no-progress", action="store_true", help="no progress bar")
+    s.set_defaults(func=_cmd_sweep)
+
+    s = sub.add_parser("report", help="print the results of a sweep directory or of one run directory")
+    s.add_argument("path", help="a sweep directory (sweep.json) or a run directory (results.json)")
+    s.set_defaults(func=_cmd_report)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="legokit", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -91,7 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=_cmd_setup)
 
     s = sub.add_parser("eval", help="zero-shot scores of a model on every task plus corpus perplexity")
-    s.add_argument("--model", default="smollm2-135m-instruct")
+    s.add_argument("--model", default=DEFAULT_MODEL)
     s.add_argument("--tasks", nargs="*", default=None, help="default: every task")
     s.add_argument("--n", type=int, default=50, help="test examples per task")
     s.add_argument("--ppl-texts", type=int, default=64, help="held-out paragraphs for perplexity")
@@ -123,10 +180,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--device", default="cpu", help="where to rebuild the model (default: %(default)s)")
     s.set_defaults(func=_cmd_export)
 
-    from legokit.batch import add_commands as add_batch_commands
     from legokit.flower.cli import add_commands as add_flower_commands
 
-    add_batch_commands(sub)
+    add_sweep_commands(sub)
     add_flower_commands(sub)
     return p
 

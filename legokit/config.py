@@ -21,22 +21,28 @@ from typing import Any
 
 import yaml
 
+from legokit.names import (
+    AGGREGATOR_NAMES,
+    BROADCAST_MODES,
+    CALIBRATION_MODES,
+    DEFAULT_MODEL,
+    DEVICE_PROFILES,
+    EVAL_ITEMS,
+    LORA_TARGETS,
+    METHODS,
+    NM_PATTERN,
+    PARTITIONS,
+    PATTERN_KINDS,
+    REFERENCE_MODES,
+    SCORINGS,
+    TASK_NAMES,
+    UNCOVERED_RULES,
+    WEIGHTINGS,
+)
 from legokit.utils import LegokitError
 
-METHODS = ("magnitude", "wanda", "sparsegpt")
-CALIBRATION_MODES = ("one_shot", "sequential")
-AGGREGATOR_NAMES = ("heteagg", "fedavg", "fedavg_delta", "heterofl", "flora", "flexlora")
-# Reference conditions that share the round loop but do not aggregate (or do not federate).
-REFERENCE_MODES = ("local", "centralized")
-BROADCAST_MODES = ("adapter", "merge")
-UNCOVERED_RULES = ("keep", "zero")
-WEIGHTINGS = ("samples", "uniform")
-PARTITIONS = ("task", "dirichlet", "iid", "quantity")
-LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-
-# Device profiles: the share of the LLM's decoder weights a device can hold. A client gets the
-# densest block whose kept fraction (1 - sparsity) fits its budget.
-DEVICE_PROFILES = {"server": 1.0, "workstation": 0.8, "laptop": 0.55, "phone": 0.3}
+# The allowed names (methods, patterns, tasks, aggregators, ...) are legokit.names's: one owner, shared with the
+# modules that implement them. ``legokit.config.DEVICE_PROFILES`` and the others stay importable from here.
 
 
 def _check(cond: bool, msg: str) -> None:
@@ -51,9 +57,9 @@ def check_sparsity(s: float, what: str = "sparsity") -> None:
 
 
 def _pattern_ok(pattern: str) -> bool:
-    if pattern in ("unstructured", "structured"):
+    if pattern in PATTERN_KINDS:
         return True
-    m = re.fullmatch(r"(\d+):(\d+)", pattern)
+    m = re.fullmatch(NM_PATTERN, pattern)
     return bool(m) and 0 < int(m.group(1)) < int(m.group(2))
 
 
@@ -180,10 +186,9 @@ class DataConfig:
     tasks_per_client: list[list[str]] | None = None
 
     def __post_init__(self):
-        from legokit.data import TASKS
-
-        bad = [t for t in self.tasks if t not in TASKS]
-        _check(not bad and self.tasks, f"data.tasks has unknown tasks {bad or 'none'}: use names from {sorted(TASKS)}")
+        bad = [t for t in self.tasks if t not in TASK_NAMES]
+        _check(not bad and self.tasks,
+               f"data.tasks has unknown tasks {bad or 'none'}: use names from {sorted(TASK_NAMES)}")
         _check(self.partition in PARTITIONS, f"data.partition={self.partition!r} is unknown: use one of {PARTITIONS}")
         _check(self.alpha is None or self.alpha > 0, f"data.alpha={self.alpha} must be > 0 (e.g. 0.1, 1, 10)")
         _check(self.partition != "dirichlet" or self.alpha is not None,
@@ -195,7 +200,7 @@ class DataConfig:
 class EvalConfig:
     """What is measured after training."""
 
-    tasks: list[str] | None = None  # None: every task in legokit.data.TASKS
+    tasks: list[str] | None = None  # None: every task in legokit.data.TASKS (names.TASK_NAMES)
     n: int = 20  # test items per task for the global LLMs (the models claim C1 compares)
     n_blocks: int | None = None  # test items per task for every block (None: n); C2 compares blocks
     items: str = "per_seed"  # per_seed: a seeded draw of the test split per run seed | first: the first n
@@ -208,15 +213,11 @@ class EvalConfig:
 
     def __post_init__(self):
         if self.tasks is not None:
-            from legokit.data import TASKS
-
-            bad = [t for t in self.tasks if t not in TASKS]
-            _check(not bad, f"eval.tasks has unknown tasks {bad}: use names from {sorted(TASKS)}")
+            bad = [t for t in self.tasks if t not in TASK_NAMES]
+            _check(not bad, f"eval.tasks has unknown tasks {bad}: use names from {sorted(TASK_NAMES)}")
         _check(self.n >= 1, f"eval.n={self.n} must be >= 1")
         _check(self.n_blocks is None or self.n_blocks >= 1, f"eval.n_blocks={self.n_blocks} must be >= 1 (or null: n)")
-        _check(self.items in ("per_seed", "first"), f"eval.items={self.items!r}: use per_seed or first")
-        from legokit.evaluate import SCORINGS
-
+        _check(self.items in EVAL_ITEMS, f"eval.items={self.items!r}: use {' or '.join(EVAL_ITEMS)}")
         _check(self.scoring in SCORINGS, f"eval.scoring={self.scoring!r} is unknown: use one of {list(SCORINGS)} "
                f"({'; '.join(f'{k}: {v}' for k, v in SCORINGS.items())})")
         _check(self.ppl_texts >= 1, f"eval.ppl_texts={self.ppl_texts} must be >= 1")
@@ -234,7 +235,7 @@ class ExperimentConfig:
     """A whole LEGO experiment."""
 
     name: str = "lego"
-    model: str = "smollm2-135m-instruct"
+    model: str = DEFAULT_MODEL
     device: str = "auto"
     dtype: str = "auto"
     seed: int = 0

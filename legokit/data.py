@@ -34,6 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
+from legokit.names import PARTITIONS, TASK_NAMES
 from legokit.utils import LegokitError, atomic_write_text, cache_dir
 
 RAW_FILES: list[str] = [
@@ -47,7 +48,6 @@ RAW_FILES: list[str] = [
     "PIQA/validation.jsonl",
 ]
 SPLITS = ("train", "validation", "test")
-SCHEMES = ("task", "dirichlet", "iid", "quantity")
 TEST_MAX, VALIDATION_MAX = 500, 200
 EVAL_CORPUS_SIZE = 1000
 # Character caps keep CPU prompts short (about 250 tokens with the chat template).
@@ -235,6 +235,7 @@ TASKS: dict[str, TaskSpec] = {
                      build=_choice_builder("piqa", lambda q: f"Goal: {_clean(q)}\nWhich solution works better?",
                                            "Answer with A or B.")),
 }
+assert tuple(TASKS) == TASK_NAMES, "legokit.names.TASK_NAMES must list TASKS, in order (config validates with it)"
 
 
 # ---------------------------------------------------------------- prepare
@@ -492,8 +493,8 @@ def partition(
     (shuffled, dealt evenly), ``quantity`` (client sizes ~ Dir(alpha or 1.0)).
     Returns one list per client, each in the input order; deterministic for a seed.
     """
-    if scheme not in SCHEMES:
-        raise LegokitError(f"unknown partition scheme {scheme!r}; use one of {', '.join(SCHEMES)}")
+    if scheme not in PARTITIONS:
+        raise LegokitError(f"unknown partition scheme {scheme!r}; use one of {', '.join(PARTITIONS)}")
     if num_clients < 1:
         raise LegokitError(f"num_clients={num_clients}; need at least 1 client")
     if num_clients > len(examples):

@@ -38,14 +38,8 @@ import torch
 import torch.nn.functional as F
 
 from legokit.data import TASKS, Example, choice_ids, load_task, prompt_ids, render, tokenize_example
+from legokit.names import SCORINGS
 from legokit.utils import LegokitError, progress_bar
-
-# How choice tasks are scored (``score_items``): the field's convention, and the answer-label convention.
-SCORINGS = {
-    "harness": "lm-evaluation-harness multiple choice: log-likelihood of each option's text after a plain "
-               "cloze context (acc, acc_norm)",
-    "label": "log-probability of each answer label (yes/no, A-E) as the response to the chat prompt",
-}
 
 # ---------------------------------------------------------------- string metrics
 

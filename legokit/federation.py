@@ -30,9 +30,10 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from legokit.aggregate import AGGREGATORS, ClientUpdate
-from legokit.config import DEVICE_PROFILES, ExperimentConfig
+from legokit.config import ExperimentConfig
 from legokit.lora import attach_lora, detach_lora, load_peft_adapter, lora_factors, save_peft_adapter, svd_refactor
 from legokit.models import linear_modules
+from legokit.names import DEVICE_PROFILES
 from legokit.train import train_client
 from legokit.utils import LegokitError, atomic_write_json, atomic_write_text, progress_bar, progress_write
 

@@ -13,13 +13,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from legokit.names import DEFAULT_MODEL, LORA_TARGETS
 from legokit.utils import LegokitError, cache_dir, resolve_device, resolve_dtype
 
-DEFAULT_MODEL = "smollm2-135m-instruct"
 TINY_MODEL = "tiny-llama"
 
 # Cached checkpoints written by `legokit setup`, by model name.
-CACHED_MODELS = {DEFAULT_MODEL: "models/smollm2-135m-instruct"}
+CACHED_MODELS = {DEFAULT_MODEL: f"models/{DEFAULT_MODEL}"}
 
 # The chat template of SmolLM2, reused by tiny-llama so both render prompts the same way.
 CHAT_TEMPLATE = (
@@ -146,8 +146,7 @@ def tiny_llama(seed: int = 0, hidden: int = 64, layers: int = 2, heads: int = 4,
     return model.to(torch.float32), tok
 
 
-def linear_modules(model: nn.Module, targets=("q_proj", "k_proj", "v_proj", "o_proj",
-                                               "gate_proj", "up_proj", "down_proj")) -> dict[str, nn.Linear]:
+def linear_modules(model: nn.Module, targets=LORA_TARGETS) -> dict[str, nn.Linear]:
     """The decoder's prunable linear layers, keyed by qualified name, in model order."""
     return {name: mod for name, mod in model.named_modules()
             if isinstance(mod, nn.Linear) and name.rsplit(".", 1)[-1] in targets}

@@ -29,11 +29,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from legokit.names import CALIBRATION_MODES, METHODS, NM_PATTERN, PATTERN_KINDS, PATTERNS
 from legokit.utils import LegokitError, progress_bar
-
-METHODS = ("magnitude", "wanda", "sparsegpt")
-PATTERNS = ("unstructured", "structured", "N:M")
-CALIBRATION_MODES = ("one_shot", "sequential")
 
 
 # ----- validation ----------------------------------------------------------------------------------
@@ -57,9 +54,9 @@ def parse_pattern(pattern: str | Pattern) -> Pattern:
     """Parse "unstructured", "structured" or "N:M" (N zeros in every M, 0 < N < M)."""
     if isinstance(pattern, Pattern):
         return pattern
-    if pattern in ("unstructured", "structured"):
+    if pattern in PATTERN_KINDS:
         return Pattern(pattern)
-    m = re.fullmatch(r"\s*(\d+)\s*:\s*(\d+)\s*", str(pattern))
+    m = re.fullmatch(NM_PATTERN, str(pattern))
     if m is None:
         raise LegokitError(f"unknown pattern {pattern!r}: use one of {PATTERNS} (N:M such as '2:4' "
                            "= 2 of every 4 weights zero)")

@@ -1,6 +1,7 @@
 """Every plot the notebooks show (matplotlib / seaborn). Each function takes data, returns a Figure.
 
-Sections by notebook; nothing in the core modules imports this file.
+Sections by notebook, then the sweep summary (``legokit sweep`` writes it); nothing in the core modules imports
+this file.
 """
 
 from __future__ import annotations
@@ -454,15 +455,18 @@ def plot_condition_scores(table, tasks=None):
                     legend=False)
         ax.set(xlabel="", ylabel=name, title=name)
         ax.tick_params(axis="x", labelsize=7, rotation=30)
+    from legokit.names import THRESHOLDS
+
+    points, ppl = THRESHOLDS["c1_points"], THRESHOLDS["c3_ppl_relative"]
     means = table.groupby("condition")[["mean_score", "perplexity"]].mean()
     if "fedavg_dense" in means.index:  # C1: lego within 2 points of dense FedAvg (or 5% relative)
-        ax_m.axhline(means.loc["fedavg_dense", "mean_score"] - 2, ls="--", color="grey", lw=0.8,
-                     label="fedavg_dense − 2 (C1)")
+        ax_m.axhline(means.loc["fedavg_dense", "mean_score"] - points, ls="--", color="grey", lw=0.8,
+                     label=f"fedavg_dense − {points:g} (C1)")
         ax_m.legend(fontsize=7, loc="lower right")
     lo, hi = float(table["perplexity"].min()), float(table["perplexity"].max())
     if "base" in means.index:  # C3: lego at most 5% above base
-        limit = 1.05 * means.loc["base", "perplexity"]
-        ax_p.axhline(limit, ls="--", color="grey", lw=0.8, label="base + 5% (C3)")
+        limit = (1 + ppl) * means.loc["base", "perplexity"]
+        ax_p.axhline(limit, ls="--", color="grey", lw=0.8, label=f"base + {ppl:.0%} (C3)")
         ax_p.legend(fontsize=7, loc="lower right")
         hi = max(hi, limit)
     ax_p.set_ylim(lo - 0.5 * (hi - lo + 0.1), hi + 0.3 * (hi - lo + 0.1))
@@ -482,4 +486,64 @@ def plot_block_scores(table):
         ax.set(xlabel="block sparsity (%)", ylabel="score (points)", title=f"blocks on their {name}",
                xticks=sorted(table["sparsity"].unique()))
         ax.legend(fontsize=7)
+    return fig
+
+
+# ===================================================================== sweeps (legokit sweep, summary.png)
+
+_MAX_SUMMARY_PANELS = 4
+
+
+def plot_sweep_summary(df, summary=None, params=()):
+    """Barplots (mean, error bar = std over the remaining keys) of a sweep's headline results; None if nothing
+    to plot. One axis per result column.
+
+    Args:
+        df: the sweep's results table (``collect.collect``: one row per point).
+        summary: the grid's ``summary`` section ({x, y, hue}), or None for the defaults: x the first varying
+            parameter that is not a seed, hue the next one, y the first few numeric results that change.
+        params: the parameter columns of ``df`` (every other numeric column is a result).
+    """
+    import warnings
+
+    import seaborn as sns
+
+    from legokit.collect import is_seed, result_columns, varying_params
+    from legokit.grid import summary_spec
+
+    summary = summary_spec(summary)
+    if df.empty:
+        return None
+    params = list(params)
+    varying = varying_params(df, params)
+    candidates = [k for k in varying if not is_seed(k)] or varying
+    x = summary.get("x") or (candidates[0] if candidates else None)
+    hue = summary.get("hue") or next((k for k in candidates if k != x), None)
+    numeric = result_columns(df, params)
+    changing = [c for c in numeric if df[c].nunique() > 1]  # constant columns make dull panels
+    ys = list(summary.get("y") or (changing or numeric)[:_MAX_SUMMARY_PANELS])
+    missing = [c for c in ys if c not in df.columns]
+    if missing:
+        warnings.warn(f"summary y column(s) {missing} are not in results.csv (columns: {list(df.columns)})",
+                      stacklevel=2)
+        ys = [c for c in ys if c in df.columns]
+    for key in (x, hue):
+        if key is not None and key not in df.columns:
+            warnings.warn(f"summary key {key!r} is not a column of results.csv; plotting without it", stacklevel=2)
+    x = x if x in df.columns else None
+    hue = hue if hue in df.columns and hue != x else None
+    if not ys:
+        return None
+
+    plot = df.copy()
+    for key in (x, hue):
+        if key is not None:
+            plot[key] = plot[key].astype(str)  # categorical axes, even for numeric keys
+    fig, axes = _panel_figure(len(ys), width=4.2, height=3.6)
+    for ax, y in zip(axes, ys, strict=True):
+        sns.barplot(data=plot, x=x, y=y, hue=hue, errorbar="sd", capsize=0.15, ax=ax)
+        ax.set_title(y)
+        ax.set_ylabel("")
+    rest = [k for k in varying if k not in (x, hue)]
+    fig.suptitle(f"mean ± std over {', '.join(rest)}" if rest else "one run per bar", fontsize=9)
     return fig

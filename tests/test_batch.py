@@ -1,4 +1,5 @@
-"""legokit sweep / report: real papermill runs of tests/notebooks/sweep_probe.ipynb (about a second per point)."""
+"""legokit sweep / report (legokit.grid, .sweep, .collect, the cli): real papermill runs of
+tests/notebooks/sweep_probe.ipynb (about a second per point)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,9 @@ import pytest
 import yaml
 
 from legokit import batch, cli
+from legokit.collect import collect, flatten, point_status, report
+from legokit.grid import expand_points, grid_hash, notebook_parameters, validate_points
+from legokit.sweep import SweepResult, _check_kernel, summary_figure, sweep
 from legokit.utils import LegokitError, atomic_write_json
 
 PROBE = Path(__file__).parent / "notebooks" / "sweep_probe.ipynb"
@@ -18,19 +22,19 @@ GRID = {"base": {"PROFILE": "quick", "Y": 1.5}, "grid": {"X": [2, 3]}}
 
 
 @pytest.fixture(scope="module")
-def two_point_sweep(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, batch.SweepResult]:
+def two_point_sweep(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, SweepResult]:
     out = tmp_path_factory.mktemp("sweep") / "out"
-    return out, batch.sweep(PROBE, GRID, out, progress=False)
+    return out, sweep(PROBE, GRID, out, progress=False)
 
 
-def test_two_point_grid_runs_through_papermill(two_point_sweep: tuple[Path, batch.SweepResult]) -> None:
+def test_two_point_grid_runs_through_papermill(two_point_sweep: tuple[Path, SweepResult]) -> None:
     out, res = two_point_sweep
     assert res.ok and res.ran == ["X=2", "X=3"] and res.skipped == []
     df = pd.read_csv(out / "results.csv")
     assert list(df["point"]) == ["X=2", "X=3"]
     assert list(df["x"]) == [2, 3] and list(df["y"]) == [1.5, 1.5] and list(df["product"]) == [3.0, 4.5]
     assert list(df["X"]) == [2, 3] and set(df["PROFILE"]) == {"quick"}
-    pd.testing.assert_frame_equal(df, batch.collect(out), check_dtype=False)
+    pd.testing.assert_frame_equal(df, collect(out), check_dtype=False)
     assert res.summary_png == out / "summary.png" and res.summary_png.stat().st_size > 0
     # The executed notebook is kept, with the sweep's parameters injected (RUN_DIR = the point's directory).
     point = out / "points" / "X=3"
@@ -42,25 +46,25 @@ def test_two_point_grid_runs_through_papermill(two_point_sweep: tuple[Path, batc
     assert meta["notebook"] == str(PROBE.resolve()) and len(meta["grid_hash"]) == 16
 
 
-def test_rerun_skips_finished_points(two_point_sweep: tuple[Path, batch.SweepResult]) -> None:
+def test_rerun_skips_finished_points(two_point_sweep: tuple[Path, SweepResult]) -> None:
     out, _ = two_point_sweep
     files = [out / "points" / n / f for n in ("X=2", "X=3") for f in ("results.json", "executed.ipynb")]
     before = [f.stat().st_mtime_ns for f in files]
-    res = batch.sweep(PROBE, GRID, out, progress=False)
+    res = sweep(PROBE, GRID, out, progress=False)
     assert res.ok and res.ran == [] and res.skipped == ["X=2", "X=3"]
     assert [f.stat().st_mtime_ns for f in files] == before
     assert len(res.results) == 2
 
 
-def test_different_grid_into_same_out_is_refused(two_point_sweep: tuple[Path, batch.SweepResult]) -> None:
+def test_different_grid_into_same_out_is_refused(two_point_sweep: tuple[Path, SweepResult]) -> None:
     out, _ = two_point_sweep
     other = {"base": {"PROFILE": "quick", "Y": 1.5}, "grid": {"X": [2, 3, 4]}}
     with pytest.raises(LegokitError, match=r"another grid.*new --out.*--force"):
-        batch.sweep(PROBE, other, out, progress=False)
+        sweep(PROBE, other, out, progress=False)
     assert not (out / "points" / "X=4").exists()
 
 
-def test_report_prints_sweep_and_run_tables(two_point_sweep: tuple[Path, batch.SweepResult],
+def test_report_prints_sweep_and_run_tables(two_point_sweep: tuple[Path, SweepResult],
                                             capsys: pytest.CaptureFixture[str]) -> None:
     out, _ = two_point_sweep
     assert cli.main(["report", str(out)]) == 0
@@ -75,14 +79,14 @@ def test_failing_point_is_recorded_and_the_others_finish(tmp_path: Path,
                                                          capsys: pytest.CaptureFixture[str]) -> None:
     grid = {"base": {"PROFILE": "quick"}, "points": [{"X": 1}, {"X": 2, "FAIL": True}, {"X": 3}]}
     out = tmp_path / "out"
-    res = batch.sweep(PROBE, grid, out, progress=False)
+    res = sweep(PROBE, grid, out, progress=False)
     assert not res.ok and list(res.failed) == ["FAIL=true,X=2"]
     error = res.failed["FAIL=true,X=2"].read_text()
     assert "probe failure requested" in error and "executed.ipynb" in error
     assert (out / "points" / "FAIL=true,X=2" / "executed.ipynb").is_file()
     assert not (out / "points" / "FAIL=true,X=2" / "results.json").exists()
     assert list(pd.read_csv(out / "results.csv")["product"]) == [0.5, 1.5]
-    assert batch.point_status(out) == {"X=1": "done", "FAIL=true,X=2": "failed", "X=3": "done"}
+    assert point_status(out) == {"X=1": "done", "FAIL=true,X=2": "failed", "X=3": "done"}
 
     # The command line: finished points skip, the failing one reruns, fails again, exit code 1.
     grid_yaml = tmp_path / "grid.yaml"
@@ -91,7 +95,7 @@ def test_failing_point_is_recorded_and_the_others_finish(tmp_path: Path,
     assert code == 1
     captured = capsys.readouterr()
     assert "2 skipped" in captured.out and "FAILED FAIL=true,X=2" in captured.err
-    assert "failed: FAIL=true,X=2" in batch.report(out)
+    assert "failed: FAIL=true,X=2" in report(out)
 
 
 @pytest.mark.parametrize(("grid", "pattern"), [
@@ -111,52 +115,52 @@ def test_failing_point_is_recorded_and_the_others_finish(tmp_path: Path,
 ])
 def test_bad_grid_fails_before_any_run(tmp_path: Path, grid: dict, pattern: str) -> None:
     with pytest.raises(LegokitError, match=pattern):
-        batch.sweep(PROBE, grid, tmp_path / "out", progress=False)
+        sweep(PROBE, grid, tmp_path / "out", progress=False)
     assert not (tmp_path / "out").exists()
 
 
 def test_int_accepted_for_float_parameter() -> None:
-    points = batch.expand_points({"grid": {"Y": [2, 0.25]}})
-    batch.validate_points(points, batch.notebook_parameters(PROBE), PROBE)  # does not raise
+    points = expand_points({"grid": {"Y": [2, 0.25]}})
+    validate_points(points, notebook_parameters(PROBE), PROBE)  # does not raise
 
 
 def test_missing_notebook_and_grid_file(tmp_path: Path) -> None:
     with pytest.raises(LegokitError, match="not found"):
-        batch.sweep(tmp_path / "nope.ipynb", GRID, tmp_path / "out", progress=False)
+        sweep(tmp_path / "nope.ipynb", GRID, tmp_path / "out", progress=False)
     with pytest.raises(LegokitError, match="no notebook to run"):
-        batch.sweep(None, GRID, tmp_path / "out", progress=False)
+        sweep(None, GRID, tmp_path / "out", progress=False)
     with pytest.raises(LegokitError, match="grid file .* not found"):
-        batch.sweep(PROBE, tmp_path / "nope.yaml", tmp_path / "out", progress=False)
+        sweep(PROBE, tmp_path / "nope.yaml", tmp_path / "out", progress=False)
     with pytest.raises(LegokitError, match="differs from the grid's notebook"):
-        batch.sweep(PROBE, {**GRID, "notebook": str(tmp_path / "other.ipynb")}, tmp_path / "out", progress=False)
+        sweep(PROBE, {**GRID, "notebook": str(tmp_path / "other.ipynb")}, tmp_path / "out", progress=False)
     assert not (tmp_path / "out").exists()
 
 
 def test_foreign_directory_is_refused(tmp_path: Path) -> None:
     (tmp_path / "notes.txt").write_text("not a sweep")
     with pytest.raises(LegokitError, match="not a sweep directory"):
-        batch.sweep(PROBE, GRID, tmp_path, progress=False)
+        sweep(PROBE, GRID, tmp_path, progress=False)
 
 
 def test_points_are_named_and_expanded_deterministically() -> None:
     spec = {"base": {"PROFILE": "quick"}, "grid": {"SEED": [0, 1], "CONDITION": ["lego", "fed avg/x"]},
             "points": [{"CONDITION": "lego", "SEED": 0}, {"TASKS": ["boolq", "piqa"]}]}
-    points = batch.expand_points(spec)
+    points = expand_points(spec)
     assert [p.name for p in points] == ["CONDITION=lego,SEED=0", "CONDITION=fed_avg_x,SEED=0",
                                         "CONDITION=lego,SEED=1", "CONDITION=fed_avg_x,SEED=1",
                                         'TASKS=boolq+piqa']  # the duplicate explicit point is kept once
     assert points[0].params == {"PROFILE": "quick", "SEED": 0, "CONDITION": "lego"}
-    assert [p.name for p in batch.expand_points(spec)] == [p.name for p in points]
+    assert [p.name for p in expand_points(spec)] == [p.name for p in points]
     # Different parameters that sanitise to the same name are told apart by a hash suffix.
-    clash = batch.expand_points({"grid": {"C": ["a b", "a/b"]}})
+    clash = expand_points({"grid": {"C": ["a b", "a/b"]}})
     assert len({p.name for p in clash}) == 2 and all(p.name.startswith("C=a_b-") for p in clash)
-    a, b = batch.expand_points(GRID), batch.expand_points({**GRID, "grid": {"X": [2, 4]}})
-    assert batch.grid_hash(PROBE, a) == batch.grid_hash(PROBE, batch.expand_points(GRID))
-    assert batch.grid_hash(PROBE, a) != batch.grid_hash(PROBE, b)
+    a, b = expand_points(GRID), expand_points({**GRID, "grid": {"X": [2, 4]}})
+    assert grid_hash(PROBE, a) == grid_hash(PROBE, expand_points(GRID))
+    assert grid_hash(PROBE, a) != grid_hash(PROBE, b)
 
 
 def test_flatten_nested_results() -> None:
-    flat = batch.flatten({"global": {"mean_score": 0.5, "primary": {"boolq": 0.7}}, "curve": [1, 2], "n": 3})
+    flat = flatten({"global": {"mean_score": 0.5, "primary": {"boolq": 0.7}}, "curve": [1, 2], "n": 3})
     assert flat == {"global.mean_score": 0.5, "global.primary.boolq": 0.7, "curve": "[1, 2]", "n": 3}
 
 
@@ -175,31 +179,48 @@ def _fake_sweep(out: Path, scores: dict[tuple[str, int], float]) -> None:
 
 def test_report_groups_mean_std_over_seeds_and_plots(tmp_path: Path) -> None:
     _fake_sweep(tmp_path, {("lego", 0): 0.5, ("lego", 1): 0.7, ("fedavg", 0): 0.1, ("fedavg", 1): 0.3})
-    df = batch.collect(tmp_path)
+    df = collect(tmp_path)
     assert list(df.columns) == ["point", "PROFILE", "CONDITION", "SEED", "global.mean_score", "global.perplexity",
                                 "note"]
-    text = batch.report(tmp_path)
+    text = report(tmp_path)
     assert "mean ± std over SEED" in text
     lego = next(line for line in text.splitlines() if line.startswith("lego"))
     assert "0.6 ± 0.14" in lego and "10.5 ± 0.71" in lego  # mean and sample std over the two seeds
-    png = batch.summary_figure(df, tmp_path / "summary.png", {"y": "global.mean_score"}, ["PROFILE", "CONDITION",
+    png = summary_figure(df, tmp_path / "summary.png", {"y": "global.mean_score"}, ["PROFILE", "CONDITION",
                                                                                          "SEED"])
     assert png is not None and png.stat().st_size > 0
 
 
-def test_report_of_a_lego_run_uses_results_table(tmp_path: Path) -> None:
+def test_report_of_a_lego_run_uses_results_table(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     scores = {"primary": {"boolq": 0.625}, "mean_score": 0.625, "perplexity": 12.5}
     atomic_write_json(tmp_path / "results.json", {"base": scores, "global": scores})
-    text = batch.report(tmp_path / "results.json")
+    assert cli.main(["report", str(tmp_path / "results.json")]) == 0
+    text = capsys.readouterr().out
     assert "base LLM" in text and "global LLM" in text and "62.5" in text
+    # The generic report knows nothing of LEGO's layout: it prints the same results flat.
+    flat = report(tmp_path)
+    assert "base LLM" not in flat and "global.primary.boolq  0.625" in flat
+
+
+def test_report_of_a_run_that_only_looks_like_lego_is_flat(tmp_path: Path,
+                                                           capsys: pytest.CaptureFixture[str]) -> None:
+    atomic_write_json(tmp_path / "results.json", {"global": 3})
+    assert cli.main(["report", str(tmp_path)]) == 0
+    assert capsys.readouterr().out == f"{tmp_path / 'results.json'}\n\nglobal  3\n"
 
 
 def test_report_of_nothing_is_an_error(tmp_path: Path) -> None:
     with pytest.raises(LegokitError, match="neither a sweep directory"):
-        batch.report(tmp_path)
+        report(tmp_path)
 
 
 def test_kernel_runs_this_interpreter() -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        batch._check_kernel()
+        _check_kernel()
+
+
+def test_batch_still_exports_the_old_names() -> None:
+    assert (batch.sweep, batch.collect, batch.flatten, batch.report) == (sweep, collect, flatten, report)
+    assert batch.expand_points is expand_points and batch.SweepResult is SweepResult
+    assert batch.add_commands is cli.add_sweep_commands

@@ -1,0 +1,52 @@
+"""Every list of allowed names, and the few constants several modules must agree on, defined once.
+
+``config`` validates a whole experiment against these lists before any model is loaded, and the modules that
+implement the names import the same lists, so a name is added in one place. The module imports nothing (not
+even the rest of legokit): ``config`` must not import the stages downstream of it. A module that implements
+the names in a dict of its own checks at import that its keys are exactly these (``data.TASKS``,
+``aggregate.AGGREGATORS``).
+"""
+
+from __future__ import annotations
+
+# ----- prune: how the building blocks are extracted
+METHODS = ("magnitude", "wanda", "sparsegpt")
+CALIBRATION_MODES = ("one_shot", "sequential")
+PATTERN_KINDS = ("unstructured", "structured")  # the patterns with a name; N:M is the third form
+PATTERNS = (*PATTERN_KINDS, "N:M")
+NM_PATTERN = r"(\d+):(\d+)"  # N:M as written, e.g. "2:4": N zeros in every M consecutive weights (0 < N < M)
+
+# ----- models and lora
+DEFAULT_MODEL = "smollm2-135m-instruct"
+# The decoder's prunable linear layers, by their short name; LoRA can target any of them.
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+# ----- data
+TASK_NAMES = ("boolq", "nq_open", "xsum", "mmlu", "commonsense_qa", "asdiv", "piqa")  # data.TASKS, in its order
+PARTITIONS = ("task", "dirichlet", "iid", "quantity")
+
+# ----- federation
+AGGREGATOR_NAMES = ("heteagg", "fedavg", "fedavg_delta", "heterofl", "flora", "flexlora")  # aggregate.AGGREGATORS
+# Reference conditions that share the round loop but do not aggregate (or do not federate).
+REFERENCE_MODES = ("local", "centralized")
+BROADCAST_MODES = ("adapter", "merge")
+UNCOVERED_RULES = ("keep", "zero")
+WEIGHTINGS = ("samples", "uniform")
+# Device profiles: the share of the LLM's decoder weights a device can hold. A client gets the
+# densest block whose kept fraction (1 - sparsity) fits its budget.
+DEVICE_PROFILES = {"server": 1.0, "workstation": 0.8, "laptop": 0.55, "phone": 0.3}
+
+# ----- evaluation
+# How choice tasks are scored (``evaluate.score_items``): the field's convention, and the answer-label convention.
+SCORINGS = {
+    "harness": "lm-evaluation-harness multiple choice: log-likelihood of each option's text after a plain "
+               "cloze context (acc, acc_norm)",
+    "label": "log-probability of each answer label (yes/no, A-E) as the response to the chat prompt",
+}
+EVAL_ITEMS = ("per_seed", "first")  # a seeded draw of the test split per run seed | the first n
+
+# ----- claims
+# The thresholds of the verdicts (the issue's wording): C1 within 2 points or 5% relative of fedavg_dense,
+# C3 perplexity at most 5% above base.
+THRESHOLDS = {"c1_points": 2.0, "c1_relative": 0.05, "c3_ppl_relative": 0.05, "c1_nll": 0.05}
+# c1_nll: lego's gold-response NLL at most 0.05 nats per token above fedavg_dense's (the NLL reading of "close")
