@@ -56,6 +56,7 @@ def main() -> None:
     ap.add_argument("--tasks", nargs="+", default=["piqa", "mmlu", "boolq", "commonsense_qa"])
     ap.add_argument("--scoring", default="harness", choices=["harness", "label"])
     ap.add_argument("--plain-n", type=int, default=30, help="items per task for the (slow) plain loop")
+    ap.add_argument("--row-tokens", type=int, default=384, help="the scorer's packed row length")
     args = ap.parse_args()
     torch.manual_seed(0)
     model, tok = load_model()
@@ -78,9 +79,9 @@ def main() -> None:
                 requests.append((p, [r, *choice_ids(ex, tok)]))
         tokens = sum(len(_layout(r)[0]) for r in requests)
         with torch.inference_mode():
-            score_requests(model, requests[:8])  # warm-up
+            score_requests(model, requests[:8], row_tokens=args.row_tokens)  # warm-up
             t = time.perf_counter()
-            ours = score_requests(model, requests)
+            ours = score_requests(model, requests, row_tokens=args.row_tokens)
             dt = time.perf_counter() - t
             k = min(args.plain_n, len(requests))
             t = time.perf_counter()
