@@ -168,6 +168,43 @@ def test_heteagg_covered_coordinate_within_owner_range_property():
         assert bool((out[~covered] == 0).all()), seed
 
 
+def test_heteagg_ignores_client_order_and_the_scale_of_the_weights():
+    # prepare
+    g = torch.Generator().manual_seed(20)
+    deltas = [{"m": torch.randn(5, 7, generator=g), "n": torch.randn(3, 4, generator=g)} for _ in range(4)]
+    masks = [{"m": random_mask((5, 7), 0.5, 30 + k), "n": random_mask((3, 4), 0.5, 40 + k)} for k in range(4)]
+    weights = [1.0, 2.0, 5.0, 0.5]
+    prev = {"m": torch.full((5, 7), 3.0), "n": torch.full((3, 4), -1.0)}
+    perm = [2, 0, 3, 1]
+    # execute
+    ref = heteagg(deltas, masks, weights, prev)
+    shuffled = heteagg([deltas[i] for i in perm], [masks[i] for i in perm], [weights[i] for i in perm], prev)
+    scaled = [heteagg(deltas, masks, [c * w for w in weights], prev) for c in (1e-3, 7.0, 1e4)]
+    other = heteagg(deltas, masks, [1.0, 2.0, 5.0, 4.0], prev)  # one weight changed
+    # assert
+    for name in ("m", "n"):
+        torch.testing.assert_close(shuffled[name], ref[name])
+        for out in scaled:
+            torch.testing.assert_close(out[name], ref[name])
+    assert not torch.allclose(other["m"], ref["m"])  # the weights do matter (the check can fail)
+
+
+@pytest.mark.parametrize("agg", sorted(AGGREGATORS))
+def test_update_aggregators_ignore_client_order_and_the_scale_of_the_weights(agg):
+    # prepare: equal ranks and scalings so that fedavg applies too
+    updates = [make_update(c, seed=50 + k, mask=random_mask((4, 6), 0.6, 60 + k), weight=w)
+               for k, (c, w) in enumerate(zip("abcd", (1.0, 3.0, 0.5, 2.0), strict=True))]
+    prev = {MOD: torch.full((4, 6), 2.0)}
+    # execute
+    ref = AGGREGATORS[agg](updates, prev, "keep")[MOD]
+    reversed_ = AGGREGATORS[agg](updates[::-1], prev, "keep")[MOD]
+    scaled = AGGREGATORS[agg]([ClientUpdate(u.client, u.factors, u.scaling, u.masks, 250.0 * u.weight)
+                               for u in updates], prev, "keep")[MOD]
+    # assert
+    torch.testing.assert_close(reversed_, ref)
+    torch.testing.assert_close(scaled, ref)
+
+
 # ------------------------------------------------------------------------------------ factor-based
 
 
@@ -279,10 +316,15 @@ def test_aggregators_over_several_modules():
         return ClientUpdate(client, {**u.factors, **v.factors}, u.scaling, {**u.masks, **v.masks})
 
     updates = [two_modules("a", 0), two_modules("b", 1)]
-    # execute / assert (fedavg needs equal scalings: rank 1 alpha 4 != rank 2 alpha 4)
+    # execute / assert: each module comes out as if aggregated alone (fedavg needs equal scalings: rank 1
+    # alpha 4 != rank 2 alpha 4)
     for name in set(AGGREGATORS) - {"fedavg"}:
         out = AGGREGATORS[name](updates, None, "keep")
-        assert out[MOD].shape == (4, 6) and out["n"].shape == (2, 3), name
+        assert set(out) == {MOD, "n"} and out[MOD].shape == (4, 6) and out["n"].shape == (2, 3), name
+        for module in (MOD, "n"):
+            alone = [ClientUpdate(u.client, {module: u.factors[module]}, u.scaling, {module: u.masks[module]},
+                                  u.weight) for u in updates]
+            torch.testing.assert_close(out[module], AGGREGATORS[name](alone, None, "keep")[module], msg=name)
 
 
 # ----------------------------------------------------------------------------------------- helpers

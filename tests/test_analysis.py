@@ -27,11 +27,11 @@ from legokit.analysis import (
 )
 from legokit.blocks import extract_blocks
 from legokit.config import ExperimentConfig
-from legokit.data import Example
+from legokit.data import Example, tokenize_example
 from legokit.evaluate import evaluate_examples
 from legokit.federation import ClientResult, Server, assign_blocks, block_model, run_federation
 from legokit.lora import svd_refactor
-from legokit.models import linear_modules, load_model
+from legokit.models import linear_modules
 from legokit.utils import LegokitError
 
 CALIB = ["The quick brown fox jumps over the lazy dog. " * 4, "Paris is the capital of France. " * 4] * 2
@@ -55,16 +55,17 @@ def _examples(task: str, n: int) -> list[Example]:
 
 
 @pytest.fixture(scope="module")
-def tiny():
-    llm, tok = load_model("tiny-llama")
+def tiny_blocks(tiny):
+    """The module's shared tiny-llama (read-only) and its Wanda blocks at 0/50/75%."""
+    llm, tok = tiny
     blocks = extract_blocks(llm, tok, sparsities=SPARSITIES, method="wanda", pattern="unstructured",
                             calibration="one_shot", n_calib=4, seq_len=32, seed=0, texts=CALIB)
     return llm, tok, blocks
 
 
-def _server_with_random_results(tiny, sparsities=SPARSITIES, weights=(1, 2, 5)):
+def _server_with_random_results(tiny_blocks, sparsities=SPARSITIES, weights=(1, 2, 5)):
     """A Server and hand-made ClientResults (random factors, different sample counts)."""
-    llm, _, blocks = tiny
+    llm, _, blocks = tiny_blocks
     cfg = _cfg(sparsities)
     server = Server(cfg, llm, blocks, assign_blocks(cfg, blocks), list(weights))
     gen = torch.Generator().manual_seed(0)
@@ -76,24 +77,27 @@ def _server_with_random_results(tiny, sparsities=SPARSITIES, weights=(1, 2, 5)):
     return server, results
 
 
-def test_heteagg_is_the_exact_owner_mean_and_fedavg_delta_dilutes(tiny):
-    server, results = _server_with_random_results(tiny)
+def test_heteagg_is_the_exact_owner_mean_and_fedavg_delta_dilutes(tiny_blocks):
+    server, results = _server_with_random_results(tiny_blocks)
     errors = aggregation_errors(server, results, progress=False)
     assert set(errors["aggregator"]) == set(AGGREGATORS)
     assert len(errors) == len(server.modules) * len(AGGREGATORS)
     by = errors.groupby("aggregator")
     assert by["rel_error"].max()["heteagg"] < 1e-5
     assert abs(by["dilution"].mean()["heteagg"] - 1) < 1e-5
-    # pruned zeros pull fedavg_delta towards 0 on coordinates not every client owns
-    assert by["dilution"].max()["fedavg_delta"] < 0.95
+    # pruned zeros pull fedavg_delta towards 0 on coordinates not every client owns: there it is the owners'
+    # share of the weight times their mean, 1/8 (the dense client alone) or 3/8 (dense and 50%) of it
+    dil = errors[errors["aggregator"] == "fedavg_delta"]["dilution"]
+    assert dil.between(1 / 8 - 1e-6, 3 / 8 + 1e-6).all() and dil.max() - dil.min() > 0.01
     assert by["rel_error"].min()["fedavg_delta"] > 0.05
     # heterofl ignores the (unequal) sample weights: a real, nonzero error
     assert by["rel_error"].min()["heterofl"] > 1e-3
-    assert (errors["partial_fraction"] > 0.5).all()  # 0/50/75%: 75% of coordinates are partially owned
+    # nested masks at 0/50/75%: the 25% the sparsest client keeps is owned by all, the other 75% partially
+    np.testing.assert_allclose(errors["partial_fraction"], 0.75)
 
 
-def test_reaggregate_matches_the_aggregators_and_the_reference(tiny):
-    server, results = _server_with_random_results(tiny)
+def test_reaggregate_matches_the_aggregators_and_the_reference(tiny_blocks):
+    server, results = _server_with_random_results(tiny_blocks)
     name = server.modules[3]
     deltas = reaggregate(server, results, [name], ["heteagg", "flora"])
     ref = owner_mean(client_updates(server, results, [name]), name)
@@ -105,16 +109,16 @@ def test_reaggregate_matches_the_aggregators_and_the_reference(tiny):
     torch.testing.assert_close(deltas["flora"][name], want.float(), rtol=1e-5, atol=1e-5)
 
 
-def test_all_dense_clients_make_the_mask_aware_rules_agree(tiny):
-    server, results = _server_with_random_results(tiny, sparsities=(0.0, 0.0, 0.0))
+def test_all_dense_clients_make_the_mask_aware_rules_agree(tiny_blocks):
+    server, results = _server_with_random_results(tiny_blocks, sparsities=(0.0, 0.0, 0.0))
     errors = aggregation_errors(server, results, ["heteagg", "fedavg_delta", "flexlora"], progress=False)
     assert errors["rel_error"].max() < 1e-5
     assert errors["dilution"].isna().all()  # no partially owned coordinate
 
 
-def test_lazy_deltas_and_apply_delta_restore_exactly(tiny):
-    llm, _, _ = tiny
-    server, results = _server_with_random_results(tiny)
+def test_lazy_deltas_and_apply_delta_restore_exactly(tiny_blocks):
+    llm, _, _ = tiny_blocks
+    server, results = _server_with_random_results(tiny_blocks)
     lazy = AggregatedDeltas(server, results, "heteagg")
     assert list(lazy) == server.modules and len(lazy) == len(server.modules)
     before = {n: p.detach().clone() for n, p in llm.named_parameters()}
@@ -148,8 +152,8 @@ def test_energy_by_rank_is_monotone_and_matches_svd_refactor():
         energy_by_rank(full, [0])
 
 
-def test_coverage_table_counts_nested_owners(tiny):
-    server, _ = _server_with_random_results(tiny)
+def test_coverage_table_counts_nested_owners(tiny_blocks):
+    server, _ = _server_with_random_results(tiny_blocks)
     table = coverage_table(client_masks(server))
     fracs = table[[f"owners_{c}" for c in range(4)]]
     np.testing.assert_allclose(fracs.sum(axis=1), 1.0)
@@ -159,8 +163,8 @@ def test_coverage_table_counts_nested_owners(tiny):
     np.testing.assert_allclose(table["owners_3"], 0.25, atol=1e-9)
 
 
-def test_update_norm_table_is_masked(tiny):
-    server, results = _server_with_random_results(tiny)
+def test_update_norm_table_is_masked(tiny_blocks):
+    server, results = _server_with_random_results(tiny_blocks)
     updates = client_updates(server, results)
     masked, raw = update_norm_table(updates), update_norm_table(updates, masked=False)
     assert len(masked) == len(results) * len(server.modules)
@@ -169,8 +173,8 @@ def test_update_norm_table_is_masked(tiny):
     assert (masked[~dense]["norm"].values < raw[~dense]["norm"].values).all()
 
 
-def test_client_table_costs_shrink_with_sparsity(tiny):
-    llm, _, blocks = tiny
+def test_client_table_costs_shrink_with_sparsity(tiny_blocks):
+    llm, _, blocks = tiny_blocks
     parts = [_examples("boolq", 3), _examples("asdiv", 2) + _examples("boolq", 1), _examples("asdiv", 1)]
     table = client_table(llm, blocks, [0, 1, 2], parts, devices=["server", "laptop", "phone"], context=16)
     assert table["block"].tolist() == [b.id for b in blocks]
@@ -190,8 +194,8 @@ def test_task_mix_and_main_task():
         main_task([])
 
 
-def test_a_real_round_feeds_metrics_and_reaggregation(tiny, tmp_path):
-    llm, tok, blocks = tiny
+def test_a_real_round_feeds_metrics_and_reaggregation(tiny_blocks, tmp_path):
+    llm, tok, blocks = tiny_blocks
     cfg = _cfg()
     parts = [_examples("boolq", 4), _examples("asdiv", 4), _examples("boolq", 2)]
     server = run_federation(cfg, llm, tok, blocks, parts, tmp_path, progress=False)
@@ -222,7 +226,16 @@ def test_a_real_round_feeds_metrics_and_reaggregation(tiny, tmp_path):
         assert not torch.allclose(got, blocks[i].model(ids).logits.detach(), atol=1e-4)
         block.release()
     nll = [response_nll(llm, tok, parts[0], batch_size=bs) for bs in (1, 3)]
-    assert 0 < nll[0] < 20 and nll[0] == pytest.approx(nll[1], rel=1e-4)  # padding does not change it
+    assert nll[0] == pytest.approx(nll[1], rel=1e-4)  # padding does not change it
+    # reference: one unpadded example at a time, -log p of each response token given everything before it
+    total, count = 0.0, 0
+    for ex in parts[0]:
+        p, r = tokenize_example(ex, tok)
+        with torch.no_grad():
+            logp = torch.log_softmax(llm(torch.tensor([p + r])).logits[0].double(), -1)  # (T, V)
+        total -= sum(float(logp[len(p) - 1 + t, r[t]]) for t in range(len(r)))
+        count += len(r)
+    assert nll[0] == pytest.approx(total / count, rel=1e-5)
     # the same quantity evaluate reports for choice tasks (client_scores takes it from there)
     choice = [Example(task="piqa", prompt=f"Pick one: {i}?", response="A", choices=("x", "y"), answer_index=0,
                       uid=f"c{i}") for i in range(3)]
@@ -231,11 +244,22 @@ def test_a_real_round_feeds_metrics_and_reaggregation(tiny, tmp_path):
         read_metrics(tmp_path / "nowhere")
 
 
-def test_module_explorer_draws_headless(tiny):
+def test_module_explorer_draws_headless(tiny_blocks):
     from legokit.widgets import module_explorer
 
-    server, results = _server_with_random_results(tiny)
+    server, results = _server_with_random_results(tiny_blocks)
     explorer = module_explorer(server, results, ["heteagg", "flora"])
-    fig = explorer.draw(server.modules[1])
-    assert len(fig.axes) == 1 and len(fig.axes[0].lines) == 2 + 2  # two curves, two rank marks
+    name = server.modules[1]  # k_proj, 32 x 64: ranks 1, 2, 4, ... 32
+    fig = explorer.draw(name)
+    (ax,) = fig.axes
+    assert ax.get_title() == name
+    ranks = [1, 2, 4, 8, 16, 32]
+    deltas = reaggregate(server, results, [name], ["heteagg", "flora"])
+    curves, marks = ax.lines[:2], ax.lines[2:]
+    for line, agg in zip(curves, ("heteagg", "flora"), strict=True):
+        assert line.get_label() == agg and list(line.get_xdata()) == ranks
+        np.testing.assert_allclose(line.get_ydata(), energy_by_rank(deltas[agg][name], ranks), rtol=1e-6)
+    # the client rank (2) and the global rank (3 clients x 2) as vertical lines
+    assert [list(m.get_xdata()) for m in marks] == [[2, 2], [6, 6]]
+    assert [t.get_text() for t in ax.texts] == ["client r=2", "r_g=6"]
     explorer.update(server.modules[2])  # redraws into the widget's output area without error

@@ -3,7 +3,6 @@
 import json
 import os
 import shutil
-import time
 
 import pytest
 
@@ -40,10 +39,8 @@ def test_setup_builds_verifies_and_repairs(scratch_cache, monkeypatch):
     # a second run only verifies: nothing is rewritten
     model = scratch_cache / "models/smollm2-135m-instruct/model.safetensors"
     mtime = model.stat().st_mtime_ns
-    t0 = time.time()
     assert assets.setup()["files"] == files
-    assert model.stat().st_mtime_ns == mtime
-    assert time.time() - t0 < 30
+    assert model.stat().st_mtime_ns == mtime  # (how long a verify-only setup takes belongs in bench/)
 
     # a corrupted prepared file is detected by sha256 and rebuilt
     target = scratch_cache / "data/asdiv/test.jsonl"

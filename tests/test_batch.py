@@ -1,5 +1,9 @@
 """legokit sweep / report (legokit.grid, .sweep, .collect, the cli): real papermill runs of
-tests/notebooks/sweep_probe.ipynb (about a second per point)."""
+tests/notebooks/sweep_probe.ipynb (about a second per point).
+
+The tests that execute the notebook (directly or through the ``two_point_sweep`` fixture) are marked ``notebook``;
+the others check grids, names and reports without starting a kernel.
+"""
 
 from __future__ import annotations
 
@@ -16,6 +20,7 @@ from legokit.collect import collect, flatten, point_status, report
 from legokit.grid import expand_points, grid_hash, notebook_parameters, validate_points
 from legokit.sweep import SweepResult, _check_kernel, summary_figure, sweep
 from legokit.utils import LegokitError, atomic_write_json
+from legokit.viz import plot_sweep_summary
 
 PROBE = Path(__file__).parent / "notebooks" / "sweep_probe.ipynb"
 GRID = {"base": {"PROFILE": "quick", "Y": 1.5}, "grid": {"X": [2, 3]}}
@@ -27,6 +32,7 @@ def two_point_sweep(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Swe
     return out, sweep(PROBE, GRID, out, progress=False)
 
 
+@pytest.mark.notebook
 def test_two_point_grid_runs_through_papermill(two_point_sweep: tuple[Path, SweepResult]) -> None:
     out, res = two_point_sweep
     assert res.ok and res.ran == ["X=2", "X=3"] and res.skipped == []
@@ -46,6 +52,7 @@ def test_two_point_grid_runs_through_papermill(two_point_sweep: tuple[Path, Swee
     assert meta["notebook"] == str(PROBE.resolve()) and len(meta["grid_hash"]) == 16
 
 
+@pytest.mark.notebook
 def test_rerun_skips_finished_points(two_point_sweep: tuple[Path, SweepResult]) -> None:
     out, _ = two_point_sweep
     files = [out / "points" / n / f for n in ("X=2", "X=3") for f in ("results.json", "executed.ipynb")]
@@ -56,6 +63,7 @@ def test_rerun_skips_finished_points(two_point_sweep: tuple[Path, SweepResult]) 
     assert len(res.results) == 2
 
 
+@pytest.mark.notebook
 def test_different_grid_into_same_out_is_refused(two_point_sweep: tuple[Path, SweepResult]) -> None:
     out, _ = two_point_sweep
     other = {"base": {"PROFILE": "quick", "Y": 1.5}, "grid": {"X": [2, 3, 4]}}
@@ -64,6 +72,7 @@ def test_different_grid_into_same_out_is_refused(two_point_sweep: tuple[Path, Sw
     assert not (out / "points" / "X=4").exists()
 
 
+@pytest.mark.notebook
 def test_report_prints_sweep_and_run_tables(two_point_sweep: tuple[Path, SweepResult],
                                             capsys: pytest.CaptureFixture[str]) -> None:
     out, _ = two_point_sweep
@@ -75,6 +84,7 @@ def test_report_prints_sweep_and_run_tables(two_point_sweep: tuple[Path, SweepRe
     assert "product" in text and "4.5" in text and "results.json" in text
 
 
+@pytest.mark.notebook
 def test_failing_point_is_recorded_and_the_others_finish(tmp_path: Path,
                                                          capsys: pytest.CaptureFixture[str]) -> None:
     grid = {"base": {"PROFILE": "quick"}, "points": [{"X": 1}, {"X": 2, "FAIL": True}, {"X": 3}]}
@@ -186,9 +196,14 @@ def test_report_groups_mean_std_over_seeds_and_plots(tmp_path: Path) -> None:
     assert "mean ± std over SEED" in text
     lego = next(line for line in text.splitlines() if line.startswith("lego"))
     assert "0.6 ± 0.14" in lego and "10.5 ± 0.71" in lego  # mean and sample std over the two seeds
-    png = summary_figure(df, tmp_path / "summary.png", {"y": "global.mean_score"}, ["PROFILE", "CONDITION",
-                                                                                         "SEED"])
-    assert png is not None and png.stat().st_size > 0
+    params = ["PROFILE", "CONDITION", "SEED"]
+    png = summary_figure(df, tmp_path / "summary.png", {"y": "global.mean_score"}, params)
+    assert png == tmp_path / "summary.png" and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # the figure it writes: one bar per condition, its height the mean over the seeds
+    (ax,) = plot_sweep_summary(df, {"y": "global.mean_score"}, params).axes
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["lego", "fedavg"]
+    assert [p.get_height() for p in ax.patches] == pytest.approx([0.6, 0.2])
+    assert ax.get_title() == "global.mean_score"
 
 
 def test_report_of_a_lego_run_uses_results_table(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

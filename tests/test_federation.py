@@ -5,11 +5,19 @@ import json
 import pytest
 import torch
 
+from legokit.aggregate import heteagg
 from legokit.blocks import extract_blocks
 from legokit.config import ExperimentConfig
 from legokit.data import Example
-from legokit.federation import Server, assign_blocks, load_uniform_adapter, run_federation
-from legokit.models import load_model
+from legokit.federation import (
+    ClientResult,
+    Server,
+    assign_blocks,
+    load_uniform_adapter,
+    local_update,
+    run_federation,
+)
+from legokit.models import linear_modules, load_model
 from legokit.utils import LegokitError
 
 CALIB = ["The quick brown fox jumps over the lazy dog. " * 4, "Paris is the capital of France. " * 4] * 2
@@ -33,12 +41,22 @@ def _cfg(**fed) -> ExperimentConfig:
     return ExperimentConfig.from_dict(base)
 
 
+def _blocks(llm, tok) -> list:
+    return extract_blocks(llm, tok, sparsities=(0.0, 0.5), method="wanda", pattern="unstructured",
+                          calibration="one_shot", n_calib=4, seq_len=32, seed=0, texts=CALIB)
+
+
 @pytest.fixture(scope="module")
-def setup_llm():
-    llm, tok = load_model("tiny-llama")
-    blocks = extract_blocks(llm, tok, sparsities=(0.0, 0.5), method="wanda", pattern="unstructured",
-                            calibration="one_shot", n_calib=4, seq_len=32, seed=0, texts=CALIB)
-    return llm, tok, blocks
+def setup_llm(tiny):
+    """The module's shared tiny-llama (read-only: adapter-mode runs only) and its blocks at 0 and 50%."""
+    llm, tok = tiny
+    return llm, tok, _blocks(llm, tok)
+
+
+def _fresh_setup():
+    """A new tiny-llama and blocks, for runs that change them (merge mode) or must start from scratch."""
+    llm, tok = load_model("tiny-llama", device="cpu")
+    return llm, tok, _blocks(llm, tok)
 
 
 PARTS = [_examples("boolq", 4), _examples("asdiv", 4)]
@@ -55,14 +73,31 @@ def test_two_rounds_write_a_complete_run_dir(setup_llm, tmp_path):
     assert [(m["round"], m["client"]) for m in lines] == [(1, 0), (1, 1), (2, 0), (2, 1)]
     assert all(m["status"] == "ok" and m["steps"] == 2 for m in lines)
     assert json.loads((tmp_path / "state.json").read_text())["round"] == 2
-    rounds = [json.loads(x) for x in (tmp_path / "rounds.jsonl").read_text().splitlines()]
-    assert 0 < rounds[-1]["energy_kept_min"] <= 1.0 + 1e-6
     factors, alpha = load_uniform_adapter(tmp_path / "adapters" / "round_002")
     for name, (a, b) in factors.items():
         torch.testing.assert_close(a, server.global_factors[name][0])
         torch.testing.assert_close(b, server.global_factors[name][1])
     # the global rank defaults to the sum of the client ranks
     assert next(iter(factors.values()))[0].shape[0] == 4
+    # round 2's record, recomputed: HeteAgg of the clients' updates (weights = sample counts; the dense
+    # client owns every coordinate, so "keep" never applies here), then its best rank-4 approximation
+    rounds = [json.loads(x) for x in (tmp_path / "rounds.jsonl").read_text().splitlines()]
+    energy = rounds[1]["energy_kept"]
+    assert rounds[1]["energy_kept_min"] == pytest.approx(min(energy.values()))
+    assert rounds[1]["energy_kept_mean"] == pytest.approx(sum(energy.values()) / len(energy))
+    prev_factors, prev_scaling = load_uniform_adapter(tmp_path / "adapters" / "round_001")
+    results = server.last_results
+    assert [r.client for r in results] == [0, 1] and [r.num_examples for r in results] == [4, 4]
+    final = _final(server)
+    for name in server.modules:
+        deltas = [{name: r.scaling * (r.factors[name][1] @ r.factors[name][0])} for r in results]
+        masks = [{name: blocks[server.assignment[r.client]].masks[name]} for r in results]
+        a, b = prev_factors[name]
+        want = heteagg(deltas, masks, [4.0, 4.0], previous={name: prev_scaling * (b @ a)})[name]
+        s2 = torch.linalg.svdvals(want.double()) ** 2
+        assert energy[name] == pytest.approx(float(s2[:4].sum() / s2.sum()), rel=1e-4), name
+        residual = float((final[name] - want).double().square().sum())
+        assert residual == pytest.approx(float(s2[4:].sum()), rel=1e-3, abs=1e-10), name  # Eckart-Young
 
 
 def test_global_adapter_loads_with_peft(setup_llm, tmp_path):
@@ -71,12 +106,12 @@ def test_global_adapter_loads_with_peft(setup_llm, tmp_path):
     llm, tok, blocks = setup_llm
     server = run_federation(_cfg(rounds=1), llm, tok, blocks, PARTS, tmp_path, progress=False)
     ids = torch.tensor([[1, 40, 50, 60, 70]])
-    ref, _ = load_model("tiny-llama")
+    ref, _ = load_model("tiny-llama", device="cpu")
     with torch.no_grad():
         for name, delta in _final(server).items():
             ref.get_submodule(name).weight += delta
         want = ref(ids).logits
-    fresh, _ = load_model("tiny-llama")
+    fresh, _ = load_model("tiny-llama", device="cpu")
     peft_model = PeftModel.from_pretrained(fresh, tmp_path / "adapters" / "round_001")
     with torch.no_grad():
         torch.testing.assert_close(peft_model(ids).logits, want, atol=1e-5, rtol=1e-4)
@@ -93,21 +128,15 @@ def _crash_after_first(rnd, _line):
 
 @pytest.mark.parametrize("broadcast", ["adapter", "merge"])
 def test_resume_after_crash_ends_with_the_same_numbers(tmp_path, broadcast):
-    def fresh():
-        llm, tok = load_model("tiny-llama")
-        blocks = extract_blocks(llm, tok, sparsities=(0.0, 0.5), method="wanda", pattern="unstructured",
-                                calibration="one_shot", n_calib=4, seq_len=32, seed=0, texts=CALIB)
-        return llm, tok, blocks
-
     cfg = _cfg(broadcast=broadcast)
-    llm, tok, blocks = fresh()
+    llm, tok, blocks = _fresh_setup()
     whole = run_federation(cfg, llm, tok, blocks, PARTS, tmp_path / "whole", progress=False)
 
-    llm, tok, blocks = fresh()
+    llm, tok, blocks = _fresh_setup()
     with pytest.raises(_Crash):
         run_federation(cfg, llm, tok, blocks, PARTS, tmp_path / "crashed", progress=False,
                        on_round=_crash_after_first)
-    llm, tok, blocks = fresh()  # a new process: nothing survives but the run directory
+    llm, tok, blocks = _fresh_setup()  # a new process: nothing survives but the run directory
     resumed = run_federation(cfg, llm, tok, blocks, PARTS, tmp_path / "crashed", resume=True, progress=False)
     if broadcast == "adapter":
         for name, delta in _final(whole).items():
@@ -155,13 +184,28 @@ def test_empty_client_is_refused_before_work(setup_llm, tmp_path):
     assert not (tmp_path / "config.yaml").exists()
 
 
-def test_local_mode_keeps_one_adapter_per_client(setup_llm, tmp_path):
+def test_local_mode_keeps_one_adapter_per_client_and_shares_nothing(setup_llm, tmp_path):
     llm, tok, blocks = setup_llm
-    run_federation(_cfg(aggregator="local"), llm, tok, blocks, PARTS, tmp_path, progress=False)
-    a0, _ = load_uniform_adapter(tmp_path / "adapters" / "round_002" / "client_0")
-    a1, _ = load_uniform_adapter(tmp_path / "adapters" / "round_002" / "client_1")
-    name = next(iter(a0))
-    assert not torch.equal(a0[name][1], a1[name][1])
+    run_federation(_cfg(aggregator="local"), llm, tok, blocks, PARTS, tmp_path / "a", progress=False)
+    # the same run with other data at client 1: nothing of client 1 may reach client 0
+    other = [PARTS[0], _examples("piqa", 4)]
+    run_federation(_cfg(aggregator="local"), llm, tok, blocks, other, tmp_path / "b", progress=False)
+
+    def adapter(run: str, rnd: int, client: int) -> dict:
+        return load_uniform_adapter(tmp_path / run / "adapters" / f"round_{rnd:03d}" / f"client_{client}")[0]
+
+    a0, b0, a1, b1 = adapter("a", 2, 0), adapter("b", 2, 0), adapter("a", 2, 1), adapter("b", 2, 1)
+    assert sorted(a0) == sorted(a1) and len(a0) == 14
+    for name in a0:
+        assert torch.equal(a0[name][0], b0[name][0]) and torch.equal(a0[name][1], b0[name][1]), name
+    assert not all(torch.equal(a1[n][1], b1[n][1]) for n in a1)  # client 1's own data does matter
+    # round 2 went on from the client's own round-1 adapter
+    first, scaling = load_uniform_adapter(tmp_path / "a" / "adapters" / "round_001" / "client_0")
+    again = local_update(_cfg(aggregator="local"), blocks[0], tok, PARTS[0], first, scaling, client=0, rnd=2,
+                         progress=False)
+    for name, (a, b) in again.factors.items():
+        torch.testing.assert_close(a, a0[name][0], atol=1e-6, rtol=0)
+        torch.testing.assert_close(b, a0[name][1], atol=1e-6, rtol=0)
 
 
 def test_block_assignment_by_device_profile(setup_llm):
@@ -171,3 +215,102 @@ def test_block_assignment_by_device_profile(setup_llm):
     cfg = _cfg().with_overrides({"fed.devices": ["server", "phone"]})
     with pytest.raises(LegokitError, match="fits no block"):
         assign_blocks(cfg, blocks)
+
+
+# ----- aggregation and broadcast invariants ---------------------------------------------------------------
+def _random_results(llm, counts, seed: int = 0, rank: int = 2, scaling: float = 2.0) -> list[ClientResult]:
+    """Hand-made client results: random factors (the same for a given seed, whatever the counts)."""
+    gen = torch.Generator().manual_seed(seed)
+    return [ClientResult(client=k, scaling=scaling, num_examples=n,
+                         factors={name: (torch.randn(rank, m.in_features, generator=gen),
+                                         torch.randn(m.out_features, rank, generator=gen))
+                                  for name, m in linear_modules(llm).items()})
+            for k, n in enumerate(counts)]
+
+
+def _aggregated(setup_llm, counts, **fed) -> Server:
+    llm, _, blocks = setup_llm
+    cfg = _cfg(**fed)
+    server = Server(cfg, llm, blocks, assign_blocks(cfg, blocks), list(counts))
+    server.progress = False
+    server.aggregate(1, _random_results(llm, counts))
+    return server
+
+
+def test_uniform_weighting_is_heteagg_with_equal_sample_counts(setup_llm):
+    uniform = _final(_aggregated(setup_llm, (1, 7), weighting="uniform"))
+    equal = _final(_aggregated(setup_llm, (3, 3), weighting="samples"))
+    heterofl = _final(_aggregated(setup_llm, (1, 7), aggregator="heterofl"))
+    weighted = _final(_aggregated(setup_llm, (1, 7), weighting="samples"))
+    for name, delta in uniform.items():
+        torch.testing.assert_close(delta, equal[name], atol=1e-6, rtol=0)
+        torch.testing.assert_close(delta, heterofl[name], atol=1e-6, rtol=0)
+    # where both clients own a coordinate, unequal sample counts do move the mean
+    assert min(float((uniform[n] - weighted[n]).abs().max()) for n in uniform) > 1e-2
+
+
+def test_flexlora_broadcasts_the_client_rank_and_heteagg_the_global_rank(setup_llm):
+    counts = (1, 3)
+    flex = _aggregated(setup_llm, counts, aggregator="flexlora")
+    hete = _aggregated(setup_llm, counts)
+    r, alpha = flex.cfg.lora.rank, flex.cfg.lora.alpha
+    assert flex.global_scaling == alpha / r and hete.global_scaling == alpha / (2 * r)
+    for k in range(2):  # every client starts the next round at its own rank r
+        factors, scaling = flex.start_state(k)
+        assert scaling == alpha / r
+        assert all(a.shape[0] == b.shape[1] == r for a, b in factors.values())
+    assert all(a.shape[0] == 2 * r for a, _ in hete.global_factors.values())
+    # FlexLoRA's broadcast is the best rank-r approximation of Σ p_k s_k B_k A_k (Eckart-Young)
+    final = _final(flex)
+    p = [n / sum(counts) for n in counts]
+    for name in flex.modules:
+        dense = sum(pk * res.scaling * (res.factors[name][1] @ res.factors[name][0])
+                    for pk, res in zip(p, flex.last_results, strict=True))
+        s2 = torch.linalg.svdvals(dense.double()) ** 2
+        assert float((final[name] - dense).double().square().sum()) == pytest.approx(float(s2[r:].sum()), rel=1e-3)
+
+
+@pytest.mark.parametrize(("num_clients", "fraction", "expected"), [(4, 0.5, 2), (10, 0.3, 3), (5, 1.0, 5)])
+def test_sample_fraction_picks_the_expected_number_of_clients(setup_llm, num_clients, fraction, expected):
+    llm, _, blocks = setup_llm
+    cfg = _cfg(num_clients=num_clients, sample_fraction=fraction)
+    server = Server(cfg, llm, blocks, assign_blocks(cfg, blocks), [1] * num_clients)
+    picks = [server.sample(rnd) for rnd in range(1, 31)]
+    for p in picks:
+        assert len(p) == expected and p == sorted(set(p)) and set(p) <= set(range(num_clients))
+    assert picks == [server.sample(rnd) for rnd in range(1, 31)]  # a function of (seed, round)
+    if expected < num_clients:  # another draw each round, and over 30 rounds everybody takes part
+        assert len({tuple(p) for p in picks}) > 1 and set().union(*picks) == set(range(num_clients))
+
+
+def test_a_fraction_of_zero_is_refused():
+    with pytest.raises(LegokitError, match="sample_fraction"):
+        _cfg(sample_fraction=0.0)
+
+
+def test_only_sampled_clients_train(setup_llm, tmp_path):
+    llm, tok, blocks = setup_llm
+    server = run_federation(_cfg(sample_fraction=0.5), llm, tok, blocks, PARTS, tmp_path, progress=False)
+    lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [(m["round"], m["client"]) for m in lines] == [(r, k) for r in (1, 2) for k in server.sample(r)]
+    assert all(len(server.sample(r)) == 1 for r in (1, 2))
+
+
+def test_full_rank_adapter_broadcast_equals_merge_after_one_round(setup_llm, tmp_path):
+    llm, tok, blocks = setup_llm
+    # global_rank 64 = min(out, in) of every module (64 x 64, 32 x 64, 128 x 64, 64 x 128): nothing is cut
+    adapter = run_federation(_cfg(rounds=1, global_rank=64), llm, tok, blocks, PARTS, tmp_path / "adapter",
+                             progress=False)
+    rounds = [json.loads(x) for x in (tmp_path / "adapter" / "rounds.jsonl").read_text().splitlines()]
+    assert rounds[0]["energy_kept_min"] == pytest.approx(1.0, abs=1e-6)
+    llm_m, tok_m, blocks_m = _fresh_setup()  # merge mode changes the LLM and the blocks
+    run_federation(_cfg(rounds=1, broadcast="merge"), llm_m, tok_m, blocks_m, PARTS, tmp_path / "merge",
+                   progress=False)
+    for name, delta in _final(adapter).items():
+        torch.testing.assert_close(llm_m.get_submodule(name).weight, llm.get_submodule(name).weight + delta,
+                                   atol=1e-5, rtol=0)
+        # and the 50% block took the same update through its mask
+        want = blocks[1].masks[name] * (llm.get_submodule(name).weight + delta)
+        torch.testing.assert_close(blocks_m[1].model.get_submodule(name).weight, want, atol=1e-5, rtol=0)
+    blocks[1].release()
+    blocks_m[1].release()

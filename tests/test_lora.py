@@ -30,11 +30,6 @@ from legokit.train import batch_loss, make_batch
 from legokit.utils import LegokitError
 
 
-@pytest.fixture()
-def tiny():
-    return load_model("tiny-llama", device="cpu")
-
-
 def _ids(n: int = 2, length: int = 12, seed: int = 0) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     return torch.randint(3, 259, (n, length), generator=g)
@@ -80,13 +75,14 @@ def _effective_weight(layer: MaskedLoraLinear) -> torch.Tensor:
 
 
 # ------------------------------------------------------------------------------------------ the layer
-def test_b_zero_init_leaves_output_unchanged(tiny):
-    model, _ = tiny
+def test_b_zero_init_leaves_output_unchanged(tiny_fresh):
+    model, _ = tiny_fresh
     x = _ids()
     with torch.no_grad():
         before = model(x).logits
-    layers = attach_lora(model, LoraConfig(rank=4), masks=_random_masks(model))
-    assert len(layers) == 14 and all(layer.mask is not None for layer in layers.values())
+    masks = _random_masks(model)
+    layers = attach_lora(model, LoraConfig(rank=4), masks=masks)
+    assert len(layers) == 14 and all(torch.equal(layer.mask, masks[n]) for n, layer in layers.items())
     for layer in layers.values():
         assert layer.lora_A.weight.abs().sum() > 0 and layer.lora_B.weight.abs().sum() == 0
     with torch.no_grad():
@@ -111,8 +107,8 @@ def test_masked_function_gradients_match_finite_differences():
                                     (x, xl, W, b, A, B))
 
 
-def test_masked_training_keeps_pruned_weights_exactly_zero(tiny):
-    model, _ = tiny
+def test_masked_training_keeps_pruned_weights_exactly_zero(tiny_fresh):
+    model, _ = tiny_fresh
     masks = _random_masks(model)
     _prune(model, masks)
     layers = attach_lora(model, LoraConfig(rank=4, alpha=8), masks=masks)
@@ -130,8 +126,8 @@ def test_masked_training_keeps_pruned_weights_exactly_zero(tiny):
         model(x)  # eval forward still runs
 
 
-def test_unmasked_training_moves_pruned_weights(tiny):
-    model, _ = tiny
+def test_unmasked_training_moves_pruned_weights(tiny_fresh):
+    model, _ = tiny_fresh
     masks = _random_masks(model)
     _prune(model, masks)
     layers = attach_lora(model, LoraConfig(rank=4, alpha=8, mask_in_training=False), masks=masks)
@@ -141,15 +137,15 @@ def test_unmasked_training_moves_pruned_weights(tiny):
         assert _effective_weight(layer)[~masks[name]].abs().max() > 0, name
 
 
-def test_dropout_runs_in_training_mode(tiny):
-    model, _ = tiny
+def test_dropout_runs_in_training_mode(tiny_fresh):
+    model, _ = tiny_fresh
     attach_lora(model, LoraConfig(rank=4, dropout=0.5), masks=_random_masks(model))
     _train_steps(model, steps=2)
     assert all(layer.get_delta_weight().abs().max() > 0 for layer in lora_modules(model).values())
 
 
-def test_only_lora_factors_are_trainable_and_init_is_seeded(tiny):
-    model, _ = tiny
+def test_only_lora_factors_are_trainable_and_init_is_seeded(tiny_fresh):
+    model, _ = tiny_fresh
     layers = attach_lora(model, LoraConfig(rank=2, target_modules=["q_proj", "v_proj"]), seed=3)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable == {f"{n}.{w}.weight" for n in layers for w in ("lora_A", "lora_B")}
@@ -167,8 +163,8 @@ def test_only_lora_factors_are_trainable_and_init_is_seeded(tiny):
     assert all(a.abs().max() <= bound for a, _ in a3.values())
 
 
-def test_detach_restores_the_original_modules(tiny):
-    model, _ = tiny
+def test_detach_restores_the_original_modules(tiny_fresh):
+    model, _ = tiny_fresh
     originals = dict(linear_modules(model))
     weights = {n: m.weight.detach().clone() for n, m in originals.items()}
     x = _ids()
@@ -186,8 +182,8 @@ def test_detach_restores_the_original_modules(tiny):
         assert torch.equal(model(x).logits, before)
 
 
-def test_detach_with_merge_folds_the_masked_delta(tiny):
-    model, _ = tiny
+def test_detach_with_merge_folds_the_masked_delta(tiny_fresh):
+    model, _ = tiny_fresh
     masks = _random_masks(model)
     layers = attach_lora(model, LoraConfig(rank=4), masks=masks)
     _train_steps(model, steps=2)
@@ -203,8 +199,8 @@ def test_detach_with_merge_folds_the_masked_delta(tiny):
 
 
 # ------------------------------------------------------------------------------------------ validation
-def test_wrong_mask_shape_raises_before_modifying_the_model(tiny):
-    model, _ = tiny
+def test_wrong_mask_shape_raises_before_modifying_the_model(tiny_fresh):
+    model, _ = tiny_fresh
     masks = _random_masks(model)
     masks["model.layers.1.mlp.down_proj"] = torch.ones(128, 64, dtype=torch.bool)  # transposed
     with pytest.raises(LegokitError, match=r"model\.layers\.1\.mlp\.down_proj.*\(128, 64\).*\(64, 128\)"):
@@ -212,8 +208,8 @@ def test_wrong_mask_shape_raises_before_modifying_the_model(tiny):
     assert not lora_modules(model) and all(p.requires_grad for p in model.parameters())
 
 
-def test_bad_masks_init_and_ranks_raise(tiny):
-    model, _ = tiny
+def test_bad_masks_init_and_ranks_raise(tiny_fresh):
+    model, _ = tiny_fresh
     with pytest.raises(LegokitError, match="model.layers.9.self_attn.q_proj"):
         attach_lora(model, LoraConfig(rank=4),
                     masks={"model.layers.9.self_attn.q_proj": torch.ones(64, 64) > 0})
@@ -234,14 +230,16 @@ def test_bad_masks_init_and_ranks_raise(tiny):
         attach_lora(model, LoraConfig(rank=4))
 
 
-def test_masks_for_non_target_modules_are_ignored(tiny):
-    model, _ = tiny
-    layers = attach_lora(model, LoraConfig(rank=2, target_modules=["q_proj"]), masks=_random_masks(model))
-    assert len(layers) == 2 and all(layer.mask is not None for layer in layers.values())
+def test_masks_for_non_target_modules_are_ignored(tiny_fresh):
+    model, _ = tiny_fresh
+    masks = _random_masks(model)
+    layers = attach_lora(model, LoraConfig(rank=2, target_modules=["q_proj"]), masks=masks)
+    assert sorted(layers) == ["model.layers.0.self_attn.q_proj", "model.layers.1.self_attn.q_proj"]
+    assert all(torch.equal(layer.mask, masks[n]) for n, layer in layers.items())
 
 
-def test_init_with_another_rank_sets_rank_and_scaling(tiny):
-    model, _ = tiny
+def test_init_with_another_rank_sets_rank_and_scaling(tiny_fresh):
+    model, _ = tiny_fresh
     x = _ids()
     init = _random_factors(model, lambda i: 6)
     cfg = LoraConfig(rank=4, alpha=12)
@@ -262,8 +260,8 @@ def test_init_with_another_rank_sets_rank_and_scaling(tiny):
 
 
 # ------------------------------------------------------------------------------------------ peft format
-def test_state_dict_uses_peft_naming(tiny):
-    model, _ = tiny
+def test_state_dict_uses_peft_naming(tiny_fresh):
+    model, _ = tiny_fresh
     attach_lora(model, LoraConfig(rank=3, target_modules=["q_proj", "down_proj"]))
     state = lora_state_dict(model)
     assert state["base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"].shape == (3, 64)
@@ -272,12 +270,12 @@ def test_state_dict_uses_peft_naming(tiny):
     assert len(state) == 8 and all(t.device.type == "cpu" and not t.requires_grad for t in state.values())
 
 
-def test_keys_match_what_peft_itself_saves(tiny, tmp_path):
+def test_keys_match_what_peft_itself_saves(tiny_fresh, tmp_path):
     from peft import LoraConfig as PeftLoraConfig
     from peft import get_peft_model
     from safetensors.torch import load_file
 
-    model, _ = tiny
+    model, _ = tiny_fresh
     targets = ["q_proj", "v_proj", "down_proj"]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -285,17 +283,17 @@ def test_keys_match_what_peft_itself_saves(tiny, tmp_path):
         pm = get_peft_model(model, pcfg)
         pm.save_pretrained(tmp_path / "peft")
     theirs = load_file(tmp_path / "peft" / "adapter_model.safetensors")
-    model2, _ = load_model("tiny-llama")
+    model2, _ = load_model("tiny-llama", device="cpu")
     attach_lora(model2, LoraConfig(rank=4, alpha=8, target_modules=targets))
     ours = lora_state_dict(model2)
     assert sorted(ours) == sorted(theirs)
     assert all(ours[k].shape == theirs[k].shape for k in ours)
 
 
-def test_peft_round_trip_matches_manual_merge(tiny, tmp_path):
+def test_peft_round_trip_matches_manual_merge(tiny_fresh, tmp_path):
     from peft import PeftModel
 
-    model, _ = tiny
+    model, _ = tiny_fresh
     x = _ids()
     init = _random_factors(model, lambda i: 2 if i % 3 == 0 else 4)  # mixed ranks -> rank_pattern
     attach_lora(model, LoraConfig(rank=4, alpha=8), init=init)
@@ -308,7 +306,7 @@ def test_peft_round_trip_matches_manual_merge(tiny, tmp_path):
     cfg = json.loads((tmp_path / "ad" / "adapter_config.json").read_text())
     assert cfg["peft_type"] == "LORA" and cfg["r"] == 4 and cfg["lora_alpha"] == 8
     assert cfg["rank_pattern"]["model.layers.0.self_attn.q_proj"] == 2 and len(cfg["rank_pattern"]) == 5
-    fresh, _ = load_model("tiny-llama")
+    fresh, _ = load_model("tiny-llama", device="cpu")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         pm = PeftModel.from_pretrained(fresh, tmp_path / "ad")
@@ -320,10 +318,10 @@ def test_peft_round_trip_matches_manual_merge(tiny, tmp_path):
         assert torch.equal(back[n][0], factors[n][0]) and torch.equal(back[n][1], factors[n][1])
 
 
-def test_peft_adapter_with_one_scaling_for_all_ranks(tiny, tmp_path):
+def test_peft_adapter_with_one_scaling_for_all_ranks(tiny_fresh, tmp_path):
     from peft import PeftModel
 
-    model, _ = tiny
+    model, _ = tiny_fresh
     x = _ids()
     init = _random_factors(model, lambda i: 2 if i % 2 else 4)
     attach_lora(model, LoraConfig(rank=4), init=init, scaling=0.75)
@@ -331,7 +329,7 @@ def test_peft_adapter_with_one_scaling_for_all_ranks(tiny, tmp_path):
     detach_lora(model, merge=True)
     with torch.no_grad():
         merged = model(x).logits
-    fresh, _ = load_model("tiny-llama")
+    fresh, _ = load_model("tiny-llama", device="cpu")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         pm = PeftModel.from_pretrained(fresh, tmp_path / "ad")

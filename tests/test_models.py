@@ -1,7 +1,5 @@
 """Model loading: tiny-llama needs nothing; the default LLM comes from the cache after setup."""
 
-import time
-
 import pytest
 import torch
 
@@ -10,7 +8,7 @@ from legokit.utils import LegokitError
 
 
 def test_tiny_llama_is_seeded_gqa_llama():
-    m1, tok = load_model("tiny-llama")
+    m1, tok = load_model("tiny-llama", device="cpu")
     m2, _ = tiny_llama()
     assert m1.config.num_key_value_heads < m1.config.num_attention_heads  # grouped-query attention
     assert m1.config.num_hidden_layers == 2
@@ -30,7 +28,7 @@ def test_tiny_tokenizer_round_trips_and_has_chat_template():
 
 
 def test_linear_modules_names_every_projection():
-    model, _ = load_model("tiny-llama")
+    model, _ = load_model("tiny-llama", device="cpu")
     names = list(linear_modules(model))
     assert len(names) == 2 * 7
     assert names[0] == "model.layers.0.self_attn.q_proj"
@@ -62,10 +60,9 @@ def test_local_checkpoint_directory_loads(tmp_path):
 
 
 @pytest.mark.slow
-def test_default_llm_loads_fast_and_knows_paris():
-    t0 = time.time()
+def test_default_llm_loads_from_the_cache_and_knows_paris():
+    # load speed (a safetensors load, not a GGUF dequantisation) is measured in bench/, not asserted here
     model, tok = load_model()
-    load_s = time.time() - t0
     assert model.config.num_hidden_layers == 30 and model.config.hidden_size == 576
     assert next(model.parameters()).dtype == torch.float32
     msgs = [{"role": "user", "content": "What is the capital of France?"}]
@@ -73,4 +70,3 @@ def test_default_llm_loads_fast_and_knows_paris():
     out = model.generate(**ids, max_new_tokens=12, do_sample=False)
     answer = tok.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
     assert "Paris" in answer
-    assert load_s < 30  # a safetensors load, not a GGUF dequantisation (~40 s)

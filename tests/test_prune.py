@@ -7,7 +7,7 @@ import copy
 import pytest
 import torch
 
-from legokit.models import decoder_layers, linear_modules, load_model
+from legokit.models import decoder_layers, linear_modules
 from legokit.prune import (
     InputStats,
     apply_masks,
@@ -29,11 +29,6 @@ from legokit.utils import LegokitError
 
 TEXTS = [f"Paragraph {i}: the river Avon flows past mill number {i * 7} towards the old stone bridge." * 3
          for i in range(24)]
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    return load_model("tiny-llama")
 
 
 def _gen(seed: int = 0) -> torch.Generator:
@@ -230,8 +225,15 @@ def test_calibration_inputs_windows(tiny):
     ids = calibration_inputs(tok, TEXTS, n_calib=4, seq_len=32, seed=0)
     assert ids.shape == (4, 32) and ids.dtype == torch.long
     assert torch.equal(ids, calibration_inputs(tok, TEXTS, 4, 32, seed=0))
+    # the windows are consecutive, non-overlapping pieces of the texts joined by EOS
+    stream = [t for ids_ in tok(TEXTS, add_special_tokens=False)["input_ids"] for t in ids_ + [tok.eos_token_id]]
+    flat = ids.reshape(-1).tolist()
+    starts = [i for i in range(len(stream) - len(flat) + 1) if stream[i:i + len(flat)] == flat]
+    assert starts, "the windows are not one consecutive stretch of the token stream"
+    # 8 bytes and the EOS that ends each text: fewer than seq_len tokens give one shorter window, all of them
     short = calibration_inputs(tok, ["hi there"], n_calib=4, seq_len=32)
-    assert short.shape[0] == 1 and short.shape[1] < 32
+    assert short.tolist() == [tok("hi there", add_special_tokens=False)["input_ids"] + [tok.eos_token_id]]
+    assert short.shape == (1, 9)
     with pytest.raises(LegokitError, match="no calibration text"):
         calibration_inputs(tok, [], 4, 32)
     with pytest.raises(LegokitError, match="no calibration text"):

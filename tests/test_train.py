@@ -9,7 +9,7 @@ from legokit.config import LoraConfig, TrainConfig
 from legokit.data import Example, encode
 from legokit.lora import attach_lora, lora_factors
 from legokit.models import load_model
-from legokit.train import TrainResult, batch_loss, make_batch, packed_attention, train_client
+from legokit.train import TrainResult, batch_loss, batch_order, make_batch, packed_attention, train_client
 from legokit.utils import LegokitError
 
 EXAMPLES = [
@@ -17,11 +17,6 @@ EXAMPLES = [
     Example(task="boolq", prompt="Do fish breathe with lungs?", response="no"),
     Example(task="nq_open", prompt="What is the capital of France?", response="Paris"),
 ]
-
-
-@pytest.fixture()
-def tiny():
-    return load_model("tiny-llama", device="cpu")
 
 
 def _seqs(lengths_prompts, seed: int = 0):
@@ -34,8 +29,8 @@ def _seqs(lengths_prompts, seed: int = 0):
 
 
 # ------------------------------------------------------------------------------------------ batching
-def test_packed_loss_equals_per_sequence_and_padded_loss(tiny):
-    model, tok = tiny
+def test_packed_loss_equals_per_sequence_and_padded_loss(tiny_fresh):
+    model, tok = tiny_fresh
     seqs = _seqs([(10, 4), (23, 9), (5, 2), (14, 13)])
     with torch.no_grad():
         packed, n_packed = batch_loss(model, make_batch(seqs, tok.pad_token_id, pack=True))  # sdpa + mask
@@ -58,8 +53,8 @@ def test_packed_loss_equals_per_sequence_and_padded_loss(tiny):
     assert (leaky - total).abs() > 1e-3
 
 
-def test_packed_gradients_equal_per_sequence_gradients(tiny):
-    model, tok = tiny
+def test_packed_gradients_equal_per_sequence_gradients(tiny_fresh):
+    model, tok = tiny_fresh
     attach_lora(model, LoraConfig(rank=2, target_modules=["q_proj", "down_proj"]), seed=1)
     with torch.no_grad():  # nonzero B so that A gets gradients too
         for p in model.parameters():
@@ -81,8 +76,8 @@ def test_packed_gradients_equal_per_sequence_gradients(tiny):
         torch.testing.assert_close(g, acc / n_total, atol=1e-6, rtol=1e-4)
 
 
-def test_varlen_attention_refuses_unpacked_input(tiny):
-    model, tok = tiny
+def test_varlen_attention_refuses_unpacked_input(tiny_fresh):
+    model, tok = tiny_fresh
     with packed_attention(model), pytest.raises(LegokitError, match="cu_seq_lens"), torch.no_grad():
         model(input_ids=torch.tensor([[5, 6, 7]]))
     assert model.config._attn_implementation == "sdpa"
@@ -102,8 +97,8 @@ def test_make_batch_shifts_targets_per_sequence():
 
 
 # ------------------------------------------------------------------------------------------ training
-def test_training_reduces_the_loss_and_touches_only_lora(tiny):
-    model, tok = tiny
+def test_training_reduces_the_loss_and_touches_only_lora(tiny_fresh):
+    model, tok = tiny_fresh
     base = {n: p.detach().clone() for n, p in model.named_parameters()}
     attach_lora(model, LoraConfig(rank=8, alpha=16))
     cfg = TrainConfig(local_steps=20, batch_size=3, lr=1e-2, max_len=128)
@@ -113,21 +108,25 @@ def test_training_reduces_the_loss_and_touches_only_lora(tiny):
     # ln(259) ~ 5.6 and cannot go far below ~4.5, so ask for a clear drop rather than a ratio
     assert sum(res.losses[-3:]) / 3 < res.losses[0] - 0.5
     assert not model.training and model.config._attn_implementation == "sdpa"  # modes restored
-    n_tokens = sum(len(encode(e, tok, 128)[0]) for e in EXAMPLES[:2])
-    assert res.tokens > res.response_tokens > 0 and res.tokens >= 20 * n_tokens
-    assert res.tokens_per_second > res.response_tokens_per_second > 0 and res.num_examples == 2
+    # every step's batch is the seeded order's examples: count its tokens and (shifted) response targets
+    encoded = [encode(e, tok, 128) for e in EXAMPLES[:2]]
+    order = batch_order(2, 20, 3, seed=0)
+    assert res.tokens == sum(len(encoded[i][0]) for b in order for i in b)
+    assert res.response_tokens == sum(sum(t != -100 for t in encoded[i][1][1:]) for b in order for i in b)
+    assert res.num_examples == 2
+    assert res.tokens_per_second / res.response_tokens_per_second == pytest.approx(res.tokens / res.response_tokens)
     for n, p in model.named_parameters():
         if "lora_" not in n:
             assert torch.equal(p, base[n.replace(".base_layer", "")]), n
 
 
 def test_same_seed_gives_bit_identical_factors(tiny):
-    model, tok = tiny
+    _, tok = tiny
     cfg = TrainConfig(local_steps=4, batch_size=2, lr=5e-3, max_len=96)
     lcfg = LoraConfig(rank=4, dropout=0.1)
 
     def run(seed: int):
-        m, _ = load_model("tiny-llama")
+        m, _ = load_model("tiny-llama", device="cpu")
         attach_lora(m, lcfg, seed=0)
         res = train_client(m, tok, EXAMPLES, cfg, seed=seed, progress=False)
         return lora_factors(m), res.losses
@@ -139,11 +138,11 @@ def test_same_seed_gives_bit_identical_factors(tiny):
 
 
 def test_packing_off_trains_the_same(tiny):
-    model, tok = tiny
+    _, tok = tiny
     cfg = TrainConfig(local_steps=3, batch_size=3, lr=5e-3, max_len=96)
     out = []
     for pack in (True, False):
-        m, _ = load_model("tiny-llama")
+        m, _ = load_model("tiny-llama", device="cpu")
         attach_lora(m, LoraConfig(rank=4), seed=0)
         res = train_client(m, tok, EXAMPLES, cfg, seed=0, progress=False, pack=pack)
         out.append((res.losses, lora_factors(m)))
@@ -152,8 +151,8 @@ def test_packing_off_trains_the_same(tiny):
         torch.testing.assert_close(b, out[1][1][n][1], atol=1e-5, rtol=1e-3)
 
 
-def test_nan_loss_names_client_round_and_step(tiny):
-    model, tok = tiny
+def test_nan_loss_names_client_round_and_step(tiny_fresh):
+    model, tok = tiny_fresh
     attach_lora(model, LoraConfig(rank=4))
     with torch.no_grad():
         model.model.layers[1].mlp.down_proj.base_layer.weight[0, 0] = float("nan")
@@ -164,13 +163,13 @@ def test_nan_loss_names_client_round_and_step(tiny):
     assert all(p.grad is None for p in model.parameters())
 
 
-def test_diverging_training_is_caught_at_the_step_it_happens(tiny):
-    model, tok = tiny
+def test_diverging_training_is_caught_at_the_step_it_happens(tiny_fresh):
+    model, tok = tiny_fresh
     attach_lora(model, LoraConfig(rank=4))
     cfg = TrainConfig(local_steps=5, batch_size=2, lr=1e30, max_len=96)  # one update blows the model up
     with pytest.raises(LegokitError, match=r"client 'bob', round 1, step 1: the loss is nan"):
         train_client(model, tok, EXAMPLES, cfg, seed=0, client="bob", round_idx=1, progress=False)
-    model, _ = load_model("tiny-llama")
+    model, _ = load_model("tiny-llama", device="cpu")
     attach_lora(model, LoraConfig(rank=4))
     with torch.no_grad():  # a finite loss whose gradient overflows
         model.model.layers[0].self_attn.q_proj.lora_B.weight.fill_(1e30)
@@ -178,8 +177,8 @@ def test_diverging_training_is_caught_at_the_step_it_happens(tiny):
         train_client(model, tok, EXAMPLES, cfg, seed=0, client="bob", round_idx=2, progress=False)
 
 
-def test_empty_examples_and_nothing_trainable_raise(tiny):
-    model, tok = tiny
+def test_empty_examples_and_nothing_trainable_raise(tiny_fresh):
+    model, tok = tiny_fresh
     with pytest.raises(LegokitError, match="client 'carol' has no training examples"):
         train_client(model, tok, [], TrainConfig(), seed=0, client="carol", progress=False)
     for p in model.parameters():
@@ -193,7 +192,7 @@ def test_gradient_checkpointing_trains_the_same(tiny):
     out = []
     for ckpt in (False, True):
         cfg = TrainConfig(local_steps=3, batch_size=3, lr=5e-3, max_len=96, gradient_checkpointing=ckpt)
-        m, _ = load_model("tiny-llama")
+        m, _ = load_model("tiny-llama", device="cpu")
         attach_lora(m, LoraConfig(rank=4), seed=0)
         res = train_client(m, tok, EXAMPLES, cfg, seed=0, progress=False)
         assert not m.is_gradient_checkpointing  # switched off again after training
