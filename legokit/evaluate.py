@@ -530,23 +530,15 @@ def score_tasks(
     return out
 
 
-def evaluate_tasks(
-    model,
-    tokenizer,
-    tasks: str | Sequence[str] | Mapping[str, Sequence[Example]],
-    split: str = "test",
-    n: int | None = None,
-    batch_size: int = 8,
-    seed: int = 0,
-    scoring: str = "label",
-    draw_seed: int | None = None,
-) -> dict[str, dict[str, float]]:
-    """Score a model on tasks (``score_tasks``, then ``summarize`` per task).
+def evaluate_tasks(model, tokenizer, tasks: str | Sequence[str] | Mapping[str, Sequence[Example]], *args,
+                   **kwargs) -> dict[str, dict[str, float]]:
+    """Score a model on tasks: ``score_tasks`` (same arguments: split, n, batch_size, seed, scoring, draw_seed),
+    then ``summarize`` per task.
 
     Returns:
         ``{task: {metric: value}}``; metrics are ``accuracy`` (choice; ``acc`` under harness scoring, which adds
         ``acc_norm``), ``exact_match`` and ``f1`` (nq_open, asdiv), ``rouge_l`` (xsum), all in [0, 1], and
         ``nll`` for every task (the item mean of each item's per-token NLL).
     """
-    records = score_tasks(model, tokenizer, tasks, split, n, batch_size, seed, scoring, draw_seed)
+    records = score_tasks(model, tokenizer, tasks, *args, **kwargs)
     return {task: summarize(task, recs) for task, recs in records.items()}
