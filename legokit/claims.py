@@ -512,7 +512,7 @@ def evidence(runs: Runs, thresholds: Mapping[str, float] = THRESHOLDS, n_boot: i
     if {"lego", "local"} <= have:
         def c2():
             out = []
-            levels, evaluated = _client_levels(runs, "lego"), None
+            levels = _client_levels(runs, "lego")
             for level, own in sorted(levels.items()):
                 x, _ = item_cells(runs, "lego", level, "correct")
                 evaluated = sorted({t for _, t in x} - {"heldout_text"})

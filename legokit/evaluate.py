@@ -37,7 +37,7 @@ from fractions import Fraction
 import torch
 import torch.nn.functional as F
 
-from legokit.data import TASKS, Example, choice_ids, load_task, prompt_ids, render, tokenize_example
+from legokit.data import TASKS, Example, _ids, choice_ids, load_task, prompt_ids, render, tokenize_example
 from legokit.names import SCORINGS
 from legokit.utils import LegokitError, progress_bar
 
@@ -364,10 +364,6 @@ def harness_requests(example: Example, tokenizer) -> Request:
         whole = _ids(tokenizer, context + space + " " + option)
         conts.append(whole[len(ctx):])
     return ctx, conts
-
-
-def _ids(tokenizer, text: str) -> list[int]:
-    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
 def _argmax(xs: Sequence[float]) -> int:
