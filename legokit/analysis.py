@@ -4,7 +4,7 @@ Clients: what each device holds and costs (``client_table``), what data it train
 how its training went (``read_metrics``) and how its block scores before and after the federation
 (``client_scores``, ``response_nll``).
 
-Aggregation: the round loop keeps the last round's client updates (``Server.last_results``, factors in
+Aggregation: the round loop keeps the last round's client updates (``LegoStrategy.last_results``, factors in
 LLM coordinates). ``reaggregate`` replays every aggregator on those same updates, one module at a time,
 so aggregators are compared on identical inputs without training again; ``aggregation_errors`` measures
 each against an independent float64 owner mean (what HeteAgg computes), ``energy_by_rank`` shows how
@@ -204,34 +204,37 @@ class LazyDeltas(Mapping):
         return len(self.names)
 
 
-def block_update(server, block_index: int) -> Mapping[str, Tensor]:
-    """The server's global update as the block applies it: ``M ⊙ s·B_g A_g`` in the SLM's coordinates.
+def block_update(strategy, block_index: int) -> Mapping[str, Tensor]:
+    """The strategy's global update as the block applies it: ``M ⊙ s·B_g A_g`` in the SLM's coordinates.
 
     Lazy, one module per access. Adding it to the block's base weights (:func:`apply_delta`) gives the
     same model as ``federation.block_model`` (adapter mode) without a LoRA layer recomputing the masked
     product in every forward.
     """
-    if server.merged:
-        raise LegokitError("merge mode folds the update into the blocks already: use block.model as is")
-    block = server.blocks[block_index]
+    adapter = strategy.broadcast.adapter_for(None)
+    if adapter is None:
+        raise LegokitError("this run has no global adapter (merge mode folds the update into the blocks, `local` "
+                           "keeps one adapter per client): use block.model as is")
+    factors, scaling = adapter
+    block = strategy.blocks[block_index]
     masked = not (block.dense or block.structured)
 
     def local(name: str) -> Tensor:
-        a, b = server.global_factors[name]  # (r_g, in), (out, r_g) in LLM coordinates
-        d = (b @ a).mul_(server.global_scaling)  # (out, in)
+        a, b = factors[name]  # (r_g, in), (out, r_g) in LLM coordinates
+        d = (b @ a).mul_(scaling)  # (out, in)
         if masked:
             d.mul_(block.masks[name])
         return block.shrink(name, d)
 
-    return LazyDeltas(list(server.global_factors), local)
+    return LazyDeltas(list(factors), local)
 
 
-def client_scores(server, tokenizer, partitions: Sequence[Sequence], other_task: str, n: int = 8,
+def client_scores(strategy, tokenizer, partitions: Sequence[Sequence], other_task: str, n: int = 8,
                   split: str = "test", batch_size: int = 8, progress: bool = True) -> pd.DataFrame:
     """Each client's block on its own (main) task and on ``other_task``, before and after the federation.
 
     Before: the block's SLM as extracted (the broadcast's initial adapter has B = 0, so it adds nothing).
-    After: the SLM with the server's global update applied through the block's mask (:func:`block_update`,
+    After: the SLM with the strategy's global update applied through the block's mask (:func:`block_update`,
     the model ``federation.block_model`` gives). Metrics: response NLL for every task, accuracy for choice
     tasks (first ``n`` examples of ``split``). Blocks shared by several clients are scored once.
 
@@ -244,7 +247,7 @@ def client_scores(server, tokenizer, partitions: Sequence[Sequence], other_task:
     own = [main_task(p) for p in partitions]
     wanted: dict[int, set[str]] = {}
     for k, task in enumerate(own):
-        wanted.setdefault(server.assignment[k], set()).update({task, other_task})
+        wanted.setdefault(strategy.assignment[k], set()).update({task, other_task})
     data = {t: load_task(t, split)[:n] for t in sorted({t for ts in wanted.values() for t in ts})}
 
     def score(model, tasks) -> dict:
@@ -259,20 +262,20 @@ def client_scores(server, tokenizer, partitions: Sequence[Sequence], other_task:
 
     scored: dict[tuple[int, str], dict] = {}
     for i, tasks in progress_bar(sorted(wanted.items()), desc="score blocks", disable=not progress, leave=False):
-        block = server.blocks[i]
+        block = strategy.blocks[i]
         try:
             model = block.model  # built once for both phases
             scored[i, "before"] = score(model, tasks)
-            with apply_delta(model, block_update(server, i)):
+            with apply_delta(model, block_update(strategy, i)):
                 scored[i, "after"] = score(model, tasks)
         finally:
             block.release()
     rows = []
     for k, task in enumerate(own):
-        i = server.assignment[k]
+        i = strategy.assignment[k]
         for role, t in (("own", task), ("other", other_task)):
             for phase in ("before", "after"):
-                rows.append({"client": k, "block": server.blocks[i].id, "task": t, "role": role,
+                rows.append({"client": k, "block": strategy.blocks[i].id, "task": t, "role": role,
                              "phase": phase, **scored[i, phase][t]})
     return pd.DataFrame(rows)
 
@@ -280,27 +283,22 @@ def client_scores(server, tokenizer, partitions: Sequence[Sequence], other_task:
 # ========================================================================================= aggregation
 
 
-def client_masks(server) -> list[Mapping[str, Tensor]]:
+def client_masks(strategy) -> list[Mapping[str, Tensor]]:
     """Every client's keep-masks (its block's ``masks``), in client order."""
-    return [server.blocks[i].masks for i in server.assignment]
+    return [strategy.blocks[i].masks for i in strategy.assignment]
 
 
-def client_updates(server, results: Sequence, names: Sequence[str] | None = None) -> list[ClientUpdate]:
-    """The ``ClientUpdate`` of each result, as ``Server.aggregate`` builds them.
+def client_updates(strategy, results: Sequence, names: Sequence[str] | None = None) -> list[ClientUpdate]:
+    """The ``ClientUpdate`` of each result, as the strategy aggregates them (``LegoStrategy.updates``).
 
     Args:
-        server: the ``legokit.federation.Server`` (its blocks, assignment and weighting rule).
-        results: ``ClientResult`` list (``server.last_results``).
+        strategy: the federation's ``legokit.strategy.LegoStrategy`` (blocks, assignment, weighting rule).
+        results: ``ClientResult`` list (``strategy.last_results``).
         names: modules to carry (default: all).
     """
     if not results:
-        raise LegokitError("no client results: run a round first (server.last_results is empty)")
-    names = list(server.modules if names is None else names)
-    samples = server.cfg.fed.weighting == "samples"
-    return [ClientUpdate(client=f"client-{r.client}", factors={n: r.factors[n] for n in names},
-                         scaling=r.scaling, masks=server.blocks[server.assignment[r.client]].masks,
-                         weight=float(r.num_examples) if samples else 1.0)
-            for r in results]
+        raise LegokitError("no client results: run a round first (strategy.last_results is empty)")
+    return strategy.updates(results, names)
 
 
 class AggregatedDeltas(Mapping):
@@ -309,20 +307,20 @@ class AggregatedDeltas(Mapping):
     ``previous`` = None: coordinates no client owns get 0 (the round-1 value under ``"keep"``).
     """
 
-    def __init__(self, server, results: Sequence, aggregator: str, names: Sequence[str] | None = None,
+    def __init__(self, strategy, results: Sequence, aggregator: str, names: Sequence[str] | None = None,
                  previous: Mapping[str, Tensor] | None = None):
-        self.server, self.results, self.name = server, list(results), aggregator
+        self.strategy, self.results, self.name = strategy, list(results), aggregator
         self.fn = get_aggregator(aggregator)
-        self.names = list(server.modules if names is None else names)
+        self.names = list(strategy.modules if names is None else names)
         self.previous = previous
-        client_updates(server, self.results, self.names[:1])  # fail fast on empty results
+        client_updates(strategy, self.results, self.names[:1])  # fail fast on empty results
 
     def __getitem__(self, name: str) -> Tensor:
         if name not in self.names:
             raise KeyError(name)
-        updates = client_updates(self.server, self.results, [name])
+        updates = client_updates(self.strategy, self.results, [name])
         prev = None if self.previous is None or name not in self.previous else {name: self.previous[name]}
-        return self.fn(updates, prev, self.server.cfg.fed.uncovered)[name]
+        return self.fn(updates, prev, self.strategy.cfg.fed.uncovered)[name]
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.names)
@@ -331,14 +329,14 @@ class AggregatedDeltas(Mapping):
         return len(self.names)
 
 
-def reaggregate(server, results: Sequence, names: Sequence[str],
+def reaggregate(strategy, results: Sequence, names: Sequence[str],
                 aggregators: Sequence[str] = tuple(AGGREGATORS)) -> dict[str, dict[str, Tensor]]:
     """Every aggregator applied to the same client updates: ``{aggregator: {module: ΔW_g (out, in)}}``.
 
     Keep ``names`` to a few modules (each dense delta is out x in float32); for a whole model use
     :class:`AggregatedDeltas`, which computes one module at a time.
     """
-    return {a: dict(AggregatedDeltas(server, results, a, names)) for a in aggregators}
+    return {a: dict(AggregatedDeltas(strategy, results, a, names)) for a in aggregators}
 
 
 def owner_mean(updates: Sequence[ClientUpdate], name: str) -> Tensor:
@@ -356,7 +354,7 @@ def owner_mean(updates: Sequence[ClientUpdate], name: str) -> Tensor:
     return torch.where(den > 0, num / den.clamp_min(1e-300), torch.zeros_like(num))
 
 
-def aggregation_errors(server, results: Sequence, aggregators: Sequence[str] = tuple(AGGREGATORS),
+def aggregation_errors(strategy, results: Sequence, aggregators: Sequence[str] = tuple(AGGREGATORS),
                        names: Sequence[str] | None = None, progress: bool = True) -> pd.DataFrame:
     """How far each aggregator's ΔW_g is from the exact sample-weighted owner mean, module by module.
 
@@ -365,18 +363,18 @@ def aggregation_errors(server, results: Sequence, aggregators: Sequence[str] = t
     clients: 1 = the owners' mean, < 1 = shrunk towards the pruned zeros; NaN when every coordinate is
     owned by all or none), ``partial_fraction`` (share of such coordinates). ``ref`` = :func:`owner_mean`.
     """
-    names = list(server.modules if names is None else names)
+    names = list(strategy.modules if names is None else names)
     fns = {a: get_aggregator(a) for a in aggregators}
     rows = []
     for name in progress_bar(names, desc="aggregation errors", disable=not progress, leave=False):
-        updates = client_updates(server, results, [name])
+        updates = client_updates(strategy, results, [name])
         ref = owner_mean(updates, name)
         owners = sum(u.masks[name].to(torch.int32) for u in updates)  # (out, in)
         partial = (owners > 0) & (owners < len(updates))
         ref_norm = float(torch.linalg.vector_norm(ref))
         ref_p = ref[partial]
         for a, fn in fns.items():
-            d = fn(updates, None, server.cfg.fed.uncovered)[name].double()
+            d = fn(updates, None, strategy.cfg.fed.uncovered)[name].double()
             dp = d[partial]
             denom = float(ref_p @ ref_p)
             rows.append({"module": name, "layer": _layer_of(name), "kind": name.rsplit(".", 1)[-1],

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import re
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields
@@ -133,6 +134,11 @@ class TrainConfig:
         _check(self.max_len >= 16, f"train.max_len={self.max_len} must be >= 16")
 
 
+def sampled_count(fraction: float, clients: int) -> int:
+    """How many of ``clients`` a round samples: ``fraction * clients`` rounded half up (0.5 -> 1, 2.5 -> 3)."""
+    return math.floor(fraction * clients + 0.5)
+
+
 @dataclass
 class FedConfig:
     """The federation: clients, rounds, aggregation and broadcast."""
@@ -153,6 +159,9 @@ class FedConfig:
         _check(self.num_clients >= 1, f"fed.num_clients={self.num_clients} must be >= 1")
         _check(self.rounds >= 1, f"fed.rounds={self.rounds} must be >= 1")
         _check(0 < self.sample_fraction <= 1, f"fed.sample_fraction={self.sample_fraction} must be in (0, 1]")
+        _check(self.sample_fraction <= 0 or sampled_count(self.sample_fraction, self.num_clients) >= 1,
+               f"fed.sample_fraction={self.sample_fraction} of {self.num_clients} clients selects no client: use "
+               f"at least {0.5 / self.num_clients:.3g} (one client per round)")
         _check(self.aggregator in AGGREGATOR_NAMES + REFERENCE_MODES,
                f"fed.aggregator={self.aggregator!r} is unknown: use one of {AGGREGATOR_NAMES + REFERENCE_MODES}")
         _check(self.broadcast in BROADCAST_MODES,

@@ -141,6 +141,7 @@ def run_experiment(cfg: ExperimentConfig, out_dir: str | Path, *, resume: bool =
     """
     from legokit.federation import block_model, global_model, run_federation
     from legokit.models import load_model, param_bytes
+    from legokit.strategy import build_strategy
 
     out = Path(out_dir)
     timings: dict[str, float] = {}
@@ -170,12 +171,11 @@ def run_experiment(cfg: ExperimentConfig, out_dir: str | Path, *, resume: bool =
 
     t = time.time()
     if train:
-        server = run_federation(cfg, llm, tok, blocks, partitions, out, resume=resume, progress=progress,
-                                inject_failures=inject_failures)
-    else:  # no round: the server's initial state has B = 0, so every model is the untrained one
-        from legokit.federation import Server, assign_blocks
-
-        server = Server(cfg, llm, blocks, assign_blocks(cfg, blocks), [len(p) for p in partitions])
+        fed = run_federation(cfg, llm, tok, blocks, partitions, out, resume=resume, progress=progress,
+                             inject_failures=inject_failures)
+        strategy, rounds = fed.strategy, fed.rounds
+    else:  # no round: the initial global state has B = 0, so every model is the untrained one
+        strategy, rounds = build_strategy(cfg, llm, blocks, progress=progress), []
         results["condition"] = "base"
     timings["federation"] = time.time() - t
 
@@ -183,24 +183,24 @@ def run_experiment(cfg: ExperimentConfig, out_dir: str | Path, *, resume: bool =
     if not train and "base" in results:
         results["global"] = results["base"]
     elif cfg.fed.aggregator != "local":
-        with global_model(server) as model:
+        with global_model(strategy, llm) as model:
             results["global"] = score_model(model, tok, cfg, progress, items_file=out / "items" / "global.jsonl")
     clients = []
     for k in range(cfg.fed.num_clients):
         tasks = sorted({ex.task for ex in partitions[k]})
-        clients.append({"client": k, "block": blocks[server.assignment[k]].id,
-                        "sparsity": blocks[server.assignment[k]].sparsity, "num_examples": len(partitions[k]),
+        clients.append({"client": k, "block": blocks[strategy.assignment[k]].id,
+                        "sparsity": blocks[strategy.assignment[k]].sparsity, "num_examples": len(partitions[k]),
                         "tasks": tasks})
     results["clients"] = clients
     if cfg.eval.blocks and cfg.fed.aggregator != "centralized":
         scored = {}
         for k in range(cfg.fed.num_clients):
             # Federated modes give every holder of a block the same model; `local` keeps one per client.
-            key = k if cfg.fed.aggregator == "local" else server.assignment[k]
+            key = k if cfg.fed.aggregator == "local" else strategy.assignment[k]
             if key not in scored:
                 client = k if cfg.fed.aggregator == "local" else None
-                label = f"block-{blocks[server.assignment[k]].id}" + ("" if client is None else f"-client{k}")
-                with block_model(server, server.assignment[k], client) as model:
+                label = f"block-{blocks[strategy.assignment[k]].id}" + ("" if client is None else f"-client{k}")
+                with block_model(strategy, strategy.assignment[k], client) as model:
                     scored[key] = score_model(model, tok, cfg, progress, n=cfg.eval.n_blocks,
                                               items_file=out / "items" / f"{label}.jsonl")
             own = set(clients[k]["tasks"])
@@ -209,7 +209,7 @@ def run_experiment(cfg: ExperimentConfig, out_dir: str | Path, *, resume: bool =
             clients[k]["own_task_score"] = _mean([v for t_, v in prim.items() if t_ in own])
             clients[k]["other_task_score"] = _mean([v for t_, v in prim.items() if t_ not in own])
     timings["eval"] = time.time() - t
-    results["rounds"] = server.run.rounds if train else []
+    results["rounds"] = rounds
     results["blocks"] = [{"index": i, "id": b.id, "sparsity": b.sparsity} for i, b in enumerate(blocks)]
     results["seconds"] = {k: round(v, 1) for k, v in timings.items()}
     results["seconds"]["total"] = round(time.time() - t_all, 1)

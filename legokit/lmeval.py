@@ -121,13 +121,13 @@ def lm_eval_command(task_dir: str | Path, tasks: Sequence[str], pretrained: str 
 
 
 # ----- checkpoints ---------------------------------------------------------------------------------------
-def _restore_server(run_dir: Path, device: str, dtype: str):
-    """The ``Server`` of a run directory's last finished round, rebuilt as a resumed run does: the config,
-    the LLM, the saved blocks, then ``Server.load`` of that round. Returns ``(server, tokenizer, round)``."""
+def _restore_strategy(run_dir: Path, device: str, dtype: str):
+    """The strategy of a run directory's last finished round, rebuilt as a resumed run does: the config, the
+    LLM, the saved blocks, then that round's global state. Returns ``(strategy, llm, tokenizer, round)``."""
     from legokit.blocks import Block
     from legokit.config import ExperimentConfig
-    from legokit.federation import Server, assign_blocks
     from legokit.models import load_model
+    from legokit.strategy import build_strategy
 
     if not (run_dir / "config.yaml").is_file():
         raise LegokitError(f"{run_dir} is not a run directory (no config.yaml); give the --out of `legokit run`")
@@ -147,17 +147,9 @@ def _restore_server(run_dir: Path, device: str, dtype: str):
     llm, tok = load_model(cfg.model, device=device, dtype=dtype)
     ids = json.loads(index.read_text())["blocks"]
     blocks = [Block.load(run_dir / "blocks" / f"{i}", llm) for i in range(len(ids))]
-    # The block assignment as run_federation makes it (centralized: every client on the dense block).
-    if cfg.fed.aggregator == "centralized":
-        dense = [i for i, b in enumerate(blocks) if b.sparsity == 0]
-        if not dense:
-            raise LegokitError(f"run {run_dir} is centralized but has no dense block")
-        assignment = [dense[0]] * cfg.fed.num_clients
-    else:
-        assignment = assign_blocks(cfg, blocks)
-    server = Server(cfg, llm, blocks, assignment, [0] * cfg.fed.num_clients)  # sample counts: training only
-    server.load(run_dir, rnd)
-    return server, tok, rnd
+    strategy = build_strategy(cfg, llm, blocks, progress=False)  # the condition as the run built it
+    strategy.load(adir, rnd)
+    return strategy, llm, tok, rnd
 
 
 def _block_index(blocks: list, which: str) -> int:
@@ -188,31 +180,31 @@ def export_checkpoint(run_dir: str | Path, out_dir: str | Path, model: str = "gl
     from legokit.lora import detach_lora
 
     run = Path(run_dir)
-    server, tok, rnd = _restore_server(run, device, dtype)
-    cfg, blocks = server.cfg, server.blocks
+    strategy, llm, tok, rnd = _restore_strategy(run, device, dtype)
+    cfg, blocks = strategy.cfg, strategy.blocks
     local = cfg.fed.aggregator == "local"
     if local:
-        clients = ", ".join(f"{k}: {blocks[b].id}" for k, b in enumerate(server.assignment))
+        clients = ", ".join(f"{k}: {blocks[b].id}" for k, b in enumerate(strategy.assignment))
         if client is None:
             raise LegokitError(f"run {run} is a 'local' run: no global model, every client keeps its own adapter; "
                                f"choose one with --client K (client: block = {clients})")
         if not 0 <= client < cfg.fed.num_clients:
             raise LegokitError(f"client {client} is not in run {run} (client: block = {clients})")
-        index = server.assignment[client]
+        index = strategy.assignment[client]
         if model != "global" and _block_index(blocks, model) != index:
             raise LegokitError(f"client {client} of run {run} holds block {blocks[index].id}, not {model!r}")
         what = blocks[index].id
-        context = block_model(server, index, client)
+        context = block_model(strategy, index, client)
     elif client is not None:
         raise LegokitError(f"run {run} is a {cfg.fed.aggregator!r} run: its clients share the global update, so "
                            "a client's model is its block's; drop --client and pass --model BLOCK")
     elif model == "global":
         index, what = None, "global"
-        context = global_model(server)
+        context = global_model(strategy, llm)
     else:
         index = _block_index(blocks, model)
         what = blocks[index].id
-        context = block_model(server, index)
+        context = block_model(strategy, index)
     out = Path(out_dir)
     with context as m:
         detach_lora(m, merge=True)  # every LoRA layer -> a plain nn.Linear holding W + M ⊙ s·BA

@@ -399,7 +399,7 @@ def plot_energy_kept(rounds):
     """Share of ΔW_g's energy the rank-r_g broadcast keeps, per decoder layer, one line per round: 1 axis.
 
     Args:
-        rounds: the dicts ``Server.aggregate`` returns (``energy_kept``: {module: fraction}), or the run's
+        rounds: the dicts ``LegoStrategy.aggregate`` returns (``energy_kept``: {module: fraction}), or the run's
             ``rounds.jsonl`` rows.
     """
     import pandas as pd

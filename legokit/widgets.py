@@ -53,12 +53,12 @@ def partition_explorer(cfg, alpha: float = 0.5, min_alpha: float = 0.01, max_alp
 # ===================================================================== aggregation (03_aggregation)
 
 
-def module_explorer(server, results, aggregators=None, ranks=None):
+def module_explorer(strategy, results, aggregators=None, ranks=None):
     """A module dropdown that plots how much of each aggregator's ΔW_g a rank-r broadcast keeps.
 
     Args:
-        server, results: the federation's ``Server`` and the client results to re-aggregate
-            (``server.last_results``).
+        strategy, results: the federation's ``LegoStrategy`` and the client results to re-aggregate
+            (``strategy.last_results``).
         aggregators: names from ``legokit.aggregate.AGGREGATORS`` (default: all).
         ranks: ranks on the x axis (default 1, 2, 4, ... up to the module size).
     Returns:
@@ -73,18 +73,19 @@ def module_explorer(server, results, aggregators=None, ranks=None):
     from legokit.viz import plot_energy_by_rank
 
     aggregators = list(aggregators or AGGREGATORS)
-    names = list(server.modules)
+    names = list(strategy.modules)
     dropdown = W.Dropdown(options=names, value=names[0], description="module",
                           layout=W.Layout(width="480px"))
     out = W.Output()
 
     def draw(name: str):
-        deltas = reaggregate(server, results, [name], aggregators)
-        size = min(server.shapes[name])
+        deltas = reaggregate(strategy, results, [name], aggregators)
+        size = min(strategy.shapes[name])
         rs = list(ranks) if ranks is not None else sorted({min(2**i, size) for i in range(size.bit_length() + 1)})
         curves = {a: energy_by_rank(d[name], rs) for a, d in deltas.items()}
         r_k = int(results[0].factors[name][0].shape[0])
-        fig = plot_energy_by_rank(curves, rs, {f"client r={r_k}": r_k, f"r_g={server.global_rank}": server.global_rank})
+        r_g = strategy.global_rank
+        fig = plot_energy_by_rank(curves, rs, {f"client r={r_k}": r_k, f"r_g={r_g}": r_g})
         fig.axes[0].set_title(name, fontsize=9)
         return fig
 

@@ -29,9 +29,11 @@ from legokit.blocks import extract_blocks
 from legokit.config import ExperimentConfig
 from legokit.data import Example, tokenize_example
 from legokit.evaluate import evaluate_examples
-from legokit.federation import ClientResult, Server, assign_blocks, block_model, run_federation
+from legokit.federation import block_model, run_federation
 from legokit.lora import svd_refactor
 from legokit.models import linear_modules
+from legokit.rounds import ClientResult
+from legokit.strategy import build_strategy
 from legokit.utils import LegokitError
 
 CALIB = ["The quick brown fox jumps over the lazy dog. " * 4, "Paris is the capital of France. " * 4] * 2
@@ -64,10 +66,9 @@ def tiny_blocks(tiny):
 
 
 def _server_with_random_results(tiny_blocks, sparsities=SPARSITIES, weights=(1, 2, 5)):
-    """A Server and hand-made ClientResults (random factors, different sample counts)."""
+    """A strategy and hand-made ClientResults (random factors, different sample counts)."""
     llm, _, blocks = tiny_blocks
-    cfg = _cfg(sparsities)
-    server = Server(cfg, llm, blocks, assign_blocks(cfg, blocks), list(weights))
+    server = build_strategy(_cfg(sparsities), llm, blocks, progress=False)
     gen = torch.Generator().manual_seed(0)
     results = []
     for k, n in enumerate(weights):
@@ -198,7 +199,7 @@ def test_a_real_round_feeds_metrics_and_reaggregation(tiny_blocks, tmp_path):
     llm, tok, blocks = tiny_blocks
     cfg = _cfg()
     parts = [_examples("boolq", 4), _examples("asdiv", 4), _examples("boolq", 2)]
-    server = run_federation(cfg, llm, tok, blocks, parts, tmp_path, progress=False)
+    server = run_federation(cfg, llm, tok, blocks, parts, tmp_path, progress=False).strategy
     metrics = read_metrics(tmp_path)
     assert len(metrics) == 3 * cfg.train.local_steps
     assert metrics.groupby("client")["step"].max().tolist() == [2, 2, 2]
@@ -211,8 +212,9 @@ def test_a_real_round_feeds_metrics_and_reaggregation(tiny_blocks, tmp_path):
     delta = reaggregate(server, server.last_results, [name], ["heteagg"])["heteagg"][name]
     kept = energy_by_rank(delta, [server.global_rank])[0]
     assert kept == pytest.approx(rounds[0]["energy_kept"][name], rel=1e-4)
-    a, b = server.global_factors[name]
-    rel = torch.linalg.vector_norm(server.global_scaling * (b @ a) - delta) / torch.linalg.vector_norm(delta)
+    (factors, scaling) = server.broadcast.adapter_for(None)
+    a, b = factors[name]
+    rel = torch.linalg.vector_norm(scaling * (b @ a) - delta) / torch.linalg.vector_norm(delta)
     assert float(rel) ** 2 == pytest.approx(1 - kept, abs=1e-4)
     # the global update merged through each block's mask is the model block_model gives
     ids = torch.tensor([[1, 40, 50, 60, 70, 80]])

@@ -44,7 +44,7 @@ def _cfg(pattern: str = "unstructured", **fed) -> ExperimentConfig:
 
 
 def _tiny_run(run_dir, cfg: ExperimentConfig):
-    """A finished 1-round run in ``run_dir`` (no assets needed); returns its in-memory ``Server``."""
+    """A finished 1-round run in ``run_dir`` (no assets needed); returns its in-memory strategy and LLM."""
     llm, tok = load_model(cfg.model)
     p = cfg.prune
     blocks = extract_blocks(llm, tok, sparsities=tuple(p.sparsities), method=p.method, pattern=p.pattern,
@@ -52,7 +52,7 @@ def _tiny_run(run_dir, cfg: ExperimentConfig):
     for i, b in enumerate(blocks):  # as experiment.load_or_extract_blocks writes them
         b.save(run_dir / "blocks" / f"{i}")
     atomic_write_json(run_dir / "blocks" / "index.json", {"blocks": [b.id for b in blocks]})
-    return run_federation(cfg, llm, tok, blocks, PARTS, run_dir, progress=False)
+    return run_federation(cfg, llm, tok, blocks, PARTS, run_dir, progress=False).strategy, llm
 
 
 @torch.no_grad()
@@ -68,20 +68,20 @@ def _reload(out) -> torch.Tensor:
 @pytest.fixture(scope="module")
 def adapter_run(tmp_path_factory):
     run = tmp_path_factory.mktemp("adapter_run")
-    return run, _tiny_run(run, _cfg())
+    return (run, *_tiny_run(run, _cfg()))
 
 
 @pytest.fixture(scope="module")
 def merge_structured_run(tmp_path_factory):
     run = tmp_path_factory.mktemp("merge_run")
-    return run, _tiny_run(run, _cfg("structured", broadcast="merge"))
+    return (run, *_tiny_run(run, _cfg("structured", broadcast="merge")))
 
 
 def test_global_and_unstructured_block_reload_with_the_run_logits(adapter_run, tmp_path):
-    run, server = adapter_run
+    run, server, llm = adapter_run
     export_checkpoint(run, tmp_path / "global")
     export_checkpoint(run, tmp_path / "block", model="wanda-unstructured-50")
-    with global_model(server) as m:
+    with global_model(server, llm) as m:
         ref_global = _logits(m)
     with block_model(server, 1) as m:
         ref_block = _logits(m)
@@ -101,10 +101,10 @@ def test_global_and_unstructured_block_reload_with_the_run_logits(adapter_run, t
 
 
 def test_merge_mode_structured_block_is_written_at_its_own_smaller_shape(merge_structured_run, tmp_path):
-    run, server = merge_structured_run
+    run, server, llm = merge_structured_run
     export_checkpoint(run, tmp_path / "global")
     export_checkpoint(run, tmp_path / "block", model="1")  # by index
-    with global_model(server) as m:
+    with global_model(server, llm) as m:
         torch.testing.assert_close(_reload(tmp_path / "global"), _logits(m), rtol=0, atol=1e-5)
     with block_model(server, 1) as m:
         ref = _logits(m)
@@ -115,7 +115,7 @@ def test_merge_mode_structured_block_is_written_at_its_own_smaller_shape(merge_s
 
 
 def test_checkpoint_loads_without_legokit(adapter_run, tmp_path):
-    run, server = adapter_run
+    run, server, llm = adapter_run
     export_checkpoint(run, tmp_path / "ckpt")
     code = ("import sys, torch; from transformers import AutoModelForCausalLM, AutoTokenizer\n"
             f"d = {str(tmp_path / 'ckpt')!r}\n"
@@ -127,7 +127,7 @@ def test_checkpoint_loads_without_legokit(adapter_run, tmp_path):
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip().endswith("Paris")
-    with global_model(server) as m:
+    with global_model(server, llm) as m:
         ref = _logits(m)
     got = torch.load(tmp_path / "ckpt" / "logits.pt", weights_only=True)  # a plain tensor written just above
     torch.testing.assert_close(got, ref, rtol=0, atol=1e-5)
@@ -135,7 +135,7 @@ def test_checkpoint_loads_without_legokit(adapter_run, tmp_path):
 
 def test_local_run_needs_a_client(tmp_path):
     run = tmp_path / "run"
-    server = _tiny_run(run, _cfg(aggregator="local"))
+    server, llm = _tiny_run(run, _cfg(aggregator="local"))
     with pytest.raises(LegokitError, match="--client K"):
         export_checkpoint(run, tmp_path / "x")
     with pytest.raises(LegokitError, match="holds block"):
@@ -147,7 +147,7 @@ def test_local_run_needs_a_client(tmp_path):
 
 
 def test_errors_name_the_fix(adapter_run, tmp_path):
-    run, _ = adapter_run
+    run, _, _ = adapter_run
     with pytest.raises(LegokitError, match="not a run directory"):
         export_checkpoint(tmp_path, tmp_path / "x")
     with pytest.raises(LegokitError, match=r"unknown block 'nope'.*0: wanda-unstructured-0, 1: wanda-unstructured-50"):
@@ -162,7 +162,7 @@ def test_errors_name_the_fix(adapter_run, tmp_path):
 
 
 def test_cli_export(adapter_run, tmp_path, capsys):
-    run, _ = adapter_run
+    run, _, _ = adapter_run
     assert main(["export", str(run), "--model", "wanda-unstructured-0", "--out", str(tmp_path / "b0")]) == 0
     assert "wanda-unstructured-0" in capsys.readouterr().out
     assert (tmp_path / "b0" / "model.safetensors").is_file()

@@ -72,11 +72,12 @@ def _reference(cfg: ExperimentConfig, blocks_from: Path, out: Path, inject_failu
     before = torch.get_num_threads()
     torch.set_num_threads(threads or before)
     try:
-        server = run_federation(cfg, llm, tok, blocks, client_partitions(cfg), out, progress=False,
-                                inject_failures=inject_failures)
+        fed = run_federation(cfg, llm, tok, blocks, client_partitions(cfg), out, progress=False,
+                             inject_failures=inject_failures)
     finally:
         torch.set_num_threads(before)
-    return {n: server.global_scaling * (b @ a) for n, (a, b) in server.global_factors.items()}
+    factors, scaling = fed.strategy.broadcast.adapter_for(None)
+    return {n: scaling * (b @ a) for n, (a, b) in factors.items()}
 
 
 def _adapter_delta(run_dir: Path, rnd: int) -> dict:
@@ -171,12 +172,15 @@ class _Reply:
 
 
 def test_server_admits_supernodes_by_partition_and_block(tmp_path):
+    from legokit.checkpoint import Checkpoint
     from legokit.flower.runconfig import FlowerOptions
-    from legokit.flower.strategy import LegoStrategy
+    from legokit.flower.strategy import FlowerStrategy
+    from legokit.strategy import LegoStrategy
 
+    # discovery needs only the blocks' ids: no model, no global state
     blocks = [SimpleNamespace(id="wanda-unstructured-0"), SimpleNamespace(id="wanda-unstructured-50")]
-    server = SimpleNamespace(cfg=_cfg(), blocks=blocks, assignment=[0, 1], num_examples=[0, 0])
-    strategy = LegoStrategy(server, SimpleNamespace(path=tmp_path), FlowerOptions(), log=lambda line: None)
+    lego = LegoStrategy(_cfg(), blocks, [0, 1], {}, broadcast=None, aggregator="heteagg")
+    strategy = FlowerStrategy(lego, Checkpoint(tmp_path, _cfg(), resume=False), FlowerOptions(), log=lambda line: None)
     strategy._admit(11, _Reply({"partition-id": 0, "block-id": "", "num-examples": 4}))
     strategy._admit(12, _Reply({"partition-id": 0, "block-id": "", "num-examples": 4}))  # duplicate
     strategy._admit(13, _Reply({"partition-id": 2, "block-id": ""}))  # out of range
@@ -184,7 +188,8 @@ def test_server_admits_supernodes_by_partition_and_block(tmp_path):
     strategy._admit(15, _Reply(error="partition-id=9 is out of range"))  # the ClientApp refused itself
     strategy._admit(16, _Reply({"partition-id": 1, "block-id": "wanda-unstructured-0", "num-examples": 3}))
     assert strategy.clients == {0: 11, 1: 16}
-    assert server.assignment == [0, 0] and server.num_examples == [4, 3]  # the device's own block counts
+    assert lego.assignment == (0, 0)  # client 1's device declared the dense block: its masks are used
+    assert strategy.nodes[11]["num_examples"] == 4 and strategy.nodes[16]["num_examples"] == 3
     reasons = {n: v.get("reason", "") for n, v in strategy.nodes.items()}
     assert "already served by SuperNode 11" in reasons[12]
     assert "partition-id 2 is out of range 0..1" in reasons[13]

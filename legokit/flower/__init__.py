@@ -1,8 +1,9 @@
 """LEGO on Flower (flwr 1.42): the same rounds as ``legokit.federation``, with real clients.
 
-- ``server_app``: the ServerApp (``legokit.flower.server_app:app``); ``strategy.LegoStrategy`` delegates
-  configure / aggregate / broadcast to ``legokit.federation.Server`` (no second copy of the algebra).
-- ``client_app``: the ClientApp (``legokit.flower.client_app:app``); runs ``federation.local_update`` on the
+- ``server_app``: the ServerApp (``legokit.flower.server_app:app``); ``strategy.FlowerStrategy`` runs
+  ``legokit.federation.Federation``'s round loop with SuperNodes as its clients (no second loop, no second
+  copy of the algebra).
+- ``client_app``: the ClientApp (``legokit.flower.client_app:app``); runs ``client.local_update`` on the
   block and data partition its SuperNode's node config names.
 - ``messages``: what travels (adapter factors in peft naming; block ids, never masks).
 - ``runconfig``: Flower's flat run config <-> ``ExperimentConfig``; the app's ``pyproject.toml``.

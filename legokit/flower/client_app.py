@@ -4,7 +4,7 @@ Component reference for a Flower app: ``legokit.flower.client_app:app``. The Sup
 which client it is (``partition-id``), and optionally where its blocks are (``blocks-dir``), which block
 the device holds (``block-id``), the torch ``device`` and CPU ``threads``. Each ``train`` message: load the
 LLM and the block named by the server, take this client's data partition (``experiment.client_partitions``,
-the same split the in-process loop uses), run ``federation.local_update`` from the broadcast factors, and
+the same split the in-process loop uses), run ``client.local_update`` from the broadcast factors, and
 send back the trained factors. Nothing is kept between rounds: the server sends each round's start state.
 """
 
@@ -119,7 +119,7 @@ def client_train(content: RecordDict, node_config: Mapping[str, Any], run_config
     import torch
 
     from legokit.blocks import Block
-    from legokit.federation import local_update
+    from legokit.client import local_update
     from legokit.flower.messages import factors_from_record, factors_to_record
     from legokit.flower.runconfig import from_run_config
 

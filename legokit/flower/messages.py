@@ -5,7 +5,7 @@ Only adapter factors travel each round, in peft's naming (``base_model.model.<mo
 (the server knows every block's masks from extraction; the block id travels instead).
 
 Server -> client, message type ``train``:
-    ``init``: ArrayRecord, the factors the client starts from (``Server.start_state``).
+    ``init``: ArrayRecord, the factors the client starts from (``LegoStrategy.configure``'s task).
     ``config``: ConfigRecord ``{round, client, block-id, scaling}``.
 Client -> server:
     ``factors``: ArrayRecord, the trained factors (LLM coordinates).
@@ -38,7 +38,7 @@ def factors_to_record(factors: Mapping[str, tuple[torch.Tensor, torch.Tensor]]) 
 def factors_from_record(record: ArrayRecord, sender: str) -> Factors:
     """The inverse of ``factors_to_record``; malformed content raises ``LegokitError`` naming ``sender``.
 
-    Shapes are not checked here: ``federation.Server.validate`` checks them against the LLM.
+    Shapes are not checked here: ``strategy.check_result`` checks them against the LLM.
     """
     state = {}
     for key in record.keys():

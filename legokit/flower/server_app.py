@@ -1,4 +1,4 @@
-"""The Flower ServerApp: load the LLM and its blocks, then run ``LegoStrategy`` over the Grid.
+"""The Flower ServerApp: load the LLM and its blocks, then run ``FlowerStrategy`` over the Grid.
 
 Component reference for a Flower app: ``legokit.flower.server_app:app``. The run config (see
 ``legokit.flower.runconfig``) carries the experiment; the ServerApp writes the same run directory as
@@ -32,15 +32,16 @@ def run_server(grid: Grid, run_config: Mapping[str, Any], *, run_id: int = 0, pr
     """The ServerApp's work, callable without Flower's runtime (tests, simulation).
 
     Returns:
-        The ``LegoStrategy`` after the last round (its ``server`` holds the final global state).
+        The ``FlowerStrategy`` after the last round (its ``lego`` holds the final global state).
     """
     import torch
 
+    from legokit.checkpoint import Checkpoint
     from legokit.experiment import load_or_extract_blocks
-    from legokit.federation import RunDir, Server, assign_blocks
     from legokit.flower.runconfig import check_supported, from_run_config
-    from legokit.flower.strategy import LegoStrategy
+    from legokit.flower.strategy import FlowerStrategy
     from legokit.models import load_model
+    from legokit.strategy import build_strategy
     from legokit.utils import seed_everything
 
     t0 = time.time()
@@ -49,18 +50,15 @@ def run_server(grid: Grid, run_config: Mapping[str, Any], *, run_id: int = 0, pr
     run_dir = Path(opts.run_dir or f"runs/flower-{run_id}").resolve()
     seed_everything(cfg.seed)
     torch.use_deterministic_algorithms(False)
-    run = RunDir(run_dir, cfg, opts.resume)  # fails fast on a run directory of another config
+    checkpoint = Checkpoint(run_dir, cfg, opts.resume)  # fails fast on a run directory of another config
     llm, tok = load_model(cfg.model, device=cfg.device, dtype=cfg.dtype)
     blocks = load_or_extract_blocks(cfg, llm, tok, run_dir, progress)
     _log(f"run directory {run_dir}; blocks {[b.id for b in blocks]}")
-    server = Server(cfg, llm, blocks, assign_blocks(cfg, blocks), [0] * cfg.fed.num_clients)
-    server.progress = progress
-    if run.last_round:
-        server.load(run.path, run.last_round)
-        _log(f"resuming after round {run.last_round}")
-    strategy = LegoStrategy(server, run, opts, log=_log)
+    strategy = FlowerStrategy(build_strategy(cfg, llm, blocks, progress=progress), checkpoint, opts, log=_log)
+    if checkpoint.last_round:
+        _log(f"resuming after round {checkpoint.last_round}")
     strategy.start(grid)
-    rounds = run.rounds
+    rounds = checkpoint.rounds
     summary = {
         "flower_run_id": run_id, "run_dir": str(run_dir), "rounds": len(rounds),
         "clients": {str(k): node for k, node in sorted(strategy.clients.items())},

@@ -1,13 +1,14 @@
-"""A Flower strategy whose configure / aggregate / broadcast are ``legokit.federation.Server``'s.
+"""The Flower side of LEGO: the one round loop (``legokit.federation.Federation``) with SuperNodes as clients.
 
-The strategy only converts and delegates (as Flower's own strategies do with ``aggregate()``):
+``FlowerStrategy`` is a Flower ``Strategy`` that only converts and delegates (as Flower's own strategies do
+with ``aggregate()``): the round loop, every decision and all algebra are ``legokit``'s.
 
-- ``configure_train``: ``Server.sample`` picks the round's clients, ``Server.start_state`` gives each its
-  starting factors; each becomes a ``train`` message to the SuperNode that serves that client.
-- ``aggregate_train``: each reply becomes a ``ClientResult``; ``Server.validate`` rejects wrong modules or
-  shapes (recorded as a failure, not aggregated); ``Server.aggregate`` runs HeteAgg (or the configured
-  aggregator) and the SVD re-factoring for the broadcast; ``Server.save`` and ``RunDir.finish_round``
-  checkpoint the round exactly as the in-process loop does.
+- ``configure_train``: the tasks ``LegoStrategy.configure`` gives become ``train`` messages, one per sampled
+  client that has a SuperNode.
+- ``aggregate_train``: each reply becomes an ``Outcome`` (a ``ClientResult`` or an error) and
+  ``Federation.finish`` validates, aggregates and checkpoints the round exactly as in one process.
+- ``start``: discovers the SuperNodes, then runs ``Federation.run()`` with a client runner that pushes the
+  round's messages and pulls the replies (a round deadline, a fast reply poll).
 
 Which SuperNode is which client: at start (and at every round for SuperNodes that joined since) the
 strategy sends a ``query`` message; the ClientApp answers with its ``partition-id`` (from its node config)
@@ -32,9 +33,12 @@ from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Result, Strategy
 
-from legokit.federation import ClientResult, RunDir, Server
+from legokit.checkpoint import Checkpoint
+from legokit.federation import Exchange, Federation, Outcome, RoundRecord
 from legokit.flower.messages import factors_from_record, factors_to_record, record_nbytes
 from legokit.flower.runconfig import FlowerOptions
+from legokit.rounds import ClientResult, Task
+from legokit.strategy import LegoStrategy
 from legokit.utils import LegokitError, atomic_write_json
 
 _GONE = (ErrorCode.NODE_UNAVAILABLE, ErrorCode.MESSAGE_UNAVAILABLE)  # the SuperNode is no longer there
@@ -52,26 +56,34 @@ def error_text(msg: Message) -> str:
     return f"{names.get(err.code, f'error {err.code}')}: {reason}"
 
 
-class LegoStrategy(Strategy):
-    """LEGO rounds over Flower's Grid, delegating every decision and all algebra to ``Server``.
+class FlowerStrategy(Strategy):
+    """LEGO rounds over Flower's Grid: ``Federation``'s loop, with SuperNodes as its clients.
 
     Args:
-        server: the legokit server (blocks' masks, global adapter, aggregation).
-        run: the run directory (checkpoints, metrics); the strategy continues after ``run.last_round``.
+        lego: the legokit strategy (blocks' masks, global state, configure and aggregate).
+        checkpoint: the run directory; the rounds continue after its last finished round.
         options: Flower-only settings (timeouts, poll interval).
         log: where progress lines go (the ServerApp's log).
     """
 
-    def __init__(self, server: Server, run: RunDir, options: FlowerOptions, log: Callable[[str], None] = print):
-        self.server, self.run, self.options, self.log = server, run, options, log
-        self.cfg = server.cfg
-        self.block_ids = [b.id for b in server.blocks]
+    def __init__(self, lego: LegoStrategy, checkpoint: Checkpoint, options: FlowerOptions,
+                 log: Callable[[str], None] = print):
+        self.lego, self.options, self.log = lego, options, log
+        self.federation = Federation(lego, self, checkpoint, log=log)  # this object is its client runner
+        self.cfg = self.lego.cfg
+        self.block_ids = [b.id for b in self.lego.blocks]
         self.clients: dict[int, int] = {}  # client -> node id serving it
         self.nodes: dict[int, dict] = {}  # node id -> {"status": ok | rejected | lost, "client", "reason", ...}
-        self._lines: dict[int, dict] = {}  # client -> this round's metrics line
+        self._tasks: dict[int, Task] = {}  # client -> this round's task
+        self._records: dict[int, dict] = {}  # client -> what this round's metrics line adds (node, bytes)
         self._sent: dict[str, int] = {}  # message id -> client, for this round's train messages
         self._round_start = 0.0
         self._exchanged = 0.0  # when the round's last reply arrived (or its deadline passed)
+        self._grid: Grid | None = None
+
+    @property
+    def run_dir(self):
+        return self.federation.checkpoint.path
 
     # ----- which SuperNode is which client ------------------------------------------------------------
     def discover(self, grid: Grid, wait: float) -> None:
@@ -123,14 +135,13 @@ class LegoStrategy(Strategy):
         if "reason" in entry:
             self.log(f"SuperNode {node} rejected: {entry['reason']}")
             return
-        if declared and declared != self.block_ids[self.server.assignment[k]]:
-            self.log(f"client {k} holds block {declared} (assigned: {self.block_ids[self.server.assignment[k]]}); "
+        if declared and declared != self.lego.block_of(k).id:
+            self.log(f"client {k} holds block {declared} (assigned: {self.lego.block_of(k).id}); "
                      "using its block's masks")
-            self.server.assignment[k] = self.block_ids.index(declared)
+            self.lego.assign(k, self.block_ids.index(declared))
         entry["status"] = "ok"
         self.clients[k] = node
-        self.server.num_examples[k] = int(info.get("num-examples", 0))
-        self.log(f"SuperNode {node} serves client {k} (block {self.block_ids[self.server.assignment[k]]})")
+        self.log(f"SuperNode {node} serves client {k} (block {self.lego.block_of(k).id})")
 
     def _drop(self, client: int, reason: str) -> None:
         node = self.clients.pop(client, None)
@@ -139,91 +150,86 @@ class LegoStrategy(Strategy):
             self._write_nodes()
 
     def _write_nodes(self) -> None:
-        atomic_write_json(self.run.path / "nodes.json", {str(k): v for k, v in sorted(self.nodes.items())})
+        atomic_write_json(self.run_dir / "nodes.json", {str(k): v for k, v in sorted(self.nodes.items())})
 
     # ----- Flower's Strategy interface ----------------------------------------------------------------
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
-        """One ``train`` message per sampled client that has a SuperNode (``arrays`` is unused: the global
-        state lives in ``Server``, and in ``local`` mode each client starts from its own adapter)."""
-        self._lines, self._round_start = {}, time.time()
-        msgs, records = [], {}
-        for k in self.server.sample(server_round):
-            block = self.server.blocks[self.server.assignment[k]]
-            line = {"round": server_round, "client": k, "block": block.id, "sparsity": block.sparsity}
-            self._lines[k] = line
-            node = self.clients.get(k)
-            if node is None:
-                line.update(status="failed", error=f"no SuperNode serves client {k} (node config partition-id={k})")
-                continue
-            factors, scaling = self.server.start_state(k)
-            if id(factors) not in records:  # the same global adapter is converted once per round
-                records[id(factors)] = factors_to_record(factors)
-            init = records[id(factors)]
-            content = RecordDict({"init": init, "config": ConfigRecord(
-                {"round": server_round, "client": k, "block-id": block.id, "scaling": float(scaling)})})
-            msgs.append(Message(content, dst_node_id=node, message_type=MessageType.TRAIN, group_id=str(server_round)))
-            line.update(node=node, bytes_down=record_nbytes(init))
-        return msgs
+        """One ``train`` message per task of ``LegoStrategy.configure`` (``arrays`` is unused: the global state
+        lives in the legokit strategy, and in ``local`` mode each client starts from its own adapter)."""
+        return self._messages(self.lego.configure(server_round))
 
     def aggregate_train(self, server_round: int,
                         replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """Validate the replies, aggregate the survivors with ``Server.aggregate``, checkpoint the round."""
-        results: list[ClientResult] = []
-        replied = set()
+        """The replies as outcomes, finished by ``Federation.finish`` (validate, aggregate, checkpoint)."""
+        return self._to_flower(self.federation.finish(server_round, self._collect(replies), self._round_start))
+
+    def _messages(self, tasks: list[Task]) -> list[Message]:
+        """The round's tasks as ``train`` messages; a task whose client has no SuperNode fails at once."""
+        self._tasks, self._records, self._round_start = {t.client: t for t in tasks}, {}, time.time()
+        msgs, records = [], {}
+        for t in tasks:
+            node = self.clients.get(t.client)
+            self._records[t.client] = {}
+            if node is None:
+                continue
+            if id(t.factors) not in records:  # the same global adapter is converted once per round
+                records[id(t.factors)] = factors_to_record(t.factors)
+            init = records[id(t.factors)]
+            content = RecordDict({"init": init, "config": ConfigRecord(
+                {"round": t.round, "client": t.client, "block-id": self.block_ids[t.block],
+                 "scaling": float(t.scaling)})})
+            msgs.append(Message(content, dst_node_id=node, message_type=MessageType.TRAIN, group_id=str(t.round)))
+            self._records[t.client].update(node=node, bytes_down=record_nbytes(init))
+        return msgs
+
+    def _collect(self, replies: Iterable[Message]) -> Exchange:
+        """Every task's outcome from the replies; a task without a (timely) reply fails with the reason."""
+        outcomes: dict[int, Outcome] = {}
         for reply in replies:
             k = self._sent.get(reply.metadata.reply_to_message_id)
-            if k is None or k not in self._lines:
+            if k is None or k not in self._tasks:
                 continue  # a late reply to an earlier round
-            replied.add(k)
-            line = self._lines[k]
+            out = outcomes[k] = Outcome(self._tasks[k], record=self._records[k])
             try:
-                res = self._result(k, reply)
-                self.server.validate(res)
+                out.result = self._result(k, reply)
+                out.record["bytes_up"] = record_nbytes(reply.content["factors"])
             except LegokitError as err:
-                line.update(status="failed", error=str(err))
-                self.log(f"round {server_round}: client {k} failed: {err}")
+                out.error = str(err)
                 if reply.has_error() and reply.error.code in _GONE:
-                    self._drop(k, f"unavailable in round {server_round}")
-                continue
-            results.append(res)
-            line.update(status="ok", num_examples=res.num_examples, **res.metrics)
-            line["update_norm"] = float(sum(float((res.scaling * b @ a).square().sum())
-                                            for a, b in res.factors.values()) ** 0.5)
-            line["bytes_up"] = record_nbytes(reply.content["factors"])
+                    self._drop(k, f"unavailable in round {out.task.round}")
         accepted = set(self._sent.values())
-        for k, line in self._lines.items():
-            if "status" in line or k in replied:
+        for k, task in self._tasks.items():
+            if k in outcomes:
                 continue
-            if k not in accepted:
-                line.update(status="failed", error="the SuperLink did not accept the train message")
-                continue
-            line.update(status="failed", error=f"no reply within round-timeout={self.options.round_timeout} s")
-            self.log(f"round {server_round}: client {k} sent no reply in time; its SuperNode is dropped")
-            self._drop(k, f"no reply in round {server_round}")
-        results.sort(key=lambda r: r.client)  # the in-process loop's order, so sums add up the same way
-        round_line = self.server.aggregate(server_round, results)
-        self.server.save(self.run.path, server_round)
-        lines = [self._lines[k] for k in sorted(self._lines)]
+            if k not in self.clients and k not in accepted:
+                error = f"no SuperNode serves client {k} (node config partition-id={k})"
+            elif k not in accepted:
+                error = "the SuperLink did not accept the train message"
+            else:
+                error = f"no reply within round-timeout={self.options.round_timeout} s"
+                self.log(f"round {task.round}: client {k} sent no reply in time; its SuperNode is dropped")
+                self._drop(k, f"no reply in round {task.round}")
+            outcomes[k] = Outcome(task, error=error, record=self._records[k])
+        record = {"bytes_down": sum(r.get("bytes_down", 0) for r in self._records.values()),
+                  "bytes_up": sum(r.get("bytes_up", 0) for r in self._records.values())}
         if self._exchanged:  # configure + messages out + clients' work + replies in; the rest is aggregation
-            round_line["seconds_exchange"] = round(self._exchanged - self._round_start, 3)
-        round_line.update(seconds=round(time.time() - self._round_start, 3),
-                          failed=[ln["client"] for ln in lines if ln["status"] != "ok"],
-                          bytes_down=sum(ln.get("bytes_down", 0) for ln in lines),
-                          bytes_up=sum(ln.get("bytes_up", 0) for ln in lines))
-        self.run.finish_round(server_round, lines, round_line)
-        self.log(f"round {server_round}: {len(results)}/{len(lines)} clients aggregated, "
-                 f"{round_line['bytes_down']} B down, {round_line['bytes_up']} B up, {round_line['seconds']} s")
-        metrics = {"clients": len(results), "failed": len(lines) - len(results),
-                   "bytes-down": round_line["bytes_down"], "bytes-up": round_line["bytes_up"]}
-        if "energy_kept_mean" in round_line:
-            metrics["energy-kept-mean"] = round_line["energy_kept_mean"]
-        ok = [ln for ln in lines if ln["status"] == "ok"]
-        if ok:
-            metrics["loss-last-mean"] = sum(ln["loss_last"] for ln in ok) / len(ok)
-        arrays = None if self.server.merged or self.cfg.fed.aggregator == "local" else \
-            factors_to_record(self.server.global_factors)
-        return arrays, MetricRecord(metrics)
+            record["seconds_exchange"] = round(self._exchanged - self._round_start, 3)
+        return Exchange(list(outcomes.values()), record)
+
+    def _to_flower(self, done: RoundRecord) -> tuple[ArrayRecord | None, MetricRecord]:
+        """A finished round as Flower reports it: the global adapter (when there is one) and round metrics."""
+        line = done.metrics
+        self.log(f"round {done.round}: {len(done.results)}/{len(done.lines)} clients aggregated, "
+                 f"{line['bytes_down']} B down, {line['bytes_up']} B up, {line['seconds']} s")
+        metrics = {"clients": len(done.results), "failed": len(done.lines) - len(done.results),
+                   "bytes-down": line["bytes_down"], "bytes-up": line["bytes_up"]}
+        if "energy_kept_mean" in line:
+            metrics["energy-kept-mean"] = line["energy_kept_mean"]
+        if done.results:
+            metrics["loss-last-mean"] = sum(r.metrics["loss_last"] for r in done.results) / len(done.results)
+        adapter = self.lego.broadcast.adapter_for(None)
+        return (None if adapter is None else factors_to_record(adapter[0])), MetricRecord(metrics)
 
     def _result(self, k: int, reply: Message) -> ClientResult:
         """A reply -> ``ClientResult``; an error reply or malformed content raises ``LegokitError``."""
@@ -234,7 +240,7 @@ class LegoStrategy(Strategy):
             if key not in content:
                 raise LegokitError(f"client {k} sent a reply without {key!r}")
         info, m = content["info"], content["metrics"]
-        expected = self.block_ids[self.server.assignment[k]]
+        expected = self.lego.block_of(k).id
         block_id = str(info.get("block-id", ""))
         if block_id not in self.block_ids:
             raise LegokitError(f"client {k} trained block {block_id!r}, unknown to the server "
@@ -266,42 +272,46 @@ class LegoStrategy(Strategy):
     def summary(self) -> None:
         """Log the strategy's setup."""
         fed = self.cfg.fed
-        self.log(f"LegoStrategy: {fed.num_clients} clients, {fed.rounds} rounds, aggregator {fed.aggregator}, "
+        self.log(f"FlowerStrategy: {fed.num_clients} clients, {fed.rounds} rounds, aggregator {fed.aggregator}, "
                  f"broadcast {fed.broadcast}, blocks {self.block_ids}, round-timeout {self.options.round_timeout} s")
 
     # ----- the round loop -----------------------------------------------------------------------------
     def start(self, grid: Grid, initial_arrays: ArrayRecord | None = None, num_rounds: int | None = None,
               timeout: float | None = None, train_config: ConfigRecord | None = None,
               evaluate_config: ConfigRecord | None = None, evaluate_fn: Callable | None = None) -> Result:
-        """Run the remaining rounds: discover SuperNodes, then configure -> exchange -> aggregate per round.
+        """Discover the SuperNodes, then run the remaining rounds of ``Federation``'s loop over the Grid.
 
         Replaces Flower's generic loop to add what LEGO needs: SuperNode discovery, a round deadline that
-        aggregates over the survivors, a faster reply poll, and checkpoint / resume through ``RunDir``.
-        ``initial_arrays`` and ``timeout`` are accepted for interface compatibility (the server holds
-        the initial state; ``round-timeout`` is the deadline unless ``timeout`` is given).
+        aggregates over the survivors, a faster reply poll, and checkpoint / resume through the run directory.
+        ``initial_arrays`` and ``num_rounds`` are accepted for interface compatibility (the legokit strategy
+        holds the initial state, ``fed.rounds`` the number of rounds); ``timeout``, when given, is the round
+        deadline instead of ``round-timeout``.
         """
         if timeout is not None:
             self.options = FlowerOptions(**{**vars(self.options), "round_timeout": float(timeout)})
-        rounds = num_rounds or self.cfg.fed.rounds
+        self._grid = grid
         self.summary()
         self.discover(grid, self.options.nodes_timeout)
         if not self.clients:
             raise LegokitError(f"no usable SuperNode joined within nodes-timeout={self.options.nodes_timeout} s "
-                               f"(see {self.run.path / 'nodes.json'}): start one per client with "
+                               f"(see {self.run_dir / 'nodes.json'}): start one per client with "
                                "`flower-supernode ... --node-config 'partition-id=K'`")
         result = Result()
-        for rnd in range(self.run.last_round + 1, rounds + 1):
-            self.discover(grid, 0.0)  # SuperNodes that joined or restarted since
-            msgs = list(self.configure_train(rnd, ArrayRecord(), train_config or ConfigRecord(), grid))
-            replies, sent = self._exchange(grid, msgs, self.options.round_timeout)
-            self._exchanged = time.time()
-            self._sent = {mid: int(m.content["config"]["client"]) for mid, m in sent.items()}
-            arrays, metrics = self.aggregate_train(rnd, replies)
+        while not self.federation.done:
+            arrays, metrics = self._to_flower(self.federation.step())
             if arrays is not None:
                 result.arrays = arrays
-            if metrics is not None:
-                result.train_metrics_clientapp[rnd] = metrics
+            result.train_metrics_clientapp[self.federation.round] = metrics
         return result
+
+    def __call__(self, tasks: list[Task]) -> Exchange:
+        """The client runner of ``Federation``: one round's tasks out to the SuperNodes, their replies back."""
+        self.discover(self._grid, 0.0)  # SuperNodes that joined or restarted since
+        msgs = self._messages(tasks)
+        replies, sent = self._exchange(self._grid, msgs, self.options.round_timeout)
+        self._exchanged = time.time()
+        self._sent = {mid: int(m.content["config"]["client"]) for mid, m in sent.items()}
+        return self._collect(replies)
 
     def _exchange(self, grid: Grid, msgs: list[Message], timeout: float) -> tuple[list[Message], dict[str, Message]]:
         """Push ``msgs``, pull replies until all arrived or ``timeout`` s passed.
