@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 from typing import Protocol
 
-from legokit.config import ExperimentConfig
+from legokit.config import ExperimentConfig, first_difference
 from legokit.utils import LegokitError, atomic_write_json, atomic_write_text
 
 
@@ -50,7 +50,7 @@ class Checkpoint:
                 raise LegokitError(f"run directory {self.path} already holds a run: pass resume=True "
                                    "(--resume) to continue it, or choose another output directory")
             if resume and old.to_dict() != cfg.to_dict():
-                diff = _config_diff(old.to_dict(), cfg.to_dict())
+                diff = first_difference(old.to_dict(), cfg.to_dict())
                 raise LegokitError(f"run directory {self.path} belongs to a different config ({diff}); "
                                    "resume with the same config or choose another output directory")
             if resume and (self.path / "state.json").is_file():
@@ -85,15 +85,6 @@ class Checkpoint:
         _write_jsonl(self.path / "rounds.jsonl", self.rounds)
         atomic_write_json(self.path / "state.json", {"round": rnd, "time": time.time()})
         self.last_round = rnd
-
-
-def _config_diff(a: dict, b: dict, prefix: str = "") -> str:
-    for k in sorted(set(a) | set(b)):
-        if a.get(k) != b.get(k):
-            if isinstance(a.get(k), dict) and isinstance(b.get(k), dict):
-                return _config_diff(a[k], b[k], f"{prefix}{k}.")
-            return f"{prefix}{k}: {a.get(k)!r} there, {b.get(k)!r} here"
-    return "identical"
 
 
 def _read_jsonl(path: Path) -> list[dict]:

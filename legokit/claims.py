@@ -20,9 +20,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import shutil
-import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -31,7 +28,7 @@ import numpy as np
 import pandas as pd
 
 from legokit.names import THRESHOLDS
-from legokit.utils import LegokitError, atomic_write_json
+from legokit.utils import LegokitError
 
 CLAIMS = {
     "C1": "model heterogeneity: HeteAgg over 0-75% sparse clients ~ dense FedAvg, and above mask-agnostic FedAvg",
@@ -47,94 +44,7 @@ ORDER = ("base", "local", "fedavg_dense", "fedavg", "lego", "centralized")
 Runs = Mapping[str, "dict | Sequence[dict]"]
 
 
-# ----- running and loading ---------------------------------------------------------------------------------------
-def run_conditions(cfg, conditions: Sequence[str], run_dir: str | Path, *,
-                   block_conditions: Sequence[str] | None = None, progress: bool = True) -> dict[str, dict]:
-    """Run each condition into ``run_dir/<condition>`` (``experiment.run_condition``), or load it when finished.
-
-    Every condition shares ``cfg`` (seeds, data, budget); only the condition's overrides differ. The building
-    blocks are extracted once and hard-linked into the other conditions' directories (they depend only on the
-    LLM, ``prune`` and the seed). The base LLM is scored once, by the ``base`` condition (``eval.base`` is off
-    for the others).
-
-    Args:
-        cfg: the experiment's ``ExperimentConfig``.
-        conditions: names from ``experiment.CONDITIONS``.
-        run_dir: the parent directory; a condition whose ``results.json`` exists is loaded, not rerun.
-        block_conditions: conditions whose blocks are scored too (None: all). C2 needs ``local`` and ``lego``.
-        progress: progress bars.
-    Returns:
-        ``{condition: results}`` in the order given.
-    Raises:
-        LegokitError: an unknown condition, or a finished condition directory written with another config.
-    """
-    from legokit.experiment import CONDITIONS, run_condition
-
-    bad = [c for c in conditions if c not in CONDITIONS]
-    if bad or not conditions:
-        raise LegokitError(f"conditions {bad or 'none'}: use names from {list(CONDITIONS)}")
-    run_dir = Path(run_dir)
-    mde = detectable_effect(cfg.eval.n, len(cfg.eval.tasks or [1]))
-    if mde > THRESHOLDS["c1_points"]:
-        warnings.warn(f"eval.n={cfg.eval.n} test items per task on {len(cfg.eval.tasks or [1])} task(s) detects a C1 "
-                      f"margin of about {mde:.1f} points (80% power, one seed), wider than C1's "
-                      f"{THRESHOLDS['c1_points']:g}-point threshold: expect 'inconclusive' verdicts; raise eval.n "
-                      "or run more seeds", stacklevel=2)
-    out: dict[str, dict] = {}
-    for cond in conditions:
-        blocks = block_conditions is None or cond in block_conditions
-        ccfg = cfg.with_overrides({"eval.base": False, "eval.blocks": bool(blocks)})
-        d = run_dir / cond
-        stamp = d / "condition.json"
-        want = {"condition": cond, "config": ccfg.to_dict()}
-        if (d / "results.json").is_file():
-            have = json.loads(stamp.read_text()) if stamp.is_file() else None
-            if have != json.loads(json.dumps(want)):
-                raise LegokitError(f"{d} holds results of another configuration ({_first_diff(have, want)}): "
-                                   f"choose another RUN_DIR, or delete {d} to rerun it")
-            out[cond] = {**json.loads((d / "results.json").read_text()), "run_dir": str(d)}
-            continue
-        d.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(stamp, want)
-        if not (d / "blocks" / "index.json").is_file():
-            _share_blocks(run_dir, d, ccfg)
-        out[cond] = {**run_condition(ccfg, cond, d, resume=True, progress=progress), "run_dir": str(d)}
-    return out
-
-
-def _share_blocks(run_dir: Path, dest: Path, cfg) -> None:
-    """Hard-link (copy where links fail) into ``dest`` the blocks a sibling condition extracted with the same
-    LLM, seed and ``prune`` settings (read from its ``condition.json``)."""
-    key = _blocks_key(cfg.to_dict())
-    for src in sorted(run_dir.glob("*/blocks/index.json")):
-        stamp = src.parent.parent / "condition.json"
-        if src.parent.parent == dest or not stamp.is_file():
-            continue
-        if _blocks_key(json.loads(stamp.read_text())["config"]) != key:
-            continue
-        try:
-            shutil.copytree(src.parent, dest / "blocks", copy_function=os.link)
-        except OSError:
-            shutil.rmtree(dest / "blocks", ignore_errors=True)
-            shutil.copytree(src.parent, dest / "blocks")
-        return
-
-
-def _blocks_key(config: dict) -> str:
-    """What a condition's blocks depend on: the LLM, the seed and the pruning settings."""
-    return json.dumps({k: config.get(k) for k in ("model", "seed", "prune")}, sort_keys=True)
-
-
-def _first_diff(a: Any, b: Any, prefix: str = "") -> str:
-    if a is None:
-        return "no condition.json"
-    if isinstance(a, dict) and isinstance(b, dict):
-        for k in sorted(set(a) | set(b)):
-            if a.get(k) != b.get(k):
-                return _first_diff(a.get(k), b.get(k), f"{prefix}{k}.")
-    return f"{prefix.rstrip('.')}: {a!r} there, {b!r} here"
-
-
+# ----- loading ---------------------------------------------------------------------------------------
 def load_runs(run_dir: str | Path, conditions: Sequence[str] | None = None) -> dict[str, dict]:
     """``{condition: results}`` from ``run_dir/<condition>/results.json`` (all conditions found, or those named)."""
     run_dir = Path(run_dir)

@@ -134,6 +134,16 @@ class TrainConfig:
         _check(self.max_len >= 16, f"train.max_len={self.max_len} must be >= 16")
 
 
+def first_difference(a: Any, b: Any, prefix: str = "") -> str:
+    """Where two config dicts first differ, e.g. ``"fed.rounds: 2 there, 3 here"`` (``"identical"`` if nowhere)."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        for k in sorted(set(a) | set(b)):
+            if a.get(k) != b.get(k):
+                return first_difference(a.get(k), b.get(k), f"{prefix}{k}.")
+        return "identical"
+    return f"{prefix.rstrip('.')}: {a!r} there, {b!r} here"
+
+
 def sampled_count(fraction: float, clients: int) -> int:
     """How many of ``clients`` a round samples: ``fraction * clients`` rounded half up (0.5 -> 1, 2.5 -> 3)."""
     return math.floor(fraction * clients + 0.5)

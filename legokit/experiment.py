@@ -6,13 +6,18 @@ config -> LLM -> building blocks -> client data -> rounds (``federation``) -> ev
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import time
+import warnings
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from legokit.config import ExperimentConfig
+from legokit.config import ExperimentConfig, first_difference
+from legokit.names import THRESHOLDS
 from legokit.utils import LegokitError, atomic_write_json, atomic_write_text, peak_rss_mb, seed_everything
 
 # The conditions of the LEGO experiment (issue: do heterogeneous SLM clients rebuild a robust LLM?).
@@ -248,3 +253,82 @@ def results_table(results: dict) -> str:
         lines.append(f"{label[:34]:34s}" + "".join(f"{100 * s['primary'][t]:13.1f}" for t in tasks)
                      + f"{100 * s['mean_score']:8.1f}{s['perplexity']:9.2f}")
     return "\n".join([note, *lines])
+
+
+# ----- a set of conditions on one config ------------------------------------------------------------------
+def run_conditions(cfg, conditions: Sequence[str], run_dir: str | Path, *,
+                   block_conditions: Sequence[str] | None = None, progress: bool = True) -> dict[str, dict]:
+    """Run each condition into ``run_dir/<condition>`` (``experiment.run_condition``), or load it when finished.
+
+    Every condition shares ``cfg`` (seeds, data, budget); only the condition's overrides differ. The building
+    blocks are extracted once and hard-linked into the other conditions' directories (they depend only on the
+    LLM, ``prune`` and the seed). The base LLM is scored once, by the ``base`` condition (``eval.base`` is off
+    for the others).
+
+    Args:
+        cfg: the experiment's ``ExperimentConfig``.
+        conditions: names from ``experiment.CONDITIONS``.
+        run_dir: the parent directory; a condition whose ``results.json`` exists is loaded, not rerun.
+        block_conditions: conditions whose blocks are scored too (None: all). C2 needs ``local`` and ``lego``.
+        progress: progress bars.
+    Returns:
+        ``{condition: results}`` in the order given.
+    Raises:
+        LegokitError: an unknown condition, or a finished condition directory written with another config.
+    """
+    from legokit.claims import detectable_effect
+
+    bad = [c for c in conditions if c not in CONDITIONS]
+    if bad or not conditions:
+        raise LegokitError(f"conditions {bad or 'none'}: use names from {list(CONDITIONS)}")
+    run_dir = Path(run_dir)
+    mde = detectable_effect(cfg.eval.n, len(cfg.eval.tasks or [1]))
+    if mde > THRESHOLDS["c1_points"]:
+        warnings.warn(f"eval.n={cfg.eval.n} test items per task on {len(cfg.eval.tasks or [1])} task(s) detects a C1 "
+                      f"margin of about {mde:.1f} points (80% power, one seed), wider than C1's "
+                      f"{THRESHOLDS['c1_points']:g}-point threshold: expect 'inconclusive' verdicts; raise eval.n "
+                      "or run more seeds", stacklevel=2)
+    out: dict[str, dict] = {}
+    for cond in conditions:
+        blocks = block_conditions is None or cond in block_conditions
+        ccfg = cfg.with_overrides({"eval.base": False, "eval.blocks": bool(blocks)})
+        d = run_dir / cond
+        stamp = d / "condition.json"
+        want = {"condition": cond, "config": ccfg.to_dict()}
+        if (d / "results.json").is_file():
+            have = json.loads(stamp.read_text()) if stamp.is_file() else None
+            if have != json.loads(json.dumps(want)):
+                diff = "no condition.json" if have is None else first_difference(have, json.loads(json.dumps(want)))
+                raise LegokitError(f"{d} holds results of another configuration ({diff}): "
+                                   f"choose another RUN_DIR, or delete {d} to rerun it")
+            out[cond] = {**json.loads((d / "results.json").read_text()), "run_dir": str(d)}
+            continue
+        d.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(stamp, want)
+        if not (d / "blocks" / "index.json").is_file():
+            _share_blocks(run_dir, d, ccfg)
+        out[cond] = {**run_condition(ccfg, cond, d, resume=True, progress=progress), "run_dir": str(d)}
+    return out
+
+
+def _share_blocks(run_dir: Path, dest: Path, cfg) -> None:
+    """Hard-link (copy where links fail) into ``dest`` the blocks a sibling condition extracted with the same
+    LLM, seed and ``prune`` settings (read from its ``condition.json``)."""
+    key = _blocks_key(cfg.to_dict())
+    for src in sorted(run_dir.glob("*/blocks/index.json")):
+        stamp = src.parent.parent / "condition.json"
+        if src.parent.parent == dest or not stamp.is_file():
+            continue
+        if _blocks_key(json.loads(stamp.read_text())["config"]) != key:
+            continue
+        try:
+            shutil.copytree(src.parent, dest / "blocks", copy_function=os.link)
+        except OSError:
+            shutil.rmtree(dest / "blocks", ignore_errors=True)
+            shutil.copytree(src.parent, dest / "blocks")
+        return
+
+
+def _blocks_key(config: dict) -> str:
+    """What a condition's blocks depend on: the LLM, the seed and the pruning settings."""
+    return json.dumps({k: config.get(k) for k in ("model", "seed", "prune")}, sort_keys=True)

@@ -6,6 +6,7 @@ import math
 import pytest
 
 from legokit import claims
+from legokit.experiment import run_conditions
 from legokit.utils import LegokitError
 
 TASKS = ["boolq", "piqa"]
@@ -173,7 +174,7 @@ def test_run_conditions_rejects_unknown_condition(tmp_path):
     from legokit.config import ExperimentConfig
 
     with pytest.raises(LegokitError, match="conditions"):
-        claims.run_conditions(ExperimentConfig(), ["lego", "fedprox"], tmp_path)
+        run_conditions(ExperimentConfig(), ["lego", "fedprox"], tmp_path)
 
 
 def test_verdicts_table_states_the_margin_with_its_unit():
@@ -201,16 +202,16 @@ def test_run_conditions_shares_blocks_skips_finished_and_refuses_another_config(
 
     monkeypatch.setattr(experiment, "run_condition", fake_run_condition)
     cfg = ExperimentConfig()
-    runs = claims.run_conditions(cfg, ["lego", "base"], tmp_path, block_conditions=["lego"], progress=False)
+    runs = run_conditions(cfg, ["lego", "base"], tmp_path, block_conditions=["lego"], progress=False)
     assert list(runs) == ["lego", "base"]
     # lego extracts; base reuses its blocks (hard-linked); the base LLM is scored by `base` only
     assert calls == [("lego", False, False, True), ("base", True, False, False)]
     assert (tmp_path / "base" / "blocks" / "index.json").stat().st_ino == \
         (tmp_path / "lego" / "blocks" / "index.json").stat().st_ino
-    claims.run_conditions(cfg, ["lego", "base"], tmp_path, block_conditions=["lego"], progress=False)
+    run_conditions(cfg, ["lego", "base"], tmp_path, block_conditions=["lego"], progress=False)
     assert len(calls) == 2  # both finished: loaded, not rerun
     with pytest.raises(LegokitError, match="another configuration"):
-        claims.run_conditions(cfg.with_overrides({"seed": 1}), ["lego"], tmp_path, block_conditions=["lego"])
+        run_conditions(cfg.with_overrides({"seed": 1}), ["lego"], tmp_path, block_conditions=["lego"])
     # a condition of another seed in the same directory does not borrow the seed-0 blocks
-    claims.run_conditions(cfg.with_overrides({"seed": 1}), ["fedavg"], tmp_path, progress=False)
+    run_conditions(cfg.with_overrides({"seed": 1}), ["fedavg"], tmp_path, progress=False)
     assert calls[-1] == ("fedavg", False, False, True)

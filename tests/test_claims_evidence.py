@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from legokit import claims
+from legokit.experiment import run_conditions
 from legokit.utils import LegokitError
 
 TASKS = ["boolq", "piqa"]
@@ -127,8 +128,8 @@ def test_run_conditions_warns_when_the_evaluation_cannot_resolve_c1(tmp_path, mo
     monkeypatch.setattr(experiment, "run_condition", fake_run_condition)
     small = ExperimentConfig().with_overrides({"eval.n": 16, "eval.tasks": ["boolq", "piqa"]})
     with pytest.warns(UserWarning, match=r"eval.n=16 .* detects a C1 margin of about 2\d\.\d points"):
-        claims.run_conditions(small, ["base"], tmp_path / "small", progress=False)
+        run_conditions(small, ["base"], tmp_path / "small", progress=False)
     big = small.with_overrides({"eval.n": 4000})
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        claims.run_conditions(big, ["base"], tmp_path / "big", progress=False)
+        run_conditions(big, ["base"], tmp_path / "big", progress=False)

@@ -425,7 +425,10 @@ def test_supernode_killed_mid_round_run_finishes_over_survivors(tmp_path, user_f
     lines = {(m["round"], m["client"]): m for m in _lines(run_dir)}
     assert lines[(1, 0)]["status"] == "ok" and lines[(2, 0)]["status"] == "ok"
     assert lines[(1, 1)]["status"] == "failed" and lines[(2, 1)]["status"] == "failed"
-    assert "no reply within round-timeout=40" in lines[(1, 1)]["error"]
+    # Either the round deadline ends the wait, or the SuperLink already calls the node gone (missed heartbeats,
+    # Flower 1.42's NODE_UNAVAILABLE): which comes first depends on timing; both record the client as failed.
+    error = lines[(1, 1)]["error"]
+    assert "no reply within round-timeout=40" in error or error.startswith("NODE_UNAVAILABLE"), error
     assert json.loads((run_dir / "state.json").read_text())["round"] == 2
     # The same failures in the in-process loop give the same global adapter.
     ref = _reference(cfg, run_dir, tmp_path / "ref", inject_failures={1: [1], 2: [1]}, threads=1)
