@@ -3,9 +3,9 @@
 The same experiment (tiny-llama, 2 clients, small LoRA and 2 local steps) runs three ways:
 
   in-process   ``legokit.federation.run_federation`` (the baseline)
-  simulation   Flower's simulation engine (``legokit.flower.launch.simulate``; Ray if installed, else in-process
+  simulation   Flower's simulation engine (``legokit.flower.simulation.simulate``; Ray if installed, else in-process
                backend): Flower's runtime, messages and strategy, no processes
-  deployment   a real SuperLink and one SuperNode per client on 127.0.0.1 (``legokit.flower.launch.deploy``);
+  deployment   a real SuperLink and one SuperNode per client on 127.0.0.1 (``legokit.flower.deployment.deploy``);
                every round spawns a ClientApp process per client (Flower's process isolation)
 
 A round's time is measured the same way in each: from configuring the round to its checkpoint being written
@@ -86,7 +86,8 @@ def main() -> None:
     ap.add_argument("--skip-sim", action="store_true")
     args = ap.parse_args()
 
-    from legokit.flower.launch import deploy, simulate
+    from legokit.flower.deployment import deploy
+    from legokit.flower.simulation import simulate
 
     cfg = config(args.clients, args.rounds)
     torch.set_num_threads(args.threads)  # the in-process and simulation runs; deploy() sets the ClientApps'

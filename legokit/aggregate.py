@@ -1,8 +1,12 @@
 """Aggregation of heterogeneous LoRA updates: HeteAgg (LEGO step 4) and the baselines it is compared with.
 
-Everything here is a pure function over ``dict[str, Tensor]`` (module name -> tensor in LLM coordinates);
-nothing touches a model. Notation per module: client ``k`` sends ``ΔW_k = s_k · B_k A_k`` (out, in), its
-keep-mask ``M_k`` (bool, out x in) and a weight ``n_k`` (samples, or 1.0 for uniform); ``p_k = n_k / Σ n``.
+One API: every aggregator takes the clients' updates as a ``list[ClientUpdate]`` and returns
+``dict[str, Tensor]`` (module name -> dense ΔW_g in LLM coordinates); the six of them share one signature
+``(updates, previous=None, uncovered="keep")`` and are registered in :data:`AGGREGATORS` (names in
+``legokit.names.AGGREGATOR_NAMES``; look one up with :func:`get_aggregator`). They are pure functions:
+nothing touches a model. Notation per module: client ``k`` sends LoRA factors ``A_k`` (r_k, in),
+``B_k`` (out, r_k) with scaling ``s_k``, so ``ΔW_k = s_k · B_k A_k`` (out, in), its keep-mask ``M_k``
+(bool, out x in) and a weight ``n_k`` (samples, or 1.0 for uniform); ``p_k = n_k / Σ n``.
 
 Which delta each aggregator averages:
 
@@ -98,24 +102,20 @@ Aggregator = Callable[[list[ClientUpdate], Mapping[str, Tensor] | None, str], di
 # ----------------------------------------------------------------------------------------------- checks
 
 
-def _who(k: int, clients: Sequence[str] | None) -> str:
-    return repr(clients[k]) if clients is not None else f"#{k}"
-
-
 def _check_uncovered(uncovered: str) -> None:
     if uncovered not in UNCOVERED_RULES:
         raise LegokitError(f"unknown uncovered rule {uncovered!r}: use one of {list(UNCOVERED_RULES)} "
                            "('keep' the previous global value, or set it to 'zero')")
 
 
-def _check_weights(weights: Sequence[float], n: int, clients: Sequence[str] | None) -> list[float]:
+def _check_weights(weights: Sequence[float], n: int, clients: Sequence[str]) -> list[float]:
     """Validate client weights; return them normalised to sum 1 (python floats, float64 sums)."""
     w = [float(x) for x in weights]
     if len(w) != n:
         raise LegokitError(f"got {len(w)} weights for {n} clients: pass one weight n_k per client")
     for k, x in enumerate(w):
         if math.isnan(x) or math.isinf(x) or x < 0:
-            raise LegokitError(f"weight of client {_who(k, clients)} is {x}: weights must be finite and >= 0")
+            raise LegokitError(f"weight of client {clients[k]!r} is {x}: weights must be finite and >= 0")
     total = math.fsum(w)
     if total <= 0:
         raise LegokitError(f"all client weights are zero ({w}): at least one client needs weight > 0")
@@ -173,37 +173,6 @@ def _check_previous(previous: Mapping[str, Tensor] | None, name: str,
         raise LegokitError(f"previous global delta of module {name!r} has shape {tuple(prev.shape)}, "
                            f"the updates have {shape} (out, in)")
     return prev
-
-
-def _check_deltas(deltas: list[dict[str, Tensor]], masks: list[Mapping[str, Tensor]],
-                  clients: Sequence[str] | None) -> list[str]:
-    """Validate the dict-based inputs; return the module names (order of the first client)."""
-    if clients is not None and len(clients) != len(deltas):
-        raise LegokitError(f"got {len(clients)} client names for {len(deltas)} clients")
-    names = _check_key_sets([list(d) for d in deltas], lambda k: _who(k, clients))
-    if len(masks) != len(deltas):
-        raise LegokitError(f"got {len(masks)} mask dicts for {len(deltas)} clients: pass one per client")
-    for name in names:
-        shape = None
-        for k, (d, m) in enumerate(zip(deltas, masks, strict=True)):
-            who = _who(k, clients)
-            t = _check_tensor(d[name], f"delta of module {name!r}, client {who}")
-            if t.dim() != 2:
-                raise LegokitError(f"delta of module {name!r}, client {who} has shape {tuple(t.shape)}: "
-                                   "expected a matrix (out, in)")
-            if shape is None:
-                shape = tuple(t.shape)
-            elif tuple(t.shape) != shape:
-                raise LegokitError(f"delta of module {name!r} has shape {tuple(t.shape)} at client {who} "
-                                   f"but {shape} at client {_who(0, clients)}")
-            if name not in m:
-                raise LegokitError(f"client {who} has no mask for module {name!r}; every delta module needs "
-                                   "the client's keep-mask (all-True for a dense client)")
-            _check_mask(m[name], name, who, shape)
-            if not bool(torch.isfinite(t).all()):
-                raise LegokitError(f"delta of module {name!r}, client {who} has NaN/inf values: that "
-                                   "client's training diverged; drop it or lower its learning rate")
-    return names
 
 
 def _check_updates(updates: Sequence[ClientUpdate]) -> tuple[list[str], list[float]]:
@@ -281,83 +250,44 @@ def _masked_mean(D: Tensor, M: Tensor, p: list[float]) -> Tensor:
     return torch.tensordot(w, D.masked_fill_(~M, 0.0), dims=1)
 
 
-# ------------------------------------------------------------------------------------ delta-based (dicts)
+# ------------------------------------------------------------------------------------------ mask-aware
 
 
-def heteagg(deltas: list[dict[str, Tensor]], masks: list[Mapping[str, Tensor]], weights: Sequence[float],
-            previous: Mapping[str, Tensor] | None = None, uncovered: str = "keep", *,
-            clients: Sequence[str] | None = None) -> dict[str, Tensor]:
+def heteagg(updates: list[ClientUpdate], previous: Mapping[str, Tensor] | None = None,
+            uncovered: str = "keep") -> dict[str, Tensor]:
     """HeteAgg: ``ΔW_g[i,j] = Σ_k n_k M_k[i,j] ΔW_k[i,j] / Σ_k n_k M_k[i,j]`` where the denominator > 0.
 
     Args:
-        deltas: per client ``{module: ΔW_k (out, in)}`` (unmasked; the mask is applied here).
-        masks: per client ``{module: M_k bool (out, in)}`` (extra modules ignored).
-        weights: ``n_k`` per client (>= 0, not all zero). A coordinate owned only by zero-weight clients
-            counts as uncovered.
+        updates: one :class:`ClientUpdate` per client; ``ΔW_k = u.scaling · B @ A``, masked here with
+            ``u.masks``; ``n_k = u.weight`` (>= 0, not all zero). A coordinate owned only by zero-weight
+            clients counts as uncovered.
         previous: previous global ``{module: ΔW (out, in)}`` for ``uncovered="keep"``; a missing module
             (or None) keeps 0.
         uncovered: ``"keep"`` (previous value) or ``"zero"`` where no client owns the coordinate.
-        clients: optional client names for error messages.
     Returns:
         ``{module: ΔW_g (out, in) float32}``: every covered coordinate is the weighted mean of its owners.
+        Computed one module at a time.
     """
-    names = _check_deltas(deltas, masks, clients)
-    p = _check_weights(weights, len(deltas), clients)
-    _check_uncovered(uncovered)
-    prevs = {name: _check_previous(previous, name, tuple(deltas[0][name].shape)) for name in names}
-    result = {}
-    for name in names:
-        device = deltas[0][name].device
-        D = torch.stack([d[name].detach().to(device, torch.float32) for d in deltas])  # (K, out, in)
-        result[name] = _owner_mean(D, _stack_masks([m[name] for m in masks], device), p, prevs[name],
-                                   uncovered)
-    return result
-
-
-def fedavg_delta(deltas: list[dict[str, Tensor]], masks: list[Mapping[str, Tensor]], weights: Sequence[float],
-                 *, clients: Sequence[str] | None = None) -> dict[str, Tensor]:
-    """FedAvg of the applied deltas: ``Σ_k n_k (M_k ⊙ ΔW_k) / Σ_k n_k``, pruned zeros included.
-
-    The masks make pruned coordinates contribute zeros, which is exactly the dilution HeteAgg avoids;
-    with all-True masks this equals :func:`heteagg`. Returns ``{module: (out, in) float32}``.
-    """
-    names = _check_deltas(deltas, masks, clients)
-    p = _check_weights(weights, len(deltas), clients)
-    result = {}
-    for name in names:
-        device = deltas[0][name].device
-        D = torch.stack([d[name].detach().to(device, torch.float32) for d in deltas])  # (K, out, in)
-        result[name] = _masked_mean(D, _stack_masks([m[name] for m in masks], device), p)
-    return result
-
-
-def heterofl(deltas: list[dict[str, Tensor]], masks: list[Mapping[str, Tensor]],
-             previous: Mapping[str, Tensor] | None = None, uncovered: str = "keep", *,
-             clients: Sequence[str] | None = None) -> dict[str, Tensor]:
-    """HeteroFL: count-normalised, unweighted owner mean = :func:`heteagg` with every ``n_k = 1``."""
-    if not deltas:
-        raise LegokitError("no client updates to aggregate: pass at least one client")
-    return heteagg(deltas, masks, [1.0] * len(deltas), previous, uncovered, clients=clients)
-
-
-# -------------------------------------------------------------------------------- over ClientUpdates
-
-
-def heteagg_updates(updates: list[ClientUpdate], previous: Mapping[str, Tensor] | None = None,
-                    uncovered: str = "keep") -> dict[str, Tensor]:
-    """:func:`heteagg` over ClientUpdates (weights ``u.weight``), one module at a time."""
     return _mask_aware(updates, previous, uncovered, unweighted=False)
 
 
-def heterofl_updates(updates: list[ClientUpdate], previous: Mapping[str, Tensor] | None = None,
-                     uncovered: str = "keep") -> dict[str, Tensor]:
-    """:func:`heterofl` over ClientUpdates (``u.weight`` ignored, except that it is validated)."""
+def heterofl(updates: list[ClientUpdate], previous: Mapping[str, Tensor] | None = None,
+             uncovered: str = "keep") -> dict[str, Tensor]:
+    """HeteroFL: count-normalised, unweighted owner mean = :func:`heteagg` with every ``n_k = 1``.
+
+    ``u.weight`` is ignored, except that it is validated.
+    """
     return _mask_aware(updates, previous, uncovered, unweighted=True)
 
 
-def fedavg_delta_updates(updates: list[ClientUpdate], previous: Mapping[str, Tensor] | None = None,
-                         uncovered: str = "keep") -> dict[str, Tensor]:
-    """:func:`fedavg_delta` over ClientUpdates; ``previous`` is ignored (uncovered coordinates get 0)."""
+def fedavg_delta(updates: list[ClientUpdate], previous: Mapping[str, Tensor] | None = None,
+                 uncovered: str = "keep") -> dict[str, Tensor]:
+    """FedAvg of the applied deltas: ``Σ_k n_k (M_k ⊙ ΔW_k) / Σ_k n_k``, pruned zeros included.
+
+    The masks make pruned coordinates contribute zeros, which is exactly the dilution HeteAgg avoids;
+    with all-True masks this equals :func:`heteagg`. ``previous`` is ignored (uncovered coordinates get 0)
+    and ``uncovered`` only validated. Returns ``{module: (out, in) float32}``.
+    """
     names, p = _check_updates(updates)
     _check_uncovered(uncovered)
     result = {}
@@ -381,6 +311,9 @@ def _mask_aware(updates: list[ClientUpdate], previous: Mapping[str, Tensor] | No
         result[name] = _owner_mean(D, _stack_masks([u.masks[name] for u in updates], D.device), p, prev,
                                    uncovered)
     return result
+
+
+# ---------------------------------------------------------------------------------------- factor-based
 
 
 def fedavg_factors(updates: list[ClientUpdate]) -> dict[str, tuple[Tensor, Tensor]]:
@@ -464,10 +397,10 @@ def flexlora(updates: list[ClientUpdate], previous: Mapping[str, Tensor] | None 
 
 
 AGGREGATORS: dict[str, Aggregator] = {
-    "heteagg": heteagg_updates,
+    "heteagg": heteagg,
     "fedavg": fedavg,
-    "fedavg_delta": fedavg_delta_updates,
-    "heterofl": heterofl_updates,
+    "fedavg_delta": fedavg_delta,
+    "heterofl": heterofl,
     "flora": flora,
     "flexlora": flexlora,
 }

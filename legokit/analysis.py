@@ -224,7 +224,7 @@ def block_update(strategy, block_index: int) -> Mapping[str, Tensor]:
         d = (b @ a).mul_(scaling)  # (out, in)
         if masked:
             d.mul_(block.masks[name])
-        return block.shrink(name, d)
+        return block.coords.shrink(name, d)
 
     return LazyDeltas(list(factors), local)
 

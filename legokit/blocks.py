@@ -6,11 +6,11 @@ A ``Block`` is what a client's SLM is made of, stored as little as possible:
   module per access; structured blocks store kept row / column indices instead and derive the masks.
 - overrides: only weights that are *not* ``M ⊙ W_llm`` are stored, as the values at the kept positions
   (SparseGPT's reconstructed weights). Magnitude, Wanda and structured blocks store no weights.
-- ``model``: built on first access from the *current* LLM plus the overrides (pruned linear weights are
-  new tensors; embeddings, norms and the LM head share the LLM's storage read-only), and freed by
-  ``release()``. So a block derived from the LLM sees every change made to the LLM since: in merge
-  mode the caller adds ΔW_g to the LLM and calls ``add_to_base(name, ΔW_g)`` on each block, which only
-  updates what the LLM cannot give back (overrides, and the live model when one is built).
+- ``model``: built on first access by ``legokit.slm.build_slm`` from the *current* LLM plus the overrides
+  (pruned linear weights are new tensors; embeddings, norms and the LM head share the LLM's storage
+  read-only), and freed by ``release()``. So a block derived from the LLM sees every change made to the
+  LLM since: in merge mode the caller adds ΔW_g to the LLM and calls ``add_to_base(name, ΔW_g)`` on each
+  block, which only updates what the LLM cannot give back (overrides, and the live model when one is built).
 
 ``extract_blocks`` makes the blocks of one method and pattern at several sparsities. In ``one_shot``
 calibration one dense pass gives the statistics of every level and the masks are nested
@@ -23,7 +23,8 @@ Wanda and SparseGPT references) runs one pass per level, and its masks are not n
 Structured blocks rank MLP channels and attention heads by the method's per-weight scores summed over
 each channel's / head's weights (SparseGPT: its OBS saliency, without reconstruction). Every layer keeps
 the same counts, so one smaller Llama config describes the SLM; its masks are whole rows / columns in
-LLM coordinates, and ``expand`` / ``shrink`` map tensors between the two coordinate systems.
+LLM coordinates, and ``block.coords`` (``legokit.coords.CoordinateMap``) maps tensors between the two
+coordinate systems.
 
 Memory: a block holds one bit per LLM linear weight (13 MiB for the 135M default LLM), plus, for
 SparseGPT, the reconstructed kept values ((1 - s) x 4 bytes per weight; ``save(dir, offload=True)`` or
@@ -32,7 +33,6 @@ SparseGPT, the reconstructed kept values ((1 - s) x 4 bytes per weight; ``save(d
 
 from __future__ import annotations
 
-import copy
 import gc
 import json
 import math
@@ -47,10 +47,10 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from legokit.coords import CoordinateMap
 from legokit.prune import (
     Index,
     StructuredSizes,
-    apply_mask,
     calibration_inputs,
     check_calibration,
     check_method,
@@ -67,6 +67,7 @@ from legokit.prune import (
     structured_sizes,
     wanda_scores,
 )
+from legokit.slm import attention_dims, build_slm
 from legokit.utils import LegokitError, atomic_write_json, release_heap
 
 FORMAT_VERSION = 1
@@ -118,7 +119,7 @@ class MaskMap(Mapping):
 
 
 # ----- override storage ----------------------------------------------------------------------------------
-class _Overrides:
+class Overrides:
     """Weights at the kept positions that differ from M ⊙ W_llm: in memory, or read lazily from a file."""
 
     def __init__(self, tensors: dict[str, torch.Tensor] | None = None, path: Path | None = None):
@@ -165,6 +166,8 @@ class Block:
     Attributes:
         sparsity, method, pattern, calibration: how it was made.
         masks: ``{LLM module name: bool keep-mask in LLM shape}`` (a ``MaskMap``; unpacks per access).
+        coords: the SLM <-> LLM coordinate map (``legokit.coords.CoordinateMap``).
+        overrides: stored values at the kept positions that are not ``M ⊙ W_llm`` (SparseGPT), by module.
         sizes: per-layer sizes of a structured SLM (``StructuredSizes``), else None.
         meta: calibration details (windows, tokens, seed, SparseGPT settings).
     """
@@ -172,7 +175,7 @@ class Block:
     def __init__(self, llm: nn.Module, *, sparsity: float, method: str, pattern: str,
                  shapes: Mapping[str, tuple], packed: Mapping[str, torch.Tensor] | None = None,
                  index: Mapping[str, Index] | None = None,
-                 overrides: _Overrides | Mapping[str, torch.Tensor] | None = None,
+                 overrides: Overrides | Mapping[str, torch.Tensor] | None = None,
                  sizes: StructuredSizes | None = None, calibration: str = "one_shot",
                  meta: dict | None = None):
         self.llm = llm
@@ -181,9 +184,10 @@ class Block:
         self.shapes = {n: tuple(s) for n, s in shapes.items()}
         self.index = dict(index) if index is not None else None
         self.masks = MaskMap(self.shapes, packed=packed, index=self.index)
-        if not isinstance(overrides, _Overrides):
-            overrides = _Overrides(dict(overrides or {}))
-        self._overrides = overrides
+        self.coords = CoordinateMap(self.id, self.shapes, self.index)
+        if not isinstance(overrides, Overrides):
+            overrides = Overrides(dict(overrides or {}))
+        self.overrides = overrides
         self.sizes = sizes
         self.meta = dict(meta or {})
         self._model: nn.Module | None = None
@@ -200,6 +204,17 @@ class Block:
         return self.index is not None
 
     @property
+    def built(self) -> bool:
+        """True while the SLM is built (between the first ``model`` access and ``release()``)."""
+        return self._model is not None
+
+    @property
+    def local_masks(self) -> Mapping[str, torch.Tensor] | None:
+        """Keep-masks in the SLM's own coordinates, or None when nothing inside its weights is pruned
+        (dense and structured blocks)."""
+        return None if self.dense or self.structured else self.masks
+
+    @property
     def dense(self) -> bool:
         """True for the sparsity-0 block (a full copy of the LLM's linear weights)."""
         return self.sparsity == 0
@@ -211,14 +226,14 @@ class Block:
 
     def nbytes(self) -> int:
         """Bytes the block holds in memory besides its model (packed masks, indices, overrides)."""
-        return sum(self.masks.stored_bytes(n) for n in self.shapes) + self._overrides.memory_bytes()
+        return sum(self.masks.stored_bytes(n) for n in self.shapes) + self.overrides.memory_bytes()
 
     # ----- the model ----------------------------------------------------------------------------------
     @property
     def model(self) -> nn.Module:
         """The SLM, built on first access from the current LLM plus the stored overrides."""
         if self._model is None:
-            self._model = self._build()
+            self._model = build_slm(self)
         return self._model
 
     def release(self) -> None:
@@ -231,146 +246,21 @@ class Block:
             release_heap()
 
     @torch.no_grad()
-    def local_weight(self, name: str, w_llm: torch.Tensor | None = None) -> torch.Tensor:
-        """The block's base weight of one module in its own coordinates (a new tensor)."""
-        w = self.llm.get_submodule(name).weight if w_llm is None else w_llm
-        if self.structured:
-            return self.shrink(name, w)
-        if name in self._overrides:
-            out = torch.zeros_like(w)
-            out[self.masks[name].to(w.device)] = self._overrides.get(name).to(w.device, w.dtype)
-            return out
-        if self.dense:
-            return w.detach().clone()
-        return apply_mask(w, self.masks[name])
-
-    @torch.no_grad()
-    def _build(self) -> nn.Module:
-        llm = self.llm
-        config = copy.deepcopy(llm.config)
-        if self.structured and self.sizes is not None:
-            config.head_dim = _attention_dims(llm)["head_dim"]  # unchanged; hidden / heads no longer gives it
-            config.num_attention_heads = self.sizes.heads
-            config.num_key_value_heads = self.sizes.kv_heads
-            config.intermediate_size = self.sizes.channels
-        with torch.device("meta"):  # no memory until the real tensors are assigned
-            model = type(llm)(config)
-        state = {}
-        for key, t in llm.state_dict().items():
-            mod, _, leaf = key.rpartition(".")
-            if mod in self.shapes and leaf == "weight":
-                state[key] = self.local_weight(mod, t)
-            elif mod in self.shapes and leaf == "bias" and self.structured:
-                rows = self.index[mod][0]
-                state[key] = t.clone() if rows is None else t.index_select(0, rows.to(t.device))
-            elif mod in self.shapes:
-                state[key] = t.clone()
-            else:
-                state[key] = t  # embeddings, norms, LM head: the LLM's storage, read-only by contract
-        model.load_state_dict(state, assign=True, strict=True)
-        for key, buf in llm.named_buffers():  # non-persistent buffers (rotary inv_freq) are not in state
-            mod, _, leaf = key.rpartition(".")
-            model.get_submodule(mod)._buffers[leaf] = buf
-        if getattr(config, "tie_word_embeddings", False):
-            model.tie_weights()
-        model.generation_config = copy.deepcopy(getattr(llm, "generation_config", None))
-        model.name_or_path = f"{getattr(llm, 'name_or_path', 'llm')}:{self.id}"
-        return model.train(llm.training)
-
-    # ----- coordinates ---------------------------------------------------------------------------------
-    def local_masks(self) -> Mapping[str, torch.Tensor] | None:
-        """Keep-masks in the SLM's own coordinates, or None when nothing inside its weights is pruned
-        (dense and structured blocks)."""
-        return None if self.dense or self.structured else self.masks
-
-    def local_shape(self, name: str) -> tuple[int, int]:
-        """Shape of a module's weight in the SLM."""
-        out_f, in_f = self._shape(name)
-        if not self.structured:
-            return out_f, in_f
-        rows, cols = self.index[name]
-        return (out_f if rows is None else len(rows)), (in_f if cols is None else len(cols))
-
-    def _shape(self, name: str) -> tuple[int, int]:
-        if name not in self.shapes:
-            raise LegokitError(f"block {self.id} has no module {name!r}; modules look like "
-                               f"{next(iter(self.shapes))!r}")
-        return self.shapes[name]
-
-    def _check(self, name: str, t: torch.Tensor, shape: tuple[int, int], coords: str) -> None:
-        if tuple(t.shape) != tuple(shape):
-            raise LegokitError(f"{name}: got a tensor of shape {tuple(t.shape)}; expected {tuple(shape)} "
-                               f"({coords} coordinates of block {self.id})")
-
-    def expand(self, name: str, t: torch.Tensor) -> torch.Tensor:
-        """SLM coordinates (out_small, in_small) -> LLM coordinates, zero where the SLM has no weight.
-
-        Unstructured / N:M / dense blocks share the LLM's coordinates: ``t`` comes back unchanged.
-        """
-        self._check(name, t, self.local_shape(name), "SLM")
-        if not self.structured:
-            return t
-        out_f, in_f = self._shape(name)
-        rows, cols = self.index[name]
-        if rows is not None:
-            t = t.new_zeros(out_f, t.shape[1]).index_copy_(0, rows.to(t.device), t)
-        if cols is not None:
-            t = t.new_zeros(out_f, in_f).index_copy_(1, cols.to(t.device), t)
-        return t
-
-    def shrink(self, name: str, t: torch.Tensor) -> torch.Tensor:
-        """LLM coordinates (out, in) -> SLM coordinates (the kept rows and columns)."""
-        self._check(name, t, self._shape(name), "LLM")
-        if not self.structured:
-            return t
-        rows, cols = self.index[name]
-        if rows is not None:
-            t = t.index_select(0, rows.to(t.device))
-        if cols is not None:
-            t = t.index_select(1, cols.to(t.device))
-        return t
-
-    def expand_factors(self, name: str, A: torch.Tensor, B: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """LoRA factors SLM -> LLM: A (r, in_small) -> (r, in), B (out_small, r) -> (out, r), zero-filled."""
-        _check_factors(name, A, B, self.local_shape(name), f"SLM shape of block {self.id}")
-        if not self.structured:
-            return A, B
-        out_f, in_f = self._shape(name)
-        rows, cols = self.index[name]
-        if cols is not None:
-            A = A.new_zeros(A.shape[0], in_f).index_copy_(1, cols.to(A.device), A)
-        if rows is not None:
-            B = B.new_zeros(out_f, B.shape[1]).index_copy_(0, rows.to(B.device), B)
-        return A, B
-
-    def shrink_factors(self, name: str, A: torch.Tensor, B: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """LoRA factors LLM -> SLM: A (r, in) -> (r, in_small), B (out, r) -> (out_small, r)."""
-        _check_factors(name, A, B, self._shape(name), "LLM shape")
-        if not self.structured:
-            return A, B
-        rows, cols = self.index[name]
-        if cols is not None:
-            A = A.index_select(1, cols.to(A.device))
-        if rows is not None:
-            B = B.index_select(0, rows.to(B.device))
-        return A, B
-
-    @torch.no_grad()
     def add_to_base(self, name: str, delta_llm: torch.Tensor) -> None:
         """Merge mode: the block's base weight += M ⊙ delta (delta in LLM coordinates).
 
-        Call it together with adding ``delta`` to the LLM itself (``Server._merge`` does both): weights
+        Call it together with adding ``delta`` to the LLM itself (``broadcast.MergeBroadcast`` does both): weights
         derived from the LLM then follow by construction, so only stored overrides (SparseGPT's
         reconstructed weights) and the live model, when one is built, are updated here.
         """
-        self._check(name, delta_llm, self._shape(name), "LLM")
-        if name in self._overrides:
-            vals = self._overrides.get(name)
-            self._overrides.set(name, vals + delta_llm[self.masks[name].to(delta_llm.device)].to(vals))
+        self.coords.check(name, delta_llm, "LLM")
+        if name in self.overrides:
+            vals = self.overrides.get(name)
+            self.overrides.set(name, vals + delta_llm[self.masks[name].to(delta_llm.device)].to(vals))
         if self._model is not None:
             mod = self._model.get_submodule(name)
             w = getattr(mod, "base_layer", mod).weight  # a LoRA wrapper keeps the linear as base_layer
-            local = self.shrink(name, delta_llm) if self.structured else delta_llm
+            local = self.coords.shrink(name, delta_llm)
             if not self.dense and not self.structured:
                 local = local * self.masks[name].to(local.device)
             w += local.to(w.device, w.dtype)
@@ -388,19 +278,19 @@ class Block:
                 "meta": self.meta,
                 "shapes": {n: list(s) for n, s in self.shapes.items()},
                 "sizes": None if self.sizes is None else vars(self.sizes).copy(),
-                "llm": getattr(self.llm, "name_or_path", None), "overrides": sorted(self._overrides.names())}
+                "llm": getattr(self.llm, "name_or_path", None), "overrides": sorted(self.overrides.names())}
         if self.masks.packed is not None:
             _save_tensors(d / "masks.safetensors", {n: p.contiguous() for n, p in self.masks.packed.items()})
         if self.index is not None:
             flat = {f"{n}.{k}": t.clone() for n, (r, c) in self.index.items()  # clone: q rows = o cols
                     for k, t in (("rows", r), ("cols", c)) if t is not None}
             _save_tensors(d / "index.safetensors", flat)
-        if len(self._overrides):
-            tensors = {n: self._overrides.get(n).detach().cpu().contiguous() for n in self._overrides.names()}
+        if len(self.overrides):
+            tensors = {n: self.overrides.get(n).detach().cpu().contiguous() for n in self.overrides.names()}
             _save_tensors(d / "overrides.safetensors", tensors)
             del tensors
             if offload:
-                self._overrides = _Overrides(path=d / "overrides.safetensors")
+                self.overrides = Overrides(path=d / "overrides.safetensors")
         atomic_write_json(d / "block.json", info)  # last: a directory with block.json is complete
 
     @classmethod
@@ -434,20 +324,13 @@ class Block:
             index = {n: (flat.get(f"{n}.rows"), flat.get(f"{n}.cols")) for n in shapes}
         ov = d / "overrides.safetensors"
         if ov.is_file():
-            overrides = _Overrides(path=ov) if lazy else _Overrides(_load_tensors(ov))
+            overrides = Overrides(path=ov) if lazy else Overrides(_load_tensors(ov))
         else:
-            overrides = _Overrides()
+            overrides = Overrides()
         sizes = StructuredSizes(**info["sizes"]) if info.get("sizes") else None
         return cls(llm, sparsity=info["sparsity"], method=info["method"], pattern=info["pattern"],
                    shapes=shapes, packed=packed, index=index, overrides=overrides, sizes=sizes,
                    calibration=info.get("calibration", "one_shot"), meta=info.get("meta"))
-
-
-def _check_factors(name: str, A: torch.Tensor, B: torch.Tensor, shape: tuple[int, int], what: str) -> None:
-    out_f, in_f = shape
-    if A.ndim != 2 or B.ndim != 2 or A.shape[1] != in_f or B.shape[0] != out_f or A.shape[0] != B.shape[1]:
-        raise LegokitError(f"{name}: factors A {tuple(A.shape)}, B {tuple(B.shape)} do not fit the {what} "
-                           f"({out_f}, {in_f}): expected A (r, {in_f}), B ({out_f}, r)")
 
 
 def _save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
@@ -469,13 +352,6 @@ class _Level:
         self.packed: dict[str, torch.Tensor] = {}
         self.overrides: dict[str, torch.Tensor] = {}
         self.index: dict[str, Index] = {}
-
-
-def _attention_dims(llm: nn.Module) -> dict[str, int]:
-    c = llm.config
-    return {"num_heads": c.num_attention_heads, "num_kv_heads": getattr(c, "num_key_value_heads", None)
-            or c.num_attention_heads,
-            "head_dim": getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads}
 
 
 def extract_blocks(llm: nn.Module, tokenizer, sparsities: Sequence[float] = (0, 0.25, 0.5, 0.75),
@@ -515,7 +391,7 @@ def extract_blocks(llm: nn.Module, tokenizer, sparsities: Sequence[float] = (0, 
         raise LegokitError(f"{type(llm).__name__} has no q/k/v/o/gate/up/down_proj linear layers to prune")
     shapes = {n: tuple(m.weight.shape) for n, m in linears.items()}
     pruned = sorted(s for s in levels if s > 0)
-    dims = _attention_dims(llm) if pat.kind == "structured" else {}
+    dims = attention_dims(llm) if pat.kind == "structured" else {}
     sizes: dict[float, StructuredSizes] = {}
     if pat.kind == "structured":
         prev = None
@@ -657,27 +533,14 @@ def sparsity_report(block: Block):
         parts = name.split(".")
         layer = next((int(p) for p in parts if p.isdigit()), -1)
         params = shape[0] * shape[1]
-        slm = block.local_shape(name)
+        slm = block.coords.local_shape(name)
         kept = int(block.masks[name].sum())
         stored = block.masks.stored_bytes(name)
-        if name in block._overrides:
-            stored += block._overrides.numel(name) * elem
+        if name in block.overrides:
+            stored += block.overrides.numel(name) * elem
         rows.append({"name": name, "layer": layer, "module": parts[-1], "shape": tuple(shape),
                      "params": params, "kept": kept, "sparsity": 1 - kept / params, "slm_shape": slm,
                      "slm_params": slm[0] * slm[1], "stored_bytes": stored,
                      "model_bytes": slm[0] * slm[1] * elem})
     return pd.DataFrame(rows)
 
-
-def block_perplexity(block: Block, tokenizer, texts: Sequence[str], seq_len: int = 256,
-                     batch_size: int = 8) -> float:
-    """Perplexity of the block's SLM on ``texts`` (``legokit.evaluate.perplexity``); a model built
-    for this is released afterwards."""
-    from legokit.evaluate import perplexity
-
-    built = block._model is not None
-    try:
-        return perplexity(block.model, tokenizer, texts, seq_len=seq_len, batch_size=batch_size)
-    finally:
-        if not built:
-            block.release()

@@ -34,16 +34,16 @@ def local_update(cfg: ExperimentConfig, block, tokenizer, examples: list, init: 
     if not examples:
         raise LegokitError(f"client {client} has no training data: use fewer clients or more train_examples")
     model = block.model
-    masks = block.local_masks() if cfg.lora.mask_in_training else None
+    masks = block.local_masks if cfg.lora.mask_in_training else None
     seed = client_seed(cfg.seed, rnd, client)
     t0 = time.time()
-    local_init = {n: block.shrink_factors(n, a, b) for n, (a, b) in init.items()}
+    local_init = {n: block.coords.shrink_factors(n, a, b) for n, (a, b) in init.items()}
     attach_lora(model, cfg.lora, masks=masks, init=local_init, scaling=scaling, seed=seed)
     try:
         train_cfg = cfg.train if train_steps is None else replace(cfg.train, local_steps=train_steps)
         res = train_client(model, tokenizer, examples, train_cfg, seed=seed, client=f"client-{client}",
                            round_idx=rnd, device=device, progress=progress)
-        factors = {n: block.expand_factors(n, a, b) for n, (a, b) in lora_factors(model).items()}
+        factors = {n: block.coords.expand_factors(n, a, b) for n, (a, b) in lora_factors(model).items()}
     finally:
         detach_lora(model)
         block.release()

@@ -310,6 +310,17 @@ def perplexity(model, tokenizer, texts: Sequence[str], seq_len: int = 256, batch
     return float(math.exp(sum(s for s, _ in windows) / sum(n for _, n in windows)))
 
 
+def block_perplexity(block, tokenizer, texts: Sequence[str], seq_len: int = 256, batch_size: int = 8) -> float:
+    """Perplexity of a ``Block``'s SLM on ``texts`` (``perplexity``); a model built for this is released
+    afterwards, one the caller had built stays."""
+    built = block.built
+    try:
+        return perplexity(block.model, tokenizer, texts, seq_len=seq_len, batch_size=batch_size)
+    finally:
+        if not built:
+            block.release()
+
+
 def window_nlls(model, tokenizer, texts: Sequence[str], seq_len: int = 256,
                 batch_size: int = 8) -> list[tuple[float, int]]:
     """``[(summed NLL, predicted tokens)]`` per window of ``perplexity``: the per-item records of held-out text."""

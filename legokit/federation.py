@@ -234,8 +234,8 @@ def block_model(strategy: LegoStrategy, block_index: int, client: int | None = N
     adapter = strategy.broadcast.adapter_for(client)
     if adapter is not None:
         factors, scaling = adapter
-        adapter = {n: block.shrink_factors(n, a, b) for n, (a, b) in factors.items()}, scaling
-    return _Attached(block.model, strategy.cfg, adapter, masks=block.local_masks(), release=block)
+        adapter = {n: block.coords.shrink_factors(n, a, b) for n, (a, b) in factors.items()}, scaling
+    return _Attached(block.model, strategy.cfg, adapter, masks=block.local_masks, release=block)
 
 
 class _Attached:

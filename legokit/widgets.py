@@ -25,7 +25,6 @@ def partition_explorer(cfg, alpha: float = 0.5, min_alpha: float = 0.01, max_alp
     import math
 
     import ipywidgets as W
-    from IPython.display import display
 
     from legokit.analysis import task_mix
     from legokit.experiment import client_partitions
@@ -33,21 +32,12 @@ def partition_explorer(cfg, alpha: float = 0.5, min_alpha: float = 0.01, max_alp
 
     slider = W.FloatLogSlider(value=alpha, base=10, min=math.log10(min_alpha), max=math.log10(max_alpha),
                               step=0.1, description="alpha", continuous_update=False, readout_format=".2g")
-    out = W.Output()
 
     def draw(a: float):
         parts = client_partitions(cfg.with_overrides({"data.partition": "dirichlet", "data.alpha": float(a)}))
         return plot_task_mix(task_mix(parts, cfg.data.tasks), title=f"dirichlet, alpha = {a:.2g}")
 
-    def update(a: float) -> None:
-        out.clear_output(wait=True)
-        with out:
-            display(draw(a))
-
-    slider.observe(lambda change: update(change["new"]), names="value")
-    box = W.VBox([slider, out])
-    box.draw, box.update = draw, update
-    return box
+    return _redrawing(slider, draw)
 
 
 # ===================================================================== aggregation (03_aggregation)
@@ -66,7 +56,6 @@ def module_explorer(strategy, results, aggregators=None, ranks=None):
         ``.update(module)`` redraws it into the widget's output area.
     """
     import ipywidgets as W
-    from IPython.display import display
 
     from legokit.aggregate import AGGREGATORS
     from legokit.analysis import energy_by_rank, reaggregate
@@ -76,7 +65,6 @@ def module_explorer(strategy, results, aggregators=None, ranks=None):
     names = list(strategy.modules)
     dropdown = W.Dropdown(options=names, value=names[0], description="module",
                           layout=W.Layout(width="480px"))
-    out = W.Output()
 
     def draw(name: str):
         deltas = reaggregate(strategy, results, [name], aggregators)
@@ -89,13 +77,26 @@ def module_explorer(strategy, results, aggregators=None, ranks=None):
         fig.axes[0].set_title(name, fontsize=9)
         return fig
 
-    def update(name: str) -> None:
+    return _redrawing(dropdown, draw)
+
+
+def _redrawing(control, draw):
+    """A ``VBox`` of ``control`` above an output area that shows ``draw(value)`` whenever the value changes.
+
+    The box gets ``.draw(value)`` (the Figure, for headless use) and ``.update(value)`` (redraw into the box).
+    """
+    import ipywidgets as W
+    from IPython.display import display
+
+    out = W.Output()
+
+    def update(value) -> None:
         out.clear_output(wait=True)
         with out:
-            display(draw(name))
+            display(draw(value))
 
-    dropdown.observe(lambda change: update(change["new"]), names="value")
-    box = W.VBox([dropdown, out])
+    control.observe(lambda change: update(change["new"]), names="value")
+    box = W.VBox([control, out])
     box.draw, box.update = draw, update
     return box
 

@@ -41,6 +41,21 @@ def make_update(client: str, out: int = 4, inp: int = 6, rank: int = 2, seed: in
                         weight=weight)
 
 
+def dense_update(client: str, deltas: dict[str, torch.Tensor], masks: dict[str, torch.Tensor],
+                 weight: float = 1.0) -> ClientUpdate:
+    """A ClientUpdate whose ``s·B@A`` is exactly the given ΔW per module: A = ΔW (out, in), B = I, s = 1."""
+    factors = {name: (d, torch.eye(d.shape[0])) for name, d in deltas.items()}
+    return ClientUpdate(client=client, factors=factors, scaling=1.0, masks=masks, weight=weight)
+
+
+def dense_updates(deltas: list[dict[str, torch.Tensor]], masks: list[dict[str, torch.Tensor]],
+                  weights: list[float] | None = None) -> list[ClientUpdate]:
+    """One :func:`dense_update` per client, named 'a', 'b', ... (weights 1.0 unless given)."""
+    weights = [1.0] * len(deltas) if weights is None else weights
+    return [dense_update(chr(ord("a") + k), d, m, w)
+            for k, (d, m, w) in enumerate(zip(deltas, masks, weights, strict=True))]
+
+
 def random_mask(shape: tuple[int, int], keep: float, seed: int) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     return torch.rand(shape, generator=g) < keep
@@ -57,12 +72,19 @@ PREV = torch.tensor([[9.0, 9.0, 9.0], [9.0, -1.0, 7.0]])
 # --------------------------------------------------------------------------------------------- heteagg
 
 
+def test_dense_update_carries_the_delta_exactly():
+    # the helper the hand-computed tests rely on: s·B@A reproduces ΔW bit for bit
+    u = dense_update("a", {"m": DA, "n": DB.T}, {"m": MA, "n": MB.T})
+    assert torch.equal(u.delta("m"), DA) and torch.equal(u.delta("n"), DB.T)
+    assert torch.equal(u.masked_delta("m"), DA * MA)
+
+
 def test_heteagg_weights_respected_hand_computed():
     # prepare
-    deltas, masks = [{"m": DA}, {"m": DB}], [{"m": MA}, {"m": MB}]
+    updates = dense_updates([{"m": DA}, {"m": DB}], [{"m": MA}, {"m": MB}], [1.0, 3.0])
     # execute
-    keep = heteagg(deltas, masks, [1.0, 3.0], previous={"m": PREV}, uncovered="keep")["m"]
-    zero = heteagg(deltas, masks, [1.0, 3.0], previous={"m": PREV}, uncovered="zero")["m"]
+    keep = heteagg(updates, previous={"m": PREV}, uncovered="keep")["m"]
+    zero = heteagg(updates, previous={"m": PREV}, uncovered="zero")["m"]
     # assert: (0,0) and (1,0) owned by both -> (1*a + 3*b)/4; (0,1) only a; (0,2) only b; rest nobody
     torch.testing.assert_close(keep, torch.tensor([[3.0, 4.0, 4.0], [5.0, -1.0, 7.0]]))
     torch.testing.assert_close(zero, torch.tensor([[3.0, 4.0, 4.0], [5.0, 0.0, 0.0]]))
@@ -71,10 +93,10 @@ def test_heteagg_weights_respected_hand_computed():
 
 def test_heteagg_keep_without_previous_gives_zero():
     # prepare
-    deltas, masks = [{"m": DA}, {"m": DB}], [{"m": MA}, {"m": MB}]
+    updates = dense_updates([{"m": DA}, {"m": DB}], [{"m": MA}, {"m": MB}], [1.0, 3.0])
     # execute
-    none = heteagg(deltas, masks, [1.0, 3.0], previous=None)["m"]
-    other_key = heteagg(deltas, masks, [1.0, 3.0], previous={"other": PREV})["m"]
+    none = heteagg(updates, previous=None)["m"]
+    other_key = heteagg(updates, previous={"other": PREV})["m"]
     # assert
     expected = torch.tensor([[3.0, 4.0, 4.0], [5.0, 0.0, 0.0]])
     torch.testing.assert_close(none, expected)
@@ -83,19 +105,19 @@ def test_heteagg_keep_without_previous_gives_zero():
 
 def test_fedavg_delta_hand_computed_includes_pruned_zeros():
     # prepare
-    deltas, masks = [{"m": DA}, {"m": DB}], [{"m": MA}, {"m": MB}]
+    updates = dense_updates([{"m": DA}, {"m": DB}], [{"m": MA}, {"m": MB}], [1.0, 3.0])
     # execute
-    out = fedavg_delta(deltas, masks, [1.0, 3.0])["m"]
-    # assert: Σ n_k M_k ΔW_k / 4
+    out = fedavg_delta(updates, previous={"m": PREV})["m"]
+    # assert: Σ n_k M_k ΔW_k / 4; uncovered coordinates get 0, the previous value is ignored
     torch.testing.assert_close(out, torch.tensor([[3.0, 1.0, 3.0], [5.0, 0.0, 0.0]]))
 
 
 def test_heterofl_hand_computed_and_equals_heteagg_with_equal_weights():
-    # prepare
+    # prepare: unequal weights, which heterofl ignores
     deltas, masks = [{"m": DA}, {"m": DB}], [{"m": MA}, {"m": MB}]
     # execute
-    hfl = heterofl(deltas, masks, previous={"m": PREV})["m"]
-    hag = heteagg(deltas, masks, [5.0, 5.0], previous={"m": PREV})["m"]
+    hfl = heterofl(dense_updates(deltas, masks, [1.0, 3.0]), previous={"m": PREV})["m"]
+    hag = heteagg(dense_updates(deltas, masks, [5.0, 5.0]), previous={"m": PREV})["m"]
     # assert
     torch.testing.assert_close(hfl, torch.tensor([[2.0, 4.0, 4.0], [4.0, -1.0, 7.0]]))
     torch.testing.assert_close(hfl, hag)
@@ -107,9 +129,10 @@ def test_heteagg_full_masks_equals_fedavg_delta():
     deltas = [{"m": torch.randn(4, 6, generator=g), "n": torch.randn(2, 3, generator=g)} for _ in range(3)]
     masks = [{"m": torch.ones(4, 6, dtype=torch.bool), "n": torch.ones(2, 3, dtype=torch.bool)}] * 3
     weights = [1.0, 2.0, 5.0]
+    updates = dense_updates(deltas, masks, weights)
     # execute
-    hag = heteagg(deltas, masks, weights)
-    fad = fedavg_delta(deltas, masks, weights)
+    hag = heteagg(updates)
+    fad = fedavg_delta(updates)
     # assert
     assert set(hag) == {"m", "n"}
     for name in hag:
@@ -130,7 +153,7 @@ def test_heteagg_disjoint_masks_give_each_owner_its_delta():
         masks.append({"m": m})
     prev = torch.full((4, 6), 7.0)
     # execute
-    out = heteagg(deltas, masks, [1.0, 10.0, 0.5], previous={"m": prev})["m"]
+    out = heteagg(dense_updates(deltas, masks, [1.0, 10.0, 0.5]), previous={"m": prev})["m"]
     # assert
     for k in range(3):
         torch.testing.assert_close(out[:, k], deltas[k]["m"][:, k])
@@ -140,9 +163,9 @@ def test_heteagg_disjoint_masks_give_each_owner_its_delta():
 
 def test_heteagg_zero_weight_owner_counts_as_uncovered():
     # prepare
-    deltas, masks = [{"m": DA}, {"m": DB}], [{"m": MA}, {"m": MB}]
+    updates = dense_updates([{"m": DA}, {"m": DB}], [{"m": MA}, {"m": MB}], [1.0, 0.0])
     # execute
-    out = heteagg(deltas, masks, [1.0, 0.0], uncovered="zero")["m"]
+    out = heteagg(updates, uncovered="zero")["m"]
     # assert: (0,2) is owned only by b, whose weight is 0
     torch.testing.assert_close(out, torch.tensor([[0.0, 4.0, 0.0], [2.0, 0.0, 0.0]]))
 
@@ -156,7 +179,7 @@ def test_heteagg_covered_coordinate_within_owner_range_property():
         masks = [{"m": random_mask((5, 7), 0.5, seed * 100 + k)} for k in range(K)]
         weights = (torch.rand(K, generator=g) * 10 + 0.01).tolist()
         # execute
-        out = heteagg(deltas, masks, weights, uncovered="zero")["m"]
+        out = heteagg(dense_updates(deltas, masks, weights), uncovered="zero")["m"]
         # assert
         D = torch.stack([d["m"] for d in deltas])  # (K, out, in)
         M = torch.stack([m["m"] for m in masks])
@@ -176,11 +199,12 @@ def test_heteagg_ignores_client_order_and_the_scale_of_the_weights():
     weights = [1.0, 2.0, 5.0, 0.5]
     prev = {"m": torch.full((5, 7), 3.0), "n": torch.full((3, 4), -1.0)}
     perm = [2, 0, 3, 1]
+    updates = dense_updates(deltas, masks, weights)
     # execute
-    ref = heteagg(deltas, masks, weights, prev)
-    shuffled = heteagg([deltas[i] for i in perm], [masks[i] for i in perm], [weights[i] for i in perm], prev)
-    scaled = [heteagg(deltas, masks, [c * w for w in weights], prev) for c in (1e-3, 7.0, 1e4)]
-    other = heteagg(deltas, masks, [1.0, 2.0, 5.0, 4.0], prev)  # one weight changed
+    ref = heteagg(updates, prev)
+    shuffled = heteagg([updates[i] for i in perm], prev)
+    scaled = [heteagg(dense_updates(deltas, masks, [c * w for w in weights]), prev) for c in (1e-3, 7.0, 1e4)]
+    other = heteagg(dense_updates(deltas, masks, [1.0, 2.0, 5.0, 4.0]), prev)  # one weight changed
     # assert
     for name in ("m", "n"):
         torch.testing.assert_close(shuffled[name], ref[name])
@@ -233,20 +257,28 @@ def test_identical_clients_with_partial_mask():
         torch.testing.assert_close(out, expected, msg=name)
 
 
-def test_update_based_match_dict_based():
-    # prepare
-    updates = [make_update(c, seed=k, mask=random_mask((4, 6), 0.6, 10 + k), weight=k + 1.0)
-               for k, c in enumerate("abc")]
-    deltas = [{MOD: u.delta(MOD)} for u in updates]
-    masks = [u.masks for u in updates]
-    weights = [u.weight for u in updates]
-    prev = {MOD: torch.full((4, 6), -3.0)}
+def test_mask_aware_rules_match_their_formulas_on_low_rank_factors():
+    # prepare: low-rank factors with different ranks and scalings, partial masks, unequal weights
+    updates = [make_update(c, rank=k + 1, alpha=2.0 + k, seed=k, mask=random_mask((4, 6), 0.5, 10 + k),
+                           weight=k + 1.0) for k, c in enumerate("abc")]
+    prev = torch.full((4, 6), -3.0)
+    D = torch.stack([u.scaling * (u.factors[MOD][1].double() @ u.factors[MOD][0].double())
+                     for u in updates])  # (K, out, in) float64 reference
+    M = torch.stack([u.masks[MOD] for u in updates]).double()
+    n = torch.tensor([u.weight for u in updates], dtype=torch.float64)[:, None, None]
+    covered = M.sum(0) > 0
+    # some coordinates nobody owns (the fallback is exercised), some several clients own (the weights matter)
+    assert not bool(covered.all()) and bool((M.sum(0) >= 2).any())
     # execute
-    got = {name: AGGREGATORS[name](updates, prev, "keep")[MOD] for name in MASK_AWARE}
+    got = {name: AGGREGATORS[name](updates, {MOD: prev}, "keep")[MOD] for name in MASK_AWARE}
     # assert
-    torch.testing.assert_close(got["heteagg"], heteagg(deltas, masks, weights, prev)[MOD])
-    torch.testing.assert_close(got["heterofl"], heterofl(deltas, masks, prev)[MOD])
-    torch.testing.assert_close(got["fedavg_delta"], fedavg_delta(deltas, masks, weights)[MOD])
+    owner_mean = torch.where(covered, (n * M * D).sum(0) / (n * M).sum(0).clamp_min(1e-300), prev.double())
+    equal_mean = torch.where(covered, (M * D).sum(0) / M.sum(0).clamp_min(1e-300), prev.double())
+    torch.testing.assert_close(got["heteagg"], owner_mean.float())
+    torch.testing.assert_close(got["heterofl"], equal_mean.float())
+    torch.testing.assert_close(got["fedavg_delta"], ((n * M * D).sum(0) / n.sum()).float())
+    assert heteagg is AGGREGATORS["heteagg"] and heterofl is AGGREGATORS["heterofl"]
+    assert fedavg_delta is AGGREGATORS["fedavg_delta"]
 
 
 def test_flora_exact_and_stacked_factors_reproduce_it():
@@ -383,17 +415,20 @@ def test_get_aggregator():
 
 def test_inputs_are_not_modified():
     # prepare
-    deltas, masks = [{"m": DA.clone()}, {"m": DB.clone()}], [{"m": MA.clone()}, {"m": MB.clone()}]
+    dense = dense_updates([{"m": DA.clone()}, {"m": DB.clone()}], [{"m": MA.clone()}, {"m": MB.clone()}])
+    prev = {"m": PREV.clone()}
     u = make_update("a", mask=random_mask((4, 6), 0.5, 3))
     A, B = (t.clone() for t in u.factors[MOD])
     # execute
-    heteagg(deltas, masks, [1.0, 1.0])
-    fedavg_delta(deltas, masks, [1.0, 1.0])
     for fn in AGGREGATORS.values():
+        fn(dense, prev, "keep")
         fn([u], None, "keep")
     # assert
-    torch.testing.assert_close(deltas[0]["m"], DA)
-    torch.testing.assert_close(masks[1]["m"], MB)
+    torch.testing.assert_close(dense[0].factors["m"][0], DA)
+    torch.testing.assert_close(dense[1].factors["m"][0], DB)
+    torch.testing.assert_close(dense[0].factors["m"][1], torch.eye(2))
+    assert torch.equal(dense[0].masks["m"], MA) and torch.equal(dense[1].masks["m"], MB)
+    torch.testing.assert_close(prev["m"], PREV)
     torch.testing.assert_close(u.factors[MOD][0], A)
     torch.testing.assert_close(u.factors[MOD][1], B)
 
@@ -403,41 +438,53 @@ def test_inputs_are_not_modified():
 GOOD_D, GOOD_M = [{"m": DA}, {"m": DB}], [{"m": MA}, {"m": MB}]
 
 
+def _bad(deltas: list[dict], masks: list[dict], weights: list[float] | None = None):
+    """Build the dense updates lazily, inside ``pytest.raises`` (a construction error is one too)."""
+    return lambda: dense_updates(deltas, masks, weights)
+
+
 @pytest.mark.parametrize(
-    ("deltas", "masks", "weights", "kwargs", "message"),
+    ("make", "kwargs", "message"),
     [
-        ([], [], [], {}, "no client updates"),
-        ([{"m": DA}, {"n": DB}], GOOD_M, [1, 1], {}, r"module keys differ.*only in #0: \['m'\]"),
-        (GOOD_D, [{"m": MA}, {"x": MB}], [1, 1], {}, "client #1 has no mask for module 'm'"),
-        (GOOD_D, [{"m": MA}, {"m": MB.T}], [1, 1], {}, r"mask shape \(3, 2\) of module 'm', client #1"),
-        ([{"m": DA}, {"m": DB.T}], GOOD_M, [1, 1], {}, r"shape \(3, 2\) at client #1 but \(2, 3\)"),
-        (GOOD_D, [{"m": MA}, {"m": MB.float()}], [1, 1], {}, "dtype torch.float32: masks must be bool"),
-        (GOOD_D, GOOD_M, [1, -1], {}, "weight of client #1 is -1.0"),
-        (GOOD_D, GOOD_M, [1, float("nan")], {}, "weight of client #1 is nan"),
-        (GOOD_D, GOOD_M, [0, 0], {}, "all client weights are zero"),
-        (GOOD_D, GOOD_M, [1], {}, "got 1 weights for 2 clients"),
-        (GOOD_D, GOOD_M, [1, 1], {"uncovered": "mean"}, "unknown uncovered rule 'mean'"),
-        ([{"m": DA}, {"m": DB * float("inf")}], GOOD_M, [1, 1], {"clients": ["a", "b"]},
-         "module 'm', client 'b' has NaN/inf"),
-        (GOOD_D, GOOD_M, [1, 1], {"previous": {"m": PREV.T}},
+        (_bad([], []), {}, "no client updates"),
+        (_bad([{"m": DA}, {"n": DB}], [{"m": MA}, {"n": MB}]), {},
+         r"module keys differ between clients 'a' and 'b': only in 'a': \['m'\]; only in 'b': \['n'\]"),
+        (_bad(GOOD_D, [{"m": MA}, {"x": MB}]), {}, r"client 'b': no mask for module\(s\) \['m'\]"),
+        (_bad(GOOD_D, [{"m": MA}, {"m": MB.T}]), {},
+         r"mask shape \(3, 2\) of module 'm', client 'b' does not match its update's shape \(2, 3\)"),
+        (_bad([{"m": DA}, {"m": DB.T}], [{"m": MA}, {"m": MB.T}]), {},
+         r"module 'm': client 'b' has A \(3, 2\), B \(3, 3\) -> \(out, in\) = \(3, 2\), client 'a' has \(2, 3\)"),
+        (_bad(GOOD_D, [{"m": MA}, {"m": MB.float()}]), {},
+         "mask of module 'm', client 'b' has dtype torch.float32: masks must be bool"),
+        (_bad(GOOD_D, GOOD_M, [1, -1]), {}, "weight of client 'b' is -1.0"),
+        (_bad(GOOD_D, GOOD_M, [1, float("nan")]), {}, "weight of client 'b' is nan"),
+        (_bad(GOOD_D, GOOD_M, [1, float("inf")]), {}, "weight of client 'b' is inf"),
+        (_bad(GOOD_D, GOOD_M, [0, 0]), {}, "all client weights are zero"),
+        (_bad(GOOD_D, GOOD_M), {"uncovered": "mean"}, "unknown uncovered rule 'mean'"),
+        (_bad([{"m": DA}, {"m": DB * float("inf")}], GOOD_M), {},
+         "factor A of module 'm', client 'b' has NaN/inf"),
+        (_bad([{"m": DA}, {"m": DB * float("nan")}], GOOD_M), {},
+         "factor A of module 'm', client 'b' has NaN/inf"),
+        (_bad(GOOD_D, GOOD_M), {"previous": {"m": PREV.T}},
          r"previous global delta of module 'm' has shape \(3, 2\), the updates have \(2, 3\)"),
-        (GOOD_D, GOOD_M[:1], [1, 1], {}, "got 1 mask dicts for 2 clients"),
     ],
 )
-def test_heteagg_bad_inputs_raise(deltas, masks, weights, kwargs, message):
+def test_heteagg_bad_inputs_raise(make, kwargs, message):
     with pytest.raises(LegokitError, match=message):
-        heteagg(deltas, masks, weights, **kwargs)
+        heteagg(make(), **kwargs)
 
 
 def test_fedavg_delta_and_heterofl_bad_inputs_raise():
-    with pytest.raises(LegokitError, match="masks must be bool"):
-        fedavg_delta(GOOD_D, [{"m": MA}, {"m": MB.int()}], [1, 1])
+    with pytest.raises(LegokitError, match="client 'b' has dtype torch.int32: masks must be bool"):
+        fedavg_delta(dense_updates(GOOD_D, [{"m": MA}, {"m": MB.int()}]))
     with pytest.raises(LegokitError, match="all client weights are zero"):
-        fedavg_delta(GOOD_D, GOOD_M, [0.0, 0.0])
+        fedavg_delta(dense_updates(GOOD_D, GOOD_M, [0.0, 0.0]))
     with pytest.raises(LegokitError, match="no client updates"):
-        heterofl([], [])
-    with pytest.raises(LegokitError, match="unknown uncovered rule"):
-        heterofl(GOOD_D, GOOD_M, uncovered="nearest")
+        heterofl([])
+    with pytest.raises(LegokitError, match="unknown uncovered rule 'nearest'"):
+        heterofl(dense_updates(GOOD_D, GOOD_M), uncovered="nearest")
+    with pytest.raises(LegokitError, match="weight of client 'a' is -1.0"):  # ignored, but still validated
+        heterofl(dense_updates(GOOD_D, GOOD_M, [-1.0, 1.0]))
 
 
 def test_client_update_construction_errors():

@@ -7,7 +7,7 @@ import copy
 import pytest
 import torch
 
-from legokit.blocks import Block, block_perplexity, extract_blocks, pack_mask, sparsity_report, unpack_mask
+from legokit.blocks import Block, extract_blocks, pack_mask, sparsity_report, unpack_mask
 from legokit.models import linear_modules, load_model, tiny_llama
 from legokit.prune import apply_masks, calibration_inputs
 from legokit.utils import LegokitError
@@ -57,8 +57,8 @@ def test_one_shot_blocks_are_exact_nested_and_zero_where_pruned(tiny, method):
                 assert torch.equal(w[m], llm.get_submodule(name).weight[m])
         b.release()
     # a dense block trains without masks; an unstructured one with its own masks, in LLM coordinates
-    local = blocks[2].local_masks()
-    assert blocks[0].local_masks() is None and set(local) == set(blocks[2].masks)
+    local = blocks[2].local_masks
+    assert blocks[0].local_masks is None and set(local) == set(blocks[2].masks)
     assert all(torch.equal(local[n], blocks[2].masks[n]) for n in local)
 
 
@@ -66,7 +66,7 @@ def test_sparsegpt_block_reconstructs_and_stores_only_kept_values(tiny):
     llm, tok = tiny
     b = extract_blocks(llm, tok, (0.5,), method="sparsegpt", **KW)[0]
     name = "model.layers.1.mlp.up_proj"
-    assert b._overrides.get(name).numel() == int(b.masks[name].sum())  # only kept values are stored
+    assert b.overrides.get(name).numel() == int(b.masks[name].sum())  # only kept values are stored
     # OBS moves the kept weights so that the layer's output on the calibration inputs stays closer to the
     # dense one than the mask alone leaves it (layer 0: one-shot inputs are the dense model's own)
     name = "model.layers.0.self_attn.q_proj"
@@ -121,7 +121,7 @@ def test_structured_blocks_are_smaller_llamas_that_match_the_masked_llm(tiny, id
     rep = sparsity_report(half)
     assert abs(rep.slm_params.sum() / rep.params.sum() - 0.5) < 0.01  # half the decoder's linear weights
     assert (rep.kept == rep.slm_params).all() and rep.model_bytes.sum() < 0.51 * (rep.params.sum() * 4)
-    assert half.local_masks() is None
+    assert half.local_masks is None
     slm = half.model
     cfg = slm.config
     assert cfg.num_attention_heads % cfg.num_key_value_heads == 0 and cfg.head_dim == 16
@@ -142,16 +142,16 @@ def test_structured_coordinates_round_trip(tiny):
                  "model.layers.1.mlp.down_proj"):
         w_llm = llm.get_submodule(name).weight
         w_slm = b.model.get_submodule(name).weight
-        assert tuple(w_slm.shape) == b.local_shape(name) != tuple(w_llm.shape)
-        assert torch.equal(b.expand(name, w_slm), w_llm * b.masks[name])  # expanded = masked LLM weight
+        assert tuple(w_slm.shape) == b.coords.local_shape(name) != tuple(w_llm.shape)
+        assert torch.equal(b.coords.expand(name, w_slm), w_llm * b.masks[name])  # expanded = masked LLM weight
         t = torch.randn(w_slm.shape, generator=g)
-        assert torch.equal(b.shrink(name, b.expand(name, t)), t)
+        assert torch.equal(b.coords.shrink(name, b.coords.expand(name, t)), t)
         A, B = torch.randn(3, w_slm.shape[1], generator=g), torch.randn(w_slm.shape[0], 3, generator=g)
-        A_l, B_l = b.expand_factors(name, A, B)
-        torch.testing.assert_close(B_l @ A_l, b.expand(name, B @ A))
-        assert all(torch.equal(x, y) for x, y in zip(b.shrink_factors(name, A_l, B_l), (A, B), strict=True))
+        A_l, B_l = b.coords.expand_factors(name, A, B)
+        torch.testing.assert_close(B_l @ A_l, b.coords.expand(name, B @ A))
+        assert all(torch.equal(x, y) for x, y in zip(b.coords.shrink_factors(name, A_l, B_l), (A, B), strict=True))
         with pytest.raises(LegokitError, match="SLM"):
-            b.expand(name, w_llm)
+            b.coords.expand(name, w_llm)
     b.release()
 
 
@@ -216,7 +216,7 @@ def test_offloaded_overrides_are_read_back_from_disk(tiny, tmp_path):
     b.release()
     held = b.nbytes()
     b.save(tmp_path / "b", offload=True)
-    assert b.nbytes() < held and b._overrides.memory_bytes() == 0
+    assert b.nbytes() < held and b.overrides.memory_bytes() == 0
     after = b.model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
     with pytest.raises(LegokitError, match="no saved block"):
@@ -228,14 +228,14 @@ def test_blocks_are_light_and_build_lazily(tiny):
     blocks = extract_blocks(llm, tok, LEVELS, method="wanda", **KW)
     linear = sum(m.weight.numel() for m in linear_modules(llm).values())
     for b in blocks:
-        assert b._model is None  # nothing built until asked
+        assert not b.built  # nothing built until asked
         assert b.nbytes() <= linear // 8 + 64 * len(b.masks)  # one bit per weight
     m = blocks[1].model
     assert m.model.embed_tokens.weight.data_ptr() == llm.model.embed_tokens.weight.data_ptr()  # shared
     name = "model.layers.0.mlp.gate_proj"
     assert m.get_submodule(name).weight.data_ptr() != llm.get_submodule(name).weight.data_ptr()
     blocks[1].release()
-    assert blocks[1]._model is None
+    assert not blocks[1].built
 
 
 # ----- merge mode -------------------------------------------------------------------------------------------
@@ -248,15 +248,15 @@ def test_add_to_base_matches_the_updated_llm(tiny, method, pattern):
     b = extract_blocks(llm, tok, (s,), method=method, pattern=pattern.split("-")[0], **KW)[0]
     name = "model.layers.1.self_attn.o_proj"
     live = b.model  # built before the update: must be updated in place
-    before = b.expand(name, live.get_submodule(name).weight.clone())
+    before = b.coords.expand(name, live.get_submodule(name).weight.clone())
     delta = torch.randn(llm.get_submodule(name).weight.shape, generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         llm.get_submodule(name).weight += delta  # the caller updates the LLM (Server._merge) ...
     b.add_to_base(name, delta)  # ... and every block
     expected = before + b.masks[name] * delta
-    torch.testing.assert_close(b.expand(name, live.get_submodule(name).weight), expected)
+    torch.testing.assert_close(b.coords.expand(name, live.get_submodule(name).weight), expected)
     b.release()
-    torch.testing.assert_close(b.expand(name, b.model.get_submodule(name).weight), expected)  # rebuilt
+    torch.testing.assert_close(b.coords.expand(name, b.model.get_submodule(name).weight), expected)  # rebuilt
     with pytest.raises(LegokitError, match="shape"):
         b.add_to_base(name, delta[:3])
 
@@ -281,12 +281,12 @@ def trained_tiny():
 
 
 def test_block_perplexity_is_the_slm_perplexity_and_pruning_hurts(trained_tiny):
-    from legokit.evaluate import perplexity
+    from legokit.evaluate import block_perplexity, perplexity
 
     llm, tok = trained_tiny
     blocks = extract_blocks(llm, tok, (0, 0.5, 0.75), method="magnitude", **KW)
     ppl = [block_perplexity(b, tok, TEXTS[:4], seq_len=32) for b in blocks]
-    assert all(b._model is None for b in blocks)  # released after use
+    assert all(not b.built for b in blocks)  # released after use
     assert ppl[0] == pytest.approx(perplexity(llm, tok, TEXTS[:4], seq_len=32), rel=1e-6)  # dense block = LLM
     # measured once (30 steps from seed 0): 6.08 dense, 6.50 at 50%, 9.18 at 75%; the ratios are pinned
     assert ppl[0] == pytest.approx(6.08, rel=0.03)

@@ -220,7 +220,7 @@ def test_supernode_with_out_of_range_partition_is_refused(tmp_path):
 
 def test_unreachable_superlink_names_the_address(capsys):
     from legokit.flower.cli import main
-    from legokit.flower.launch import check_superlink, free_port
+    from legokit.flower.processes import check_superlink, free_port
 
     address = f"127.0.0.1:{free_port()}"  # nobody listens there
     with pytest.raises(LegokitError, match=f"no SuperLink reachable at {address}"):
@@ -233,11 +233,11 @@ def test_unreachable_superlink_names_the_address(capsys):
 @pytest.mark.slow
 @needs_data
 def test_simulation_engine_equals_in_process_run(tmp_path, user_flwr_home):
-    from legokit.flower.launch import _RAYBACKEND, simulate
+    from legokit.flower.simulation import RAY_BACKEND_MODULE, simulate
 
     cfg = _cfg()
     out = simulate(cfg, tmp_path / "sim", backend="inline")
-    assert out["backend"] == "inline" and _RAYBACKEND not in sys.modules  # the plug-in backend is removed after
+    assert out["backend"] == "inline" and RAY_BACKEND_MODULE not in sys.modules  # the plug-in backend is gone after
     assert out["summary"]["rounds"] == 2 and all(r["up"] > 0 for r in out["summary"]["bytes_per_round"])
     ref = _reference(cfg, tmp_path / "sim", tmp_path / "ref")
     assert _max_diff(_adapter_delta(tmp_path / "sim", 2), ref) <= TOL
@@ -256,9 +256,9 @@ def test_bad_updates_are_rejected_recorded_and_not_aggregated(tmp_path, user_flw
     from flwr.simulation import run_simulation
 
     from legokit.flower.client_app import client_query, client_train
-    from legokit.flower.launch import _private_flower_home, _simulation_backend
     from legokit.flower.runconfig import to_run_config
     from legokit.flower.server_app import make_server_app
+    from legokit.flower.simulation import private_flower_home, simulation_backend
 
     cfg = _cfg()
     rc = to_run_config(cfg, run_dir=tmp_path / "run", poll_interval=0.05)
@@ -281,7 +281,7 @@ def test_bad_updates_are_rejected_recorded_and_not_aggregated(tmp_path, user_flw
             reply["info"]["block-id"] = "magnitude-unstructured-90"
         return Message(reply, reply_to=msg)
 
-    with _private_flower_home(), _simulation_backend("inline") as name:
+    with private_flower_home(), simulation_backend("inline") as name:
         run_simulation(server_app=make_server_app(rc), client_app=bad, num_supernodes=2, backend_name=name)
     lines = {(m["round"], m["client"]): m for m in _lines(tmp_path / "run")}
     assert [lines[(r, 0)]["status"] for r in (1, 2)] == ["ok", "ok"]
@@ -295,10 +295,10 @@ def test_bad_updates_are_rejected_recorded_and_not_aggregated(tmp_path, user_flw
 
 # ----- the deployment engine: a real SuperLink and SuperNodes on 127.0.0.1 --------------------------------
 def _all_pids(dep) -> list[int]:
-    from legokit.flower.launch import _descendants
+    from legokit.flower.processes import descendants
 
     procs = [dep.superlink, *dep.supernodes]
-    return [q for p in procs if p is not None for q in (p.pid, *_descendants(p.pid))]
+    return [q for p in procs if p is not None for q in (p.pid, *descendants(p.pid))]
 
 
 def _assert_gone(pids: list[int]) -> None:
@@ -324,7 +324,7 @@ def user_flwr_home():
 
 @pytest.mark.flower
 def test_processes_are_stopped_when_the_launcher_fails(tmp_path, user_flwr_home):
-    from legokit.flower.launch import Deployment
+    from legokit.flower.deployment import Deployment
 
     with pytest.raises(RuntimeError, match="boom"), Deployment(tmp_path) as dep:
         dep.start_superlink()
@@ -337,7 +337,7 @@ def test_processes_are_stopped_when_the_launcher_fails(tmp_path, user_flwr_home)
 @needs_data
 @pytest.mark.flower
 def test_loopback_deployment_equals_in_process_run(tmp_path, user_flwr_home):
-    from legokit.flower.launch import Deployment
+    from legokit.flower.deployment import Deployment
     from legokit.flower.runconfig import write_app
 
     cfg = _cfg()
@@ -372,9 +372,9 @@ def _training_clientapp(proc) -> bool:
     """Is a ClientApp process (not a finished one) running under this SuperNode?"""
     import psutil
 
-    from legokit.flower.launch import _descendants
+    from legokit.flower.processes import descendants
 
-    for pid in _descendants(proc.pid):
+    for pid in descendants(proc.pid):
         try:
             p = psutil.Process(pid)
             if p.status() != psutil.STATUS_ZOMBIE and any("flwr-clientapp" in c for c in p.cmdline()):
@@ -387,7 +387,8 @@ def _training_clientapp(proc) -> bool:
 @needs_data
 @pytest.mark.flower
 def test_supernode_killed_mid_round_run_finishes_over_survivors(tmp_path, user_flwr_home):
-    from legokit.flower.launch import Deployment, kill_process
+    from legokit.flower.deployment import Deployment
+    from legokit.flower.processes import kill_process
     from legokit.flower.runconfig import write_app
 
     cfg = _cfg()

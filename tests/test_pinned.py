@@ -51,3 +51,24 @@ def test_per_round_losses_of_every_condition_are_pinned(condition, tmp_path):
     assert [g[:2] for g in got] == [w[:2] for w in want]
     for (rnd, client, losses), (_, _, pinned) in zip(got, want, strict=True):
         assert losses == pytest.approx(pinned, rel=REL), f"round {rnd}, client {client}"
+
+
+@pytest.mark.slow
+def test_quick_demo_per_round_losses_are_pinned(tmp_path):
+    """``make demo``'s federation (configs/quick.yaml on the default LLM): every client's losses in both rounds
+    equal those of the loop before the redesign (``legokit run --config configs/quick.yaml`` at 42bf5d6)."""
+    from legokit.config import load_config
+    from legokit.experiment import client_partitions, load_or_extract_blocks
+    from legokit.utils import seed_everything
+
+    cfg = load_config(Path(__file__).parents[1] / "configs" / "quick.yaml")
+    seed_everything(cfg.seed)
+    llm, tok = load_model(cfg.model, device=cfg.device, dtype=cfg.dtype)
+    parts = client_partitions(cfg)
+    blocks = load_or_extract_blocks(cfg, llm, tok, tmp_path, progress=False)
+    run_federation(cfg, llm, tok, blocks, parts, tmp_path, progress=False)
+    got = [[m["round"], m["client"], m["losses"]] for m in map(json.loads, open(tmp_path / "metrics.jsonl"))]
+    want = json.loads((DATA / "quick_demo_losses.json").read_text())["losses"]
+    assert [g[:2] for g in got] == [w[:2] for w in want]
+    for (rnd, client, losses), (_, _, pinned) in zip(got, want, strict=True):
+        assert losses == pytest.approx(pinned, rel=REL), f"round {rnd}, client {client}"

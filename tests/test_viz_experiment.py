@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from legokit import viz
-from legokit.aggregate import coverage, heteagg
+from legokit.aggregate import ClientUpdate, coverage, heteagg
 from legokit.blocks import extract_blocks, sparsity_report
 
 TEXTS = [f"Paragraph {i}: the river Avon flows past mill number {i * 7} towards the old stone bridge." * 3
@@ -71,7 +71,10 @@ def test_aggregate_vs_client_scatter_places_every_coordinate(half):
     masks = [{name: half[0].masks[name]}, {name: half[1].masks[name]}]
     g = torch.Generator().manual_seed(1)
     deltas = [{name: torch.randn(64, 64, generator=g)} for _ in masks]
-    agg = heteagg(deltas, masks, [1.0, 1.0])[name]
+    # A = ΔW_k, B = I, scaling 1: s·B@A is ΔW_k bit for bit
+    updates = [ClientUpdate(str(k), {name: (d[name], torch.eye(64))}, 1.0, m) for k, (d, m) in
+               enumerate(zip(deltas, masks, strict=True))]
+    agg = heteagg(updates)[name]
     owners = coverage(masks, name)
     client = deltas[0][name]  # the dense client owns everything
     (ax,) = viz.plot_aggregate_vs_client(client, owners, {"heteagg": agg}, max_points=500).axes

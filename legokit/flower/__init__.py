@@ -7,8 +7,12 @@
   block and data partition its SuperNode's node config names.
 - ``messages``: what travels (adapter factors in peft naming; block ids, never masks).
 - ``runconfig``: Flower's flat run config <-> ``ExperimentConfig``; the app's ``pyproject.toml``.
-- ``launch``: the deployment engine on loopback (SuperLink + SuperNodes as processes, always cleaned up)
-  and the simulation engine; ``cli``: ``legokit flower ...``.
+- ``deployment``: the deployment engine on loopback (``Deployment``: SuperLink + SuperNodes as processes,
+  always cleaned up; ``deploy``: up, run, down).
+- ``simulation``: the simulation engine in one process (``simulate``: Ray, or an in-process backend).
+- ``processes``: running Flower's processes, for ``deployment`` and ``legokit flower node`` / ``run``
+  (executables, environment, SuperLink health, process groups stopped with every descendant).
+- ``cli``: ``legokit flower ...``.
 
 Importing this package imports nothing heavy; import the submodule you need.
 """

@@ -54,7 +54,7 @@ def _print_rounds(run_dir: Path) -> None:
 
 
 def _cmd_up(args: argparse.Namespace) -> None:
-    from legokit.flower.launch import deploy
+    from legokit.flower.deployment import deploy
 
     _terminate_on_sigterm()
     cfg = _config(args)
@@ -71,7 +71,7 @@ def _cmd_up(args: argparse.Namespace) -> None:
 
 
 def _cmd_sim(args: argparse.Namespace) -> None:
-    from legokit.flower.launch import simulate
+    from legokit.flower.simulation import simulate
 
     cfg = _config(args)
     out = simulate(cfg, args.out, backend=args.backend, resume=args.resume)
@@ -114,7 +114,7 @@ def _tls_args(args: argparse.Namespace) -> list[str]:
 
 
 def _cmd_node(args: argparse.Namespace) -> None:
-    from legokit.flower.launch import _bin, check_superlink, node_config_arg
+    from legokit.flower.processes import check_superlink, flower_executable, node_config_arg
 
     tls = _tls_args(args)
     check_superlink(args.superlink, insecure=args.insecure)
@@ -123,7 +123,7 @@ def _cmd_node(args: argparse.Namespace) -> None:
         value = getattr(args, key)
         if value is not None:
             nc[key.replace("_", "-")] = str(Path(value).resolve()) if key == "blocks_dir" else value
-    cmd = [_bin("flower-supernode"), *tls, "--superlink", args.superlink, "--port", str(args.port),
+    cmd = [flower_executable("flower-supernode"), *tls, "--superlink", args.superlink, "--port", str(args.port),
            "--node-config", node_config_arg(nc)]
     if args.auth_private_key:
         cmd += ["--auth-supernode-private-key", args.auth_private_key]
@@ -134,13 +134,19 @@ def _cmd_node(args: argparse.Namespace) -> None:
 
 
 def _cmd_run(args: argparse.Namespace) -> None:
-    from legokit.flower.launch import CONNECTION, _bin, check_superlink, flower_env, write_connection
+    from legokit.flower.processes import (
+        CONNECTION,
+        check_superlink,
+        flower_env,
+        flower_executable,
+        write_connection,
+    )
 
     _tls_args(args)
     check_superlink(args.superlink, insecure=args.insecure)
     with tempfile.TemporaryDirectory(prefix="legokit-flwr-home-") as home:
         write_connection(Path(home), args.superlink, insecure=args.insecure, root_certificates=args.root_certificates)
-        cmd = [_bin("flwr"), "run", str(Path(args.app).resolve()), CONNECTION, "--stream"]
+        cmd = [flower_executable("flwr"), "run", str(Path(args.app).resolve()), CONNECTION, "--stream"]
         if args.set:
             cmd += ["--run-config", " ".join(args.set)]  # Flower parses each value as TOML
         rc = subprocess.call(cmd, env=flower_env(Path(home)))

@@ -77,7 +77,7 @@ def run_server(grid: Grid, run_config: Mapping[str, Any], *, run_id: int = 0, pr
 def make_server_app(defaults: Mapping[str, Any] | None = None) -> ServerApp:
     """A ServerApp whose run config is ``defaults`` overridden by Flower's run config.
 
-    The simulation engine's Python entry point passes no run config, so ``legokit.flower.launch.simulate``
+    The simulation engine's Python entry point passes no run config, so ``legokit.flower.simulation.simulate``
     binds it here; a deployment gets it from the app's ``pyproject.toml`` and ``flwr run -c``.
     """
     server_app = ServerApp()
