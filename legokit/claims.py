@@ -506,7 +506,7 @@ def detectable_effect(n: int, tasks: int, seeds: int = 1, discordance: float = 0
 def summary(runs: Runs, vs: Sequence[dict] | None = None) -> dict:
     """The headline numbers for ``RUN_DIR/results.json``, flat enough for ``legokit sweep`` to collect.
 
-    Keys (``legokit.batch.flatten`` joins nested keys with dots): ``<condition>.mean_score``,
+    Keys (``legokit.collect.flatten`` joins nested keys with dots): ``<condition>.mean_score``,
     ``<condition>.perplexity``, ``<condition>.<task>`` (global LLM, points), ``<condition>.own@<s>`` /
     ``other@<s>`` (blocks, points), ``verdict.C1`` ("held" | "not held" | "n/a"), ``held.C1`` (1 / 0 / None),
     ``margin.C1``, ``thresholds``, and ``seconds.<condition>`` (wall time of the run, seed mean).

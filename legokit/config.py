@@ -40,7 +40,7 @@ from legokit.names import (
     UNCOVERED_RULES,
     WEIGHTINGS,
 )
-from legokit.utils import LegokitError
+from legokit.utils import LegokitError, read_yaml_mapping
 
 # The allowed names (methods, patterns, tasks, aggregators, ...) are legokit.names's: one owner, shared with the
 # modules that implement them. ``legokit.config.DEVICE_PROFILES`` and the others stay importable from here.
@@ -297,16 +297,8 @@ class ExperimentConfig:
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> ExperimentConfig:
-        path = Path(path)
-        if not path.is_file():
-            raise LegokitError(f"config file {path} does not exist: see configs/ for the shipped profiles")
-        try:
-            d = yaml.safe_load(path.read_text())
-        except yaml.YAMLError as err:
-            raise LegokitError(f"config file {path} is not valid YAML: {err}") from err
-        if d is not None and not isinstance(d, dict):
-            raise LegokitError(f"config file {path} must hold a mapping of sections, not {type(d).__name__}")
-        return cls.from_dict(d or {})
+        return cls.from_dict(read_yaml_mapping(path, "config file", "see configs/ for the shipped profiles",
+                                               "a mapping of sections"))
 
     def with_overrides(self, overrides: list[str] | dict[str, Any]) -> ExperimentConfig:
         """A copy with dotted overrides applied, e.g. ``["fed.rounds=3", "lora.rank=4", "notebook.context=512"]``."""

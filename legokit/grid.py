@@ -37,9 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from legokit.utils import LegokitError
+from legokit.utils import LegokitError, read_yaml_mapping
 
 GRID_KEYS = ("notebook", "base", "grid", "points", "summary")
 SUMMARY_KEYS = ("x", "y", "hue")
@@ -61,16 +59,8 @@ def load_grid(grid: str | Path | Mapping[str, Any]) -> tuple[dict[str, Any], Pat
         spec, path = dict(grid), None
     else:
         path = Path(grid)
-        if not path.is_file():
-            raise LegokitError(f"grid file {str(path)!r} not found: pass --grid sweeps/NAME.yaml")
-        try:
-            spec = yaml.safe_load(path.read_text())
-        except yaml.YAMLError as err:
-            raise LegokitError(f"grid file {str(path)!r} is not valid YAML: {err}") from err
-        if spec is None:
-            spec = {}
-        if not isinstance(spec, dict):
-            raise LegokitError(f"grid file {str(path)!r} must be a mapping with keys {', '.join(GRID_KEYS)}")
+        spec = read_yaml_mapping(path, "grid file", "pass --grid sweeps/NAME.yaml",
+                                 f"a mapping with keys {', '.join(GRID_KEYS)}")
     unknown = sorted(set(spec) - set(GRID_KEYS))
     if unknown:
         raise LegokitError(f"unknown grid section(s) {', '.join(map(repr, unknown))}: use {', '.join(GRID_KEYS)}")

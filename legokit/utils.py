@@ -89,6 +89,24 @@ def atomic_write_text(path: str | Path, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
 
 
+def read_yaml_mapping(path: str | Path, what: str, missing_fix: str, shape: str) -> dict:
+    """A YAML file that must hold a mapping (an empty file gives ``{}``), read with a clear error for each way
+    it can be wrong: ``what`` names the file ("config file"), ``missing_fix`` says what to do when it does not
+    exist, ``shape`` what the mapping should look like."""
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise LegokitError(f"{what} {str(path)!r} does not exist: {missing_fix}")
+    try:
+        d = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise LegokitError(f"{what} {str(path)!r} is not valid YAML: {err}") from err
+    if d is not None and not isinstance(d, dict):
+        raise LegokitError(f"{what} {str(path)!r} must hold {shape}, not {type(d).__name__}")
+    return d or {}
+
+
 def atomic_write_json(path: str | Path, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=_json_default) + "\n")
 

@@ -15,7 +15,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from legokit import batch, cli
+from legokit import cli
 from legokit.collect import collect, flatten, point_status, report
 from legokit.grid import expand_points, grid_hash, notebook_parameters, validate_points
 from legokit.sweep import SweepResult, _check_kernel, summary_figure, sweep
@@ -139,7 +139,7 @@ def test_missing_notebook_and_grid_file(tmp_path: Path) -> None:
         sweep(tmp_path / "nope.ipynb", GRID, tmp_path / "out", progress=False)
     with pytest.raises(LegokitError, match="no notebook to run"):
         sweep(None, GRID, tmp_path / "out", progress=False)
-    with pytest.raises(LegokitError, match="grid file .* not found"):
+    with pytest.raises(LegokitError, match="grid file .* does not exist"):
         sweep(PROBE, tmp_path / "nope.yaml", tmp_path / "out", progress=False)
     with pytest.raises(LegokitError, match="differs from the grid's notebook"):
         sweep(PROBE, {**GRID, "notebook": str(tmp_path / "other.ipynb")}, tmp_path / "out", progress=False)
@@ -234,8 +234,3 @@ def test_kernel_runs_this_interpreter() -> None:
         warnings.simplefilter("error")
         _check_kernel()
 
-
-def test_batch_still_exports_the_old_names() -> None:
-    assert (batch.sweep, batch.collect, batch.flatten, batch.report) == (sweep, collect, flatten, report)
-    assert batch.expand_points is expand_points and batch.SweepResult is SweepResult
-    assert batch.add_commands is cli.add_sweep_commands
