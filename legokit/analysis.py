@@ -26,6 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from legokit.aggregate import AGGREGATORS, ClientUpdate, coverage, get_aggregator
+from legokit.slm import LinearView, materialize
 from legokit.utils import LegokitError, progress_bar
 
 # ============================================================================================ clients
@@ -264,7 +265,7 @@ def client_scores(strategy, tokenizer, partitions: Sequence[Sequence], other_tas
     for i, tasks in progress_bar(sorted(wanted.items()), desc="score blocks", disable=not progress, leave=False):
         block = strategy.blocks[i]
         try:
-            model = block.model  # built once for both phases
+            model = materialize(block.model)  # built once for both phases; copies, as apply_delta edits them
             scored[i, "before"] = score(model, tasks)
             with apply_delta(model, block_update(strategy, i)):
                 scored[i, "after"] = score(model, tasks)
@@ -439,7 +440,11 @@ def apply_delta(model: nn.Module, deltas: Mapping[str, Tensor], progress: bool =
     try:
         with torch.no_grad():
             for name in progress_bar(list(deltas), desc="apply ΔW", disable=not progress, leave=False):
-                w = model.get_submodule(name).weight
+                mod = model.get_submodule(name)
+                if isinstance(mod, LinearView):
+                    raise LegokitError(f"{name} is a view of the LLM's weight: call legokit.slm.materialize(model) "
+                                       "before apply_delta")
+                w = mod.weight
                 d = deltas[name]
                 if tuple(d.shape) != tuple(w.shape):
                     raise LegokitError(f"delta for {name} has shape {tuple(d.shape)}, the weight {tuple(w.shape)}")

@@ -67,7 +67,7 @@ from legokit.prune import (
     structured_sizes,
     wanda_scores,
 )
-from legokit.slm import attention_dims, build_slm
+from legokit.slm import LinearView, attention_dims, build_slm
 from legokit.utils import LegokitError, atomic_write_json, release_heap
 
 FORMAT_VERSION = 1
@@ -177,8 +177,9 @@ class Block:
                  index: Mapping[str, Index] | None = None,
                  overrides: Overrides | Mapping[str, torch.Tensor] | None = None,
                  sizes: StructuredSizes | None = None, calibration: str = "one_shot",
-                 meta: dict | None = None):
+                 meta: dict | None = None, view: bool = True):
         self.llm = llm
+        self.view = view  # build the SLM as views of the LLM's weights (legokit.slm.LinearView), not copies
         self.sparsity, self.method, self.pattern = float(sparsity), method, str(pattern)
         self.calibration = calibration
         self.shapes = {n: tuple(s) for n, s in shapes.items()}
@@ -212,7 +213,13 @@ class Block:
     def local_masks(self) -> Mapping[str, torch.Tensor] | None:
         """Keep-masks in the SLM's own coordinates, or None when nothing inside its weights is pruned
         (dense and structured blocks)."""
-        return None if self.dense or self.structured else self.masks
+        if self.dense or self.structured:
+            return None
+        if self._model is not None:  # share the bool masks the built views already hold
+            held = {n: m.mask for n, m in self._model.named_modules() if isinstance(m, LinearView)}
+            if len(held) == len(self.shapes):
+                return held
+        return self.masks
 
     @property
     def dense(self) -> bool:
@@ -233,7 +240,7 @@ class Block:
     def model(self) -> nn.Module:
         """The SLM, built on first access from the current LLM plus the stored overrides."""
         if self._model is None:
-            self._model = build_slm(self)
+            self._model = build_slm(self, view=self.view)
         return self._model
 
     def release(self) -> None:
@@ -250,8 +257,8 @@ class Block:
         """Merge mode: the block's base weight += M ⊙ delta (delta in LLM coordinates).
 
         Call it together with adding ``delta`` to the LLM itself (``broadcast.MergeBroadcast`` does both): weights
-        derived from the LLM then follow by construction, so only stored overrides (SparseGPT's
-        reconstructed weights) and the live model, when one is built, are updated here.
+        derived from the LLM (and a live SLM of views) then follow by construction, so only stored overrides
+        (SparseGPT's reconstructed weights) and a live SLM that holds copies are updated here.
         """
         self.coords.check(name, delta_llm, "LLM")
         if name in self.overrides:
@@ -259,7 +266,12 @@ class Block:
             self.overrides.set(name, vals + delta_llm[self.masks[name].to(delta_llm.device)].to(vals))
         if self._model is not None:
             mod = self._model.get_submodule(name)
-            w = getattr(mod, "base_layer", mod).weight  # a LoRA wrapper keeps the linear as base_layer
+            base = getattr(mod, "base_layer", mod)  # a LoRA wrapper keeps the linear as base_layer
+            if isinstance(base, LinearView):  # it reads the LLM's weight: only its stored values change
+                if base.values is not None:
+                    base.values = self.overrides.get(name)
+                return
+            w = base.weight
             local = self.coords.shrink(name, delta_llm)
             if not self.dense and not self.structured:
                 local = local * self.masks[name].to(local.device)
@@ -294,7 +306,7 @@ class Block:
         atomic_write_json(d / "block.json", info)  # last: a directory with block.json is complete
 
     @classmethod
-    def load(cls, directory: str | Path, llm: nn.Module, lazy: bool = True) -> Block:
+    def load(cls, directory: str | Path, llm: nn.Module, lazy: bool = True, view: bool = True) -> Block:
         """Read a block written by ``save`` for ``llm`` (checked against its module shapes).
 
         ``lazy``: overrides stay on disk and are read one module at a time when the model is built.
@@ -330,7 +342,7 @@ class Block:
         sizes = StructuredSizes(**info["sizes"]) if info.get("sizes") else None
         return cls(llm, sparsity=info["sparsity"], method=info["method"], pattern=info["pattern"],
                    shapes=shapes, packed=packed, index=index, overrides=overrides, sizes=sizes,
-                   calibration=info.get("calibration", "one_shot"), meta=info.get("meta"))
+                   calibration=info.get("calibration", "one_shot"), meta=info.get("meta"), view=view)
 
 
 def _save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:

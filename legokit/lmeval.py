@@ -178,6 +178,7 @@ def export_checkpoint(run_dir: str | Path, out_dir: str | Path, model: str = "gl
     """
     from legokit.federation import block_model, global_model
     from legokit.lora import detach_lora
+    from legokit.slm import materialize
 
     run = Path(run_dir)
     strategy, llm, tok, rnd = _restore_strategy(run, device, dtype)
@@ -207,6 +208,7 @@ def export_checkpoint(run_dir: str | Path, out_dir: str | Path, model: str = "gl
         context = block_model(strategy, index)
     out = Path(out_dir)
     with context as m:
+        materialize(m)  # a block's views of the LLM's weights -> layers that hold (and save) their weights
         detach_lora(m, merge=True)  # every LoRA layer -> a plain nn.Linear holding W + M ⊙ s·BA
         out.mkdir(parents=True, exist_ok=True)
         m.save_pretrained(out)

@@ -32,6 +32,7 @@ from torch import Tensor, nn
 
 from legokit.config import LoraConfig
 from legokit.models import linear_modules
+from legokit.slm import LinearView
 from legokit.utils import LegokitError, atomic_write_bytes, atomic_write_json
 
 PEFT_PREFIX = "base_model.model."
@@ -60,20 +61,26 @@ class _MaskedLoraFn(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, x_lora, weight, bias, lora_A, lora_B, mask, scaling):
+    def forward(ctx, x, x_lora, weight, bias, lora_A, lora_B, mask, scaling, view=None):
         # x, x_lora: (..., in); weight, mask: (out, in); lora_A: (r, in); lora_B: (out, r)
+        # view: the base layer as a LinearView (weight is None): its weight is recomputed, never saved
+        ctx.view = view
+        if view is not None:
+            weight = view.effective_weight()
         delta = _masked_delta(lora_A, lora_B, mask, scaling, weight.dtype)
         if x_lora is None:
             out = F.linear(x, delta.add_(weight), bias)  # one matmul with the effective weight
         else:
             out = F.linear(x, weight, bias) + F.linear(x_lora, delta)
-        ctx.save_for_backward(x, x_lora, weight, lora_A, lora_B, mask)
+        ctx.save_for_backward(x, x_lora, None if view is not None else weight, lora_A, lora_B, mask)
         ctx.scaling = scaling
         return out
 
     @staticmethod
     def backward(ctx, grad):
         x, x_lora, weight, A, B, mask = ctx.saved_tensors
+        if ctx.view is not None:
+            weight = ctx.view.effective_weight()
         s = ctx.scaling
         need = ctx.needs_input_grad
         delta = _masked_delta(A, B, mask, s, weight.dtype)  # (out, in), recomputed
@@ -101,7 +108,7 @@ class _MaskedLoraFn(torch.autograd.Function):
             grad_w = g2.t() @ x.reshape(-1, x.shape[-1])
         if need[3]:
             grad_b = g2.sum(0)
-        return grad_x, grad_xl, grad_w, grad_b, grad_A, grad_B, None, None
+        return grad_x, grad_xl, grad_w, grad_b, grad_A, grad_B, None, None, None
 
 
 def _masked_delta(A: Tensor, B: Tensor, mask: Tensor, scaling: float, dtype: torch.dtype) -> Tensor:
@@ -170,8 +177,10 @@ class MaskedLoraLinear(nn.Module):
         dropout_on = self.training and isinstance(self.lora_dropout, nn.Dropout)
         if self.mask is not None:
             x_lora = self.lora_dropout(x) if dropout_on else None
-            return _MaskedLoraFn.apply(x, x_lora, self.base_layer.weight, self.base_layer.bias, A, B,
-                                       self.mask, self.scaling)
+            base = self.base_layer
+            view = base if isinstance(base, LinearView) else None
+            return _MaskedLoraFn.apply(x, x_lora, None if view is not None else base.weight, base.bias, A, B,
+                                       self.mask, self.scaling, view)
         out = self.base_layer(x)
         lora = self.lora_B(self.lora_A(self.lora_dropout(x.to(A.dtype))))  # (..., out)
         return out + (lora * self.scaling).to(out.dtype)
@@ -270,6 +279,9 @@ def detach_lora(model: nn.Module, merge: bool = False) -> list[str]:
     names = []
     for name, layer in lora_modules(model).items():
         base = layer.base_layer
+        if merge and isinstance(base, LinearView):
+            raise LegokitError(f"{name}: the base layer is a view of the LLM's weight, which merging would not "
+                               "change: call legokit.slm.materialize(model) first")
         if merge:
             with torch.no_grad():
                 base.weight.add_(layer.get_delta_weight().to(base.weight.dtype))

@@ -14,9 +14,11 @@ from __future__ import annotations
 import copy
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from legokit.prune import apply_mask
+from legokit.utils import LegokitError
 
 
 @torch.no_grad()
@@ -46,9 +48,16 @@ def attention_dims(llm: nn.Module) -> dict[str, int]:
 
 
 @torch.no_grad()
-def build_slm(block) -> nn.Module:
-    """The block's SLM, built from ``block.llm`` as it is now plus the block's stored values."""
+def build_slm(block, view: bool = True) -> nn.Module:
+    """The block's SLM, built from ``block.llm`` as it is now plus the block's stored values.
+
+    ``view=True`` (unstructured, N:M and dense blocks): every pruned linear layer is a ``LinearView`` of the
+    LLM's, so the SLM adds a bool mask per weight (and SparseGPT's kept values) to the LLM's memory instead
+    of a copy of its linear weights. ``view=False``, and structured blocks always: the layers hold their own
+    weights (a structured SLM is physically smaller, which is its point).
+    """
     llm = block.llm
+    views = view and not block.structured
     config = copy.deepcopy(llm.config)
     if block.structured and block.sizes is not None:
         config.head_dim = attention_dims(llm)["head_dim"]  # unchanged; hidden / heads no longer gives it
@@ -57,10 +66,12 @@ def build_slm(block) -> nn.Module:
         config.intermediate_size = block.sizes.channels
     with torch.device("meta"):  # no memory until the real tensors are assigned
         model = type(llm)(config)
-    state = {}
+    state, viewed = {}, []
     for key, t in llm.state_dict().items():
         mod, _, leaf = key.rpartition(".")
-        if mod in block.shapes and leaf == "weight":
+        if mod in block.shapes and views:
+            viewed.append(key)  # the view computes from the LLM's own tensor
+        elif mod in block.shapes and leaf == "weight":
             state[key] = slm_weight(block, mod, t)
         elif mod in block.shapes and leaf == "bias" and block.structured:
             rows = block.index[mod][0]
@@ -69,7 +80,16 @@ def build_slm(block) -> nn.Module:
             state[key] = t.clone()
         else:
             state[key] = t  # embeddings, norms, LM head: the LLM's storage, read-only by contract
-    model.load_state_dict(state, assign=True, strict=True)
+    missing, unexpected = model.load_state_dict(state, assign=True, strict=not views)
+    if sorted(missing) != sorted(viewed) or unexpected:  # pragma: no cover - a transformers change
+        raise LegokitError(f"building the SLM of {block.id}: unexpected state keys {sorted(missing)[:3]} "
+                           f"{unexpected[:3]}")
+    if views:
+        for name in block.shapes:
+            parent, _, child = name.rpartition(".")
+            values = block.overrides.get(name) if name in block.overrides else None
+            mask = None if block.dense and values is None else block.masks[name]
+            setattr(model.get_submodule(parent), child, LinearView(llm.get_submodule(name), mask, values))
     for key, buf in llm.named_buffers():  # non-persistent buffers (rotary inv_freq) are not in state
         mod, _, leaf = key.rpartition(".")
         model.get_submodule(mod)._buffers[leaf] = buf
@@ -78,3 +98,90 @@ def build_slm(block) -> nn.Module:
     model.generation_config = copy.deepcopy(getattr(llm, "generation_config", None))
     model.name_or_path = f"{getattr(llm, 'name_or_path', 'llm')}:{block.id}"
     return model.train(llm.training)
+
+
+# ----- views: a block's linear layer computed from the LLM's weight, never stored ----------------------------
+class LinearView(nn.Linear):
+    """A block's linear layer as a view of the LLM's: its weight is ``M ⊙ W_llm`` (``mask``), the block's
+    stored values at ``M`` (``values``, SparseGPT), or ``W_llm`` itself (a dense block), computed per call from
+    the LLM's live tensor and dropped after it; backward recomputes it instead of keeping it.
+
+    So the SLM holds one bool per weight (the mask) and, for SparseGPT, the kept values, never a second copy of
+    the weights; and it sees every change made to the LLM's weight since (merge mode relies on it). The source
+    layer is not a submodule: the SLM's ``state_dict`` and ``parameters`` do not include the LLM's weights
+    (``materialize`` turns views into plain layers for export or in-place edits). ``weight`` returns the
+    effective weight as a new tensor (editing it changes nothing: ``apply_delta`` and ``detach_lora(merge=True)``
+    refuse views).
+    """
+
+    def __init__(self, source: nn.Linear, mask: torch.Tensor | None = None, values: torch.Tensor | None = None):
+        nn.Module.__init__(self)
+        out_f, in_f = source.weight.shape
+        if mask is not None and (mask.dtype != torch.bool or tuple(mask.shape) != (out_f, in_f)):
+            raise LegokitError(f"a view's mask must be bool of the LLM module's shape {(out_f, in_f)}; got "
+                               f"{mask.dtype} {tuple(mask.shape)}")
+        if values is not None and (mask is None or values.numel() != int(mask.sum())):
+            raise LegokitError(f"a view's stored values must come with its mask, one value per kept weight; got "
+                               f"{values.numel()} values for {None if mask is None else int(mask.sum())} kept")
+        self.in_features, self.out_features = in_f, out_f
+        object.__setattr__(self, "source", source)  # the LLM's layer: not registered, not ours to save or train
+        self.register_buffer("mask", mask, persistent=False)  # bool (out, in) or None
+        self.register_buffer("values", values, persistent=False)  # (kept,) or None
+
+    def effective_weight(self) -> torch.Tensor:
+        """``(out, in)``: the weight this layer computes with now (a new tensor unless the block is dense)."""
+        w = self.source.weight.detach()
+        if self.values is not None:
+            return torch.zeros_like(w).masked_scatter_(self.mask, self.values.to(w.dtype))
+        if self.mask is not None:
+            return w * self.mask
+        return w
+
+    @property
+    def weight(self) -> torch.Tensor:  # type: ignore[override]
+        return self.effective_weight()
+
+    @property
+    def bias(self) -> torch.Tensor | None:  # type: ignore[override]
+        b = self.source.bias
+        return None if b is None else b.detach()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _ViewLinearFn.apply(x, self)
+
+    def materialized(self) -> nn.Linear:
+        """A plain ``nn.Linear`` holding a copy of the effective weight (and bias)."""
+        w = self.effective_weight()
+        lin = nn.Linear(self.in_features, self.out_features, bias=self.source.bias is not None,
+                        device="meta")
+        lin.weight = nn.Parameter(w.clone() if self.mask is None else w, requires_grad=False)  # dense: w is W_llm
+        if self.source.bias is not None:
+            lin.bias = nn.Parameter(self.source.bias.detach().clone(), requires_grad=False)
+        return lin
+
+    def extra_repr(self) -> str:
+        kind = "dense" if self.mask is None else "stored values" if self.values is not None else "masked"
+        return f"in_features={self.in_features}, out_features={self.out_features}, view of the LLM ({kind})"
+
+
+class _ViewLinearFn(torch.autograd.Function):
+    """``y = x Wᵀ + b`` with ``W = view.effective_weight()``, recomputed in backward instead of saved."""
+
+    @staticmethod
+    def forward(ctx, x, view):
+        ctx.view = view
+        return F.linear(x, view.effective_weight(), view.bias)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad @ ctx.view.effective_weight(), None
+
+
+def materialize(model: nn.Module) -> nn.Module:
+    """Replace every ``LinearView`` in ``model`` (also under a LoRA layer) by a plain ``nn.Linear`` copy, in
+    place; returns ``model``. For export and for code that edits weights in place."""
+    for name, mod in list(model.named_modules()):
+        if isinstance(mod, LinearView):
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, child, mod.materialized())
+    return model

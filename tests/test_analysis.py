@@ -33,6 +33,7 @@ from legokit.federation import block_model, run_federation
 from legokit.lora import svd_refactor
 from legokit.models import linear_modules
 from legokit.rounds import ClientResult
+from legokit.slm import materialize
 from legokit.strategy import build_strategy
 from legokit.utils import LegokitError
 
@@ -221,7 +222,7 @@ def test_a_real_round_feeds_metrics_and_reaggregation(tiny_blocks, tmp_path):
     for i, block in enumerate(blocks):
         with block_model(server, i) as m, torch.no_grad():
             want = m(ids).logits
-        with apply_delta(block.model, block_update(server, i)) as m, torch.no_grad():
+        with apply_delta(materialize(block.model), block_update(server, i)) as m, torch.no_grad():
             got = m(ids).logits
         block.release()
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)

