@@ -1,0 +1,160 @@
+"""Memory of a federation: blocks as views of the LLM against blocks that copy its weights, 4 to 64 clients.
+
+Every measurement runs in its own process (peak RSS is per process: ``ru_maxrss`` at its end) on the quick
+profile's model, blocks and data (``configs/quick.yaml``: Wanda blocks at 0/25/50/75%, four tasks), with
+``N`` clients over the four sparsity profiles (client k holds block k mod 4), a Dirichlet partition
+(alpha 0.5) of 512 training examples (the same for every N), and rounds that sample 4 clients each
+(``fed.sample_fraction = 4 / N``):
+
+  design   ``view``: a block's SLM computes with the LLM's weights and its mask (``legokit.slm.LinearView``);
+           ``copy``: the SLM holds its own pruned copy of every linear weight (the design before views).
+  clients  4, 16, 64.
+
+Reported per run: peak RSS as a multiple of the LLM's float32 size, and seconds per round. Then the LoRA
+step time of a view block against a copied block (the 50% block, masked LoRA, the quick training sizes,
+interleaved repeats, best of each), and this machine's fp32 GEMM rate from the same run.
+
+Run:  .venv/bin/python bench/bench_memory.py [--clients 4 16 64] [--rounds 1] [--steps 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def gemm_gflops(size: int = 2048, repeat: int = 10) -> float:
+    """Dense fp32 GEMM rate of this machine (GFLOP/s), the best of ``repeat`` timed products."""
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    a @ b
+    best = float("inf")
+    for _ in range(repeat):
+        t = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - t)
+    return 2 * size**3 / best / 1e9
+
+
+def _config(clients: int, rounds: int, steps: int):
+    from legokit.config import load_config
+
+    return load_config(ROOT / "configs" / "quick.yaml").with_overrides({
+        "fed.num_clients": clients, "fed.client_sparsities": None, "fed.rounds": rounds,
+        "fed.sample_fraction": min(1.0, 4 / clients), "data.partition": "dirichlet", "data.alpha": 0.5,
+        "data.train_examples": 512,
+        "train.local_steps": steps, "eval.base": False})
+
+
+def child_federation(design: str, clients: int, rounds: int, steps: int, blocks_dir: Path) -> dict:
+    """One federation in this process; returns its peak RSS and seconds per round."""
+    from legokit.experiment import client_partitions, load_or_extract_blocks
+    from legokit.federation import run_federation
+    from legokit.models import load_model, param_bytes
+
+    cfg = _config(clients, rounds, steps)
+    llm, tok = load_model(cfg.model, device=cfg.device, dtype=cfg.dtype)
+    parts = client_partitions(cfg)
+    blocks = load_or_extract_blocks(cfg, llm, tok, blocks_dir, progress=False)
+    for b in blocks:
+        b.view = design == "view"
+    with tempfile.TemporaryDirectory() as out:
+        t = time.perf_counter()
+        run_federation(cfg, llm, tok, blocks, parts, out, progress=False)
+        seconds = (time.perf_counter() - t) / rounds
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+    return {"design": design, "clients": clients, "peak_mib": peak / 2**20, "llm_mib": param_bytes(llm) / 2**20,
+            "seconds_per_round": seconds}
+
+
+def child_step_time(steps: int, repeats: int, blocks_dir: Path) -> dict:
+    """LoRA training step time of the 50% block built as views and as copies (interleaved, best of each)."""
+    from legokit.experiment import client_partitions, load_or_extract_blocks
+    from legokit.lora import attach_lora, detach_lora
+    from legokit.models import load_model
+    from legokit.slm import build_slm
+    from legokit.train import train_client
+
+    cfg = _config(4, 1, steps)
+    llm, tok = load_model(cfg.model, device=cfg.device, dtype=cfg.dtype)
+    block = load_or_extract_blocks(cfg, llm, tok, blocks_dir, progress=False)[2]
+    examples = client_partitions(cfg)[0]
+    best = {"view": float("inf"), "copy": float("inf")}
+    for _ in range(repeats):
+        for design in best:
+            model = build_slm(block, view=design == "view")
+            attach_lora(model, cfg.lora, masks=block.masks, seed=0)
+            train_client(model, tok, examples, replace(cfg.train, local_steps=1), seed=0, progress=False)  # warm-up
+            t = time.perf_counter()
+            train_client(model, tok, examples, cfg.train, seed=0, progress=False)
+            best[design] = min(best[design], (time.perf_counter() - t) / steps)
+            detach_lora(model)
+            del model
+    return {"block": block.id, "view_s": best["view"], "copy_s": best["copy"]}
+
+
+def _run_child(args: list[str]) -> dict:
+    out = subprocess.run([sys.executable, __file__, "--child", *args], capture_output=True, text=True, cwd=ROOT)
+    if out.returncode != 0:
+        raise SystemExit(f"child {args} failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--clients", type=int, nargs="+", default=[4, 16, 64])
+    ap.add_argument("--rounds", type=int, default=1)
+    ap.add_argument("--steps", type=int, default=2, help="local steps per client per round")
+    ap.add_argument("--step-repeats", type=int, default=3)
+    ap.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    blocks_dir = Path(tempfile.gettempdir()) / "legokit-bench-memory-blocks"
+    if args.child:
+        kind, *rest = args.child
+        if kind == "fed":
+            res = child_federation(rest[0], int(rest[1]), args.rounds, args.steps, blocks_dir)
+        else:
+            res = child_step_time(args.steps, args.step_repeats, blocks_dir)
+        print(json.dumps(res))
+        return
+
+    gflops = gemm_gflops()
+    print(f"fp32 GEMM: {gflops:.1f} GFLOP/s; quick profile, {args.rounds} round(s) of {args.steps} local steps, "
+          f"4 clients sampled per round")
+    rows = []
+    for design in ("copy", "view"):
+        for n in args.clients:
+            r = _run_child(["fed", design, str(n)])
+            rows.append(r)
+            ratio = r["peak_mib"] / r["llm_mib"]
+            print(f"  {design:4s} {n:3d} clients: peak RSS {r['peak_mib']:7.0f} MiB = {ratio:.2f}x the LLM's fp32 "
+                  f"size ({r['llm_mib']:.0f} MiB); {r['seconds_per_round']:6.1f} s per round", flush=True)
+    step = _run_child(["step"])
+    print(f"\n{'design':6s} " + " ".join(f"{n:>14d} clients" for n in args.clients))
+    for design in ("copy", "view"):
+        cells = [r for r in rows if r["design"] == design]
+        print(f"{design:6s} " + " ".join(f"{r['peak_mib'] / r['llm_mib']:>6.2f}x {r['seconds_per_round']:>6.1f} s/rd"
+                                         for r in cells))
+    by = {(r["design"], r["clients"]): r for r in rows}
+    lo, hi = min(args.clients), max(args.clients)
+    for design in ("copy", "view"):
+        print(f"{design}: peak RSS at {hi} clients / at {lo} clients = "
+              f"{by[design, hi]['peak_mib'] / by[design, lo]['peak_mib']:.3f}")
+    for n in args.clients:
+        print(f"{n} clients: view peak / copy peak = {by['view', n]['peak_mib'] / by['copy', n]['peak_mib']:.3f}")
+    print(f"LoRA step on {step['block']}: view {step['view_s']:.2f} s, copy {step['copy_s']:.2f} s, "
+          f"ratio view/copy = {step['view_s'] / step['copy_s']:.3f}")
+
+
+if __name__ == "__main__":
+    main()
