@@ -50,7 +50,7 @@ def _config(clients: int, rounds: int, steps: int):
     from legokit.config import load_config
 
     return load_config(ROOT / "configs" / "quick.yaml").with_overrides({
-        "fed.num_clients": clients, "fed.client_sparsities": None, "fed.rounds": rounds,
+        "fed.num_clients": clients, "fed.client_sparsities": None, "fed.rounds": rounds, "fed.global_rank": 32,
         "fed.sample_fraction": min(1.0, 4 / clients), "data.partition": "dirichlet", "data.alpha": 0.5,
         "data.train_examples": 512,
         "train.local_steps": steps, "eval.base": False})

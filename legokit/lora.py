@@ -111,6 +111,12 @@ class _MaskedLoraFn(torch.autograd.Function):
         return grad_x, grad_xl, grad_w, grad_b, grad_A, grad_B, None, None, None
 
 
+def _stored_weight(layer: nn.Linear) -> Tensor:
+    """The tensor a layer's weight lives in, for its shape, dtype and device: a view's LLM weight (reading
+    ``.weight`` of a ``LinearView`` would compute a new tensor)."""
+    return layer.source.weight if isinstance(layer, LinearView) else layer.weight
+
+
 def _masked_delta(A: Tensor, B: Tensor, mask: Tensor, scaling: float, dtype: torch.dtype) -> Tensor:
     delta = (B @ A).mul_(scaling).mul_(mask)  # (out, in), a fresh tensor safe to modify in place
     return delta if delta.dtype == dtype else delta.to(dtype)
@@ -128,7 +134,8 @@ class MaskedLoraLinear(nn.Module):
                  mask: Tensor | None = None, generator: torch.Generator | None = None,
                  scaling: float | None = None):
         super().__init__()
-        out_f, in_f = base_layer.weight.shape
+        w = _stored_weight(base_layer)  # shape, dtype and device only
+        out_f, in_f = w.shape
         if not 1 <= rank <= min(out_f, in_f):
             raise LegokitError(f"LoRA rank {rank} does not fit a {out_f}x{in_f} layer: use 1 <= rank <= "
                                f"{min(out_f, in_f)}")
@@ -140,7 +147,6 @@ class MaskedLoraLinear(nn.Module):
         # scaling defaults to peft's alpha / r; an explicit one fixes s (and records alpha = s * r)
         self.scaling = alpha / rank if scaling is None else float(scaling)
         self.r, self.lora_alpha = rank, self.scaling * rank
-        w = base_layer.weight
         fdtype = torch.float32 if w.dtype in (torch.float16, torch.bfloat16) else w.dtype
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.lora_A = nn.Linear(in_f, rank, bias=False, device=w.device, dtype=fdtype)
@@ -234,7 +240,7 @@ def attach_lora(model: nn.Module, cfg: LoraConfig, masks: Mapping[str, Tensor] |
         raise LegokitError(f"init names modules that are not LoRA targets of this model: {unknown[:3]}"
                            f"{' ...' if len(unknown) > 3 else ''}; targets are {cfg.target_modules}")
     for name, lin in targets.items():
-        out_f, in_f = lin.weight.shape
+        out_f, in_f = _stored_weight(lin).shape
         if name in masks:
             m = masks[name]
             if not isinstance(m, Tensor) or m.dtype != torch.bool:
