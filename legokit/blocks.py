@@ -6,11 +6,13 @@ A ``Block`` is what a client's SLM is made of, stored as little as possible:
   module per access; structured blocks store kept row / column indices instead and derive the masks.
 - overrides: only weights that are *not* ``M ⊙ W_llm`` are stored, as the values at the kept positions
   (SparseGPT's reconstructed weights). Magnitude, Wanda and structured blocks store no weights.
-- ``model``: built on first access by ``legokit.slm.build_slm`` from the *current* LLM plus the overrides
-  (pruned linear weights are new tensors; embeddings, norms and the LM head share the LLM's storage
-  read-only), and freed by ``release()``. So a block derived from the LLM sees every change made to the
-  LLM since: in merge mode the caller adds ΔW_g to the LLM and calls ``add_to_base(name, ΔW_g)`` on each
-  block, which only updates what the LLM cannot give back (overrides, and the live model when one is built).
+- ``model``: built on first access by ``legokit.slm.build_slm`` from the *current* LLM plus the overrides,
+  and freed by ``release()``. Its pruned linear layers are views of the LLM's (``slm.LinearView``: the mask is
+  applied per call, one bool per weight is held, no weight is copied; a structured block's are smaller
+  copies); embeddings, norms and the LM head share the LLM's storage read-only. So a block derived from the
+  LLM sees every change made to the LLM since (a live view too): in merge mode the caller adds ΔW_g to the
+  LLM and calls ``add_to_base(name, ΔW_g)`` on each block, which only updates what the LLM cannot give back
+  (overrides, and a live structured model's copies).
 
 ``extract_blocks`` makes the blocks of one method and pattern at several sparsities. In ``one_shot``
 calibration one dense pass gives the statistics of every level and the masks are nested
@@ -534,8 +536,8 @@ def sparsity_report(block: Block):
     """Per layer and module: achieved sparsity, parameters, bytes as stored and bytes of the SLM weight.
 
     Columns: ``name, layer, module, shape, params, kept, sparsity, slm_shape, slm_params, stored_bytes``
-    (packed mask / kept indices + overrides the block holds) and ``model_bytes`` (the SLM's weight in
-    memory: smaller only for structured blocks; unstructured zeros still take space).
+    (packed mask / kept indices + overrides the block holds) and ``model_bytes`` (the SLM's weight as it
+    computes with it: smaller only for structured blocks; a view computes it per layer and drops it).
     """
     import pandas as pd
 
