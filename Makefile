@@ -39,6 +39,7 @@ bench: setup
 	$(BIN)/python bench/bench_prune.py
 	$(BIN)/python bench/bench_train.py
 	$(BIN)/python bench/bench_flower.py
+	$(BIN)/python bench/bench_memory.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
