@@ -328,8 +328,9 @@ class Block:
         shapes = {n: shapes[n] for n in have if n in shapes} | {n: s for n, s in shapes.items() if n not in have}
         for n, s in shapes.items():
             if have.get(n) != s:
-                raise LegokitError(f"block {d} was made for another LLM: module {n} has shape {s} in the "
-                                   f"block and {have.get(n)} in this LLM")
+                raise LegokitError(f"block {d} was made for another LLM ({info.get('llm')!r}, not "
+                                   f"{getattr(llm, 'name_or_path', None)!r}): module {n} has shape {s} in the "
+                                   f"block and {have.get(n)} in this LLM; extract the blocks again for this LLM")
         packed = index = None
         if (d / "masks.safetensors").is_file():
             packed = _load_tensors(d / "masks.safetensors")

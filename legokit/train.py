@@ -152,6 +152,20 @@ def batch_order(n: int, steps: int, batch_size: int, seed: int) -> list[list[int
     return [flat[i * batch_size:(i + 1) * batch_size] for i in range(steps)]
 
 
+def _checkpointing(model: nn.Module, on: bool) -> None:
+    """Activation checkpointing on / off (transformers 5 renamed ``gradient_checkpointing_*`` to
+    ``activation_checkpointing_*`` and warns on the old names; both do the same)."""
+    if hasattr(model, "activation_checkpointing_enable"):
+        if on:
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.activation_checkpointing_disable()
+    elif on:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_disable()
+
+
 def train_client(model: nn.Module, tokenizer, examples: Sequence, cfg: TrainConfig, *, seed: int,
                  client: str = "client", round_idx: int = 0, device: torch.device | str | None = None,
                  progress: bool = True, pack: bool = True) -> TrainResult:
@@ -199,7 +213,7 @@ def train_client(model: nn.Module, tokenizer, examples: Sequence, cfg: TrainConf
     try:
         model.train()
         if cfg.gradient_checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            _checkpointing(model, True)
         attention = packed_attention(model) if pack else nullcontext()
         with torch.random.fork_rng(devices=rng_devices), attention:  # dropout draws from a seeded stream
             torch.manual_seed(seed)
@@ -228,7 +242,7 @@ def train_client(model: nn.Module, tokenizer, examples: Sequence, cfg: TrainConf
     finally:
         bar.close()
         if cfg.gradient_checkpointing:
-            model.gradient_checkpointing_disable()
+            _checkpointing(model, False)
         model.train(was_training)
         for p in params:  # a failed step must not leave gradients behind
             p.grad = None

@@ -202,10 +202,13 @@ def test_save_load_round_trips_bit_exactly(tiny, tmp_path, method, pattern):
         assert all(torch.equal(back.masks[n], b.masks[n]) for n in b.masks)
         sd, sd_back = b.model.state_dict(), back.model.state_dict()
         assert sd.keys() == sd_back.keys() and all(torch.equal(sd[k], sd_back[k]) for k in sd)
+        lin, lin_back = linear_modules(b.model), linear_modules(back.model)  # views compute their weights
+        assert lin.keys() == lin_back.keys() == b.shapes.keys()
+        assert all(torch.equal(lin[n].weight, lin_back[n].weight) for n in lin)
         back.release()
     b.release()
     narrower, _ = tiny_llama(intermediate=64)
-    with pytest.raises(LegokitError, match="another LLM"):
+    with pytest.raises(LegokitError, match=r"another LLM \('tiny-llama'.*extract the blocks again"):
         Block.load(tmp_path / "b", narrower)
 
 
