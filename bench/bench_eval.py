@@ -15,22 +15,11 @@ import argparse
 import time
 
 import torch
+from machine import gemm_gflops
 
 from legokit.data import choice_ids, load_task, tokenize_example
 from legokit.evaluate import _layout, harness_requests, score_requests
 from legokit.models import load_model
-
-
-def gemm_gflops(size: int = 2048, repeat: int = 10) -> float:
-    """Dense fp32 GEMM rate of this machine (GFLOP/s), the best of ``repeat`` timed products."""
-    a, b = torch.randn(size, size), torch.randn(size, size)
-    a @ b
-    best = float("inf")
-    for _ in range(repeat):
-        t = time.perf_counter()
-        a @ b
-        best = min(best, time.perf_counter() - t)
-    return 2 * size**3 / best / 1e9
 
 
 def non_embedding_params(model) -> int:

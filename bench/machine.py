@@ -1,0 +1,19 @@
+"""What every benchmark reports beside an absolute time: this machine's dense fp32 GEMM rate."""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+
+def gemm_gflops(size: int = 2048, repeat: int = 10) -> float:
+    """Dense fp32 GEMM rate of this machine (GFLOP/s), the best of ``repeat`` timed products."""
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    a @ b
+    best = float("inf")
+    for _ in range(repeat):
+        t = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - t)
+    return 2 * size**3 / best / 1e9
