@@ -46,6 +46,7 @@ def _config(clients: int, rounds: int, steps: int):
 
 def child_federation(design: str, clients: int, rounds: int, steps: int, blocks_dir: Path) -> dict:
     """One federation in this process; returns its peak RSS and seconds per round."""
+    from legokit.blocks import Block
     from legokit.experiment import client_partitions, load_or_extract_blocks
     from legokit.federation import run_federation
     from legokit.models import load_model, param_bytes
@@ -53,9 +54,8 @@ def child_federation(design: str, clients: int, rounds: int, steps: int, blocks_
     cfg = _config(clients, rounds, steps)
     llm, tok = load_model(cfg.model, device=cfg.device, dtype=cfg.dtype)
     parts = client_partitions(cfg)
-    blocks = load_or_extract_blocks(cfg, llm, tok, blocks_dir, progress=False)
-    for b in blocks:
-        b.view = design == "view"
+    n = len(load_or_extract_blocks(cfg, llm, tok, blocks_dir, progress=False))  # extracted once, then read
+    blocks = [Block.load(blocks_dir / "blocks" / f"{i}", llm, view=design == "view") for i in range(n)]
     with tempfile.TemporaryDirectory() as out:
         t = time.perf_counter()
         run_federation(cfg, llm, tok, blocks, parts, out, progress=False)
