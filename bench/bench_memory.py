@@ -54,7 +54,10 @@ def child_federation(design: str, clients: int, rounds: int, steps: int, blocks_
     cfg = _config(clients, rounds, steps)
     llm, tok = load_model(cfg.model, device=cfg.device, dtype=cfg.dtype)
     parts = client_partitions(cfg)
-    n = len(load_or_extract_blocks(cfg, llm, tok, blocks_dir, progress=False))  # extracted once, then read
+    index = blocks_dir / "blocks" / "index.json"
+    if not index.is_file():  # the first run extracts, every run reads them with its design
+        load_or_extract_blocks(cfg, llm, tok, blocks_dir, progress=False)
+    n = len(json.loads(index.read_text())["blocks"])
     blocks = [Block.load(blocks_dir / "blocks" / f"{i}", llm, view=design == "view") for i in range(n)]
     with tempfile.TemporaryDirectory() as out:
         t = time.perf_counter()

@@ -218,9 +218,9 @@ class Block:
         if self.dense or self.structured:
             return None
         if self._model is not None:  # share the bool masks the built views already hold
-            held = {n: m.mask for n, m in self._model.named_modules() if isinstance(m, LinearView)}
-            if len(held) == len(self.shapes):
-                return held
+            layers = {n: self._model.get_submodule(n) for n in self.shapes}
+            if all(isinstance(m, LinearView) for m in layers.values()):
+                return {n: m.mask for n, m in layers.items()}
         return self.masks
 
     @property

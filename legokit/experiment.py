@@ -297,8 +297,9 @@ def run_conditions(cfg, conditions: Sequence[str], run_dir: str | Path, *,
         want = {"condition": cond, "config": ccfg.to_dict()}
         if (d / "results.json").is_file():
             have = json.loads(stamp.read_text()) if stamp.is_file() else None
-            if have != json.loads(json.dumps(want)):
-                diff = "no condition.json" if have is None else first_difference(have, json.loads(json.dumps(want)))
+            written = json.loads(json.dumps(want))  # as the stamp reads back (tuples become lists)
+            if have != written:
+                diff = "no condition.json" if have is None else first_difference(have, written)
                 raise LegokitError(f"{d} holds results of another configuration ({diff}): "
                                    f"choose another RUN_DIR, or delete {d} to rerun it")
             out[cond] = {**json.loads((d / "results.json").read_text()), "run_dir": str(d)}

@@ -174,6 +174,8 @@ class _ViewLinearFn(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
+        if not ctx.needs_input_grad[0]:
+            return None, None
         return grad @ ctx.view.effective_weight(), None
 
 
