@@ -27,10 +27,11 @@ test: setup
 
 # Unit tests only: no assets needed, a minute or two.
 test-fast: install
-	$(BIN)/pytest -m "not slow and not notebook and not flower" $(PYTEST_ARGS)
+	$(BIN)/pytest -m "not slow and not notebook and not flower and not browser" $(PYTEST_ARGS)
 
+# configs/jupyterlab/overrides.json: no news or update prompt over the notebook (the browser tests use it too).
 lab: setup
-	$(BIN)/jupyter lab notebooks/
+	$(BIN)/jupyter lab --LabApp.app_settings_dir=configs/jupyterlab notebooks/
 
 lint: install
 	$(BIN)/ruff check legokit tests bench

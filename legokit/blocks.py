@@ -59,15 +59,13 @@ from legokit.prune import (
     index_mask,
     inverse_hessian_factor,
     layerwise_calibration,
-    magnitude_scores,
+    method_scores,
     nested_masks,
-    obs_scores,
     parse_pattern,
     resolve_sparsity,
     sparsegpt_prune,
     structured_select,
     structured_sizes,
-    wanda_scores,
 )
 from legokit.slm import LinearView, attention_dims, build_slm
 from legokit.utils import LegokitError, atomic_write_json, release_heap
@@ -452,14 +450,15 @@ def extract_blocks(llm: nn.Module, tokenizer, sparsities: Sequence[float] = (0, 
             scores, factors = {}, {}
             for n, w in weights.items():
                 if method == "magnitude":
-                    scores[n] = magnitude_scores(w)
+                    scores[n] = method_scores(method, w)
                 elif method == "wanda":
-                    scores[n] = wanda_scores(w, stats.act_norm(n))
+                    scores[n] = method_scores(method, w, act_norm=stats.act_norm(n))
                 else:  # q/k/v and gate/up share their input, so their Hessian factor
                     key = stats.shared(n)
                     if key not in factors:
                         factors[key] = inverse_hessian_factor(stats.hessian(n), percdamp)
-                    scores[n] = obs_scores(w, stats.hessian(n), percdamp, factor=factors[key])
+                    scores[n] = method_scores(method, w, hessian=stats.hessian(n), percdamp=percdamp,
+                                              factor=factors[key])
             if pat.kind == "structured":
                 short = {k: scores[n] for k, n in names.items()}
                 for s in todo:

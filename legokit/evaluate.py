@@ -35,7 +35,6 @@ from contextlib import contextmanager
 from fractions import Fraction
 
 import torch
-import torch.nn.functional as F
 
 from legokit.data import TASKS, Example, _ids, choice_ids, load_task, prompt_ids, render, tokenize_example
 from legokit.names import SCORINGS
@@ -255,13 +254,25 @@ def score_requests(model, requests: Sequence[Request], *, row_tokens: int = 384,
                          position_ids=pos.to(device)).last_hidden_state  # (B, T, D)
         rows_t = torch.tensor([w[3] for w in where], device=device)
         cols_t = torch.tensor([w[4] for w in where], device=device)
-        logp = torch.log_softmax(head(hidden[rows_t, cols_t]).float(), dim=-1)  # (K, V), K = scored tokens
         tgt = torch.tensor([requests[i][1][j][t] for i, j, t, _, _ in where], device=device)
-        picked = logp.gather(-1, tgt[:, None])[:, 0].tolist()
+        picked = _target_logprobs(head, hidden[rows_t, cols_t], tgt).tolist()  # K = scored tokens
         for (i, j, _, _, _), v in zip(where, picked, strict=True):
             out[i][j] += v
         if bar is not None:
             bar.update(len({i for r in batch for i in r}))
+    return out
+
+
+LOGIT_CHUNK = 256  # hidden states projected onto the vocabulary at once: (256, V) floats, ~50 MB at V = 49k
+
+
+def _target_logprobs(head, hidden: torch.Tensor, targets: torch.Tensor, chunk: int = LOGIT_CHUNK) -> torch.Tensor:
+    """``log p(target_k | hidden_k)`` for ``hidden`` (K, D) and ``targets`` (K,), projecting ``chunk`` rows at a
+    time so no (K, vocabulary) tensor is ever held (K is thousands of tokens in a batch of long windows)."""
+    out = torch.empty(targets.shape[0], dtype=torch.float32, device=hidden.device)
+    for a in range(0, targets.shape[0], chunk):
+        logp = torch.log_softmax(head(hidden[a: a + chunk]).float(), dim=-1)  # (chunk, V)
+        out[a: a + chunk] = logp.gather(-1, targets[a: a + chunk, None])[:, 0]
     return out
 
 
@@ -322,7 +333,7 @@ def block_perplexity(block, tokenizer, texts: Sequence[str], seq_len: int = 256,
 
 
 def window_nlls(model, tokenizer, texts: Sequence[str], seq_len: int = 256,
-                batch_size: int = 8) -> list[tuple[float, int]]:
+                batch_size: int = 8, progress: bool = True) -> list[tuple[float, int]]:
     """``[(summed NLL, predicted tokens)]`` per window of ``perplexity``: the per-item records of held-out text."""
     if not texts:
         raise LegokitError("perplexity needs at least one text")
@@ -335,19 +346,20 @@ def window_nlls(model, tokenizer, texts: Sequence[str], seq_len: int = 256,
     windows = [stream[i: i + seq_len] for i in range(0, len(stream), seq_len)]
     windows = [w for w in windows if len(w) >= 2]
     device = _device(model)
+    decoder, head = model.get_decoder(), model.get_output_embeddings()
     out: list[tuple[float, int]] = []
     with _eval_mode(model):
         batches = [windows[i: i + batch_size] for i in range(0, len(windows), batch_size)]
-        for batch in progress_bar(batches, desc="perplexity", leave=False):
+        for batch in progress_bar(batches, desc="perplexity", leave=False, disable=not progress):
             groups: dict[int, list[list[int]]] = {}
             for w in batch:  # only the last window can be shorter; it gets its own forward
                 groups.setdefault(len(w), []).append(w)
             for group in groups.values():
                 ids = torch.tensor(group, device=device)  # (B, T)
-                logits = model(input_ids=ids).logits
-                for row in range(ids.shape[0]):  # per row keeps the fp32 log-softmax copy small
-                    nll = F.cross_entropy(logits[row, :-1].float(), ids[row, 1:], reduction="sum").item()
-                    out.append((nll, ids.shape[1] - 1))
+                hidden = decoder(input_ids=ids).last_hidden_state  # (B, T, D); never (B, T, V) logits
+                for row in range(ids.shape[0]):
+                    logp = _target_logprobs(head, hidden[row, :-1], ids[row, 1:])  # (T-1,)
+                    out.append((-logp.double().sum().item(), ids.shape[1] - 1))
     return out
 
 

@@ -120,7 +120,7 @@ def load_or_extract_blocks(cfg: ExperimentConfig, llm, tokenizer, run_dir: Path,
     p = cfg.prune
     blocks = extract_blocks(llm, tokenizer, sparsities=tuple(p.sparsities), method=p.method, pattern=p.pattern,
                             calibration=p.calibration, n_calib=p.n_calib, seq_len=p.seq_len, seed=cfg.seed,
-                            texts=calibration_texts(p.n_calib, seed=cfg.seed))
+                            texts=calibration_texts(p.n_calib, seed=cfg.seed), progress=progress)
     for i, b in enumerate(blocks):
         b.save(bdir / f"{i}")
     atomic_write_json(index, {"blocks": [b.id for b in blocks]})

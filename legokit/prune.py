@@ -1,8 +1,9 @@
 """Pruning, as score -> mask -> apply, with calibration statistics gathered by hooks.
 
 - Scores: ``magnitude_scores`` (|W|), ``wanda_scores`` (|W| * ||X_j||_2), ``obs_scores`` (SparseGPT's
-  OBS saliency w^2 / [H^-1]_jj^2). ``sparsegpt_prune`` is SparseGPT's OBS pruning with weight
-  reconstruction from the calibration Hessian (Frantar & Alistarh, 2023).
+  OBS saliency w^2 / [H^-1]_jj^2); ``method_scores`` picks one by method name. ``sparsegpt_prune`` is
+  SparseGPT's OBS pruning with weight reconstruction from the calibration Hessian (Frantar & Alistarh, 2023).
+  ``output_error`` is what a pruned weight costs: its relative output error on the calibration inputs.
 - Masks: ``prune_mask(scores, sparsity, pattern)`` -> bool keep-mask (True = kept) for
   ``unstructured`` (per output row, as Wanda), ``"N:M"`` (N of every M consecutive inputs are zero, so
   "2:4" is 50% sparse) and ``structured`` (whole output rows of one matrix). Layer-level structured
@@ -150,6 +151,44 @@ def obs_scores(weight: torch.Tensor, hessian: torch.Tensor, percdamp: float = 0.
     U, _ = factor if factor is not None else inverse_hessian_factor(hessian, percdamp)
     d = torch.diag(U)  # (in,): diagonal of the Cholesky factor, as SparseGPT's first block uses
     return weight.detach().float().square() / d.square()[None, :].to(weight.device)
+
+
+def method_scores(method: str, weight: torch.Tensor, act_norm: torch.Tensor | None = None,
+                  hessian: torch.Tensor | None = None, percdamp: float = 0.01,
+                  factor: Factor | None = None) -> torch.Tensor:
+    """The per-weight score ``method`` prunes by, shape (out, in).
+
+    ``magnitude`` needs nothing else, ``wanda`` the input norms ``act_norm`` (in,), ``sparsegpt`` the
+    calibration ``hessian`` (in, in) (and optionally its ``factor``) for its OBS saliency.
+    """
+    check_method(method)
+    if method == "magnitude":
+        return magnitude_scores(weight)
+    if method == "wanda":
+        if act_norm is None:
+            raise LegokitError("wanda scores need act_norm, the input norms from calibration (InputStats.act_norm)")
+        return wanda_scores(weight, act_norm)
+    if hessian is None:
+        raise LegokitError("sparsegpt scores need the calibration hessian (InputStats.hessian)")
+    return obs_scores(weight, hessian, percdamp, factor=factor)
+
+
+def output_error(weight: torch.Tensor, pruned: torch.Tensor, hessian: torch.Tensor) -> float:
+    """Relative output error of a pruned weight on the calibration inputs: ||X (W - W')^T|| / ||X W^T||.
+
+    Computed from the Hessian H ∝ X^T X (its scale cancels): ||X D^T||_F^2 = tr(D X^T X D^T). ``pruned`` is
+    the weight the SLM computes with (M ⊙ W, or SparseGPT's reconstruction), in ``weight``'s shape.
+    Returns 0 for an all-zero output.
+    """
+    _check_hessian(weight, hessian)
+    if pruned.shape != weight.shape:
+        raise LegokitError(f"pruned weight has shape {tuple(pruned.shape)}; expected {tuple(weight.shape)}")
+    W = weight.detach().float()  # (out, in)
+    D = W - pruned.detach().to(W)  # (out, in)
+    H = hessian.detach().float().to(W.device)  # (in, in)
+    num = float(((D @ H) * D).sum(dtype=torch.float64))  # tr(D H D^T)
+    den = float(((W @ H) * W).sum(dtype=torch.float64))  # tr(W H W^T)
+    return math.sqrt(max(num, 0.0) / den) if den > 0 else 0.0
 
 
 def _check_hessian(weight: torch.Tensor, hessian: torch.Tensor) -> None:
@@ -576,7 +615,8 @@ LayerCallback = Callable[[int, nn.Module, InputStats], Mapping[str, torch.Tensor
 @torch.no_grad()
 def layerwise_calibration(llm: nn.Module, input_ids: torch.Tensor, on_layer: LayerCallback, *,
                           norms: bool = True, hessians: bool = False, batch_size: int = 8,
-                          progress: bool = False, desc: str = "calibrate") -> None:
+                          progress: bool = False, desc: str = "calibrate",
+                          layers: Iterable[int] | None = None) -> None:
     """Feed calibration windows through the decoder one layer at a time; the LLM is never modified.
 
     For every decoder layer: hooks (``InputStats``) record its linear layers' inputs while it runs,
@@ -584,13 +624,23 @@ def layerwise_calibration(llm: nn.Module, input_ids: torch.Tensor, on_layer: Lay
     name: pruned weight}``, the next layer's inputs come from a pruned copy of this layer (the
     ``sequential`` mode of Wanda and SparseGPT); if it returns ``None`` they come from the dense layer
     (``one_shot``). Memory: the hidden states of the windows plus one layer's statistics.
+    ``layers``: observe only these decoder layers (``on_layer`` is called for them alone); the pass stops
+    after the last one.
     """
     from legokit.models import decoder_layers, linear_modules
 
-    layers = decoder_layers(llm)
-    prefix = next(n for n, m in llm.named_modules() if m is layers)
+    decoder = decoder_layers(llm)
+    prefix = next(n for n, m in llm.named_modules() if m is decoder)
+    chosen = set(range(len(decoder))) if layers is None else {int(i) for i in layers}
+    if not chosen or not chosen <= set(range(len(decoder))):
+        raise LegokitError(f"layers={sorted(chosen)} must be a non-empty subset of the decoder layers "
+                           f"0..{len(decoder) - 1}")
     hidden, kwargs = _capture_layer0(llm, input_ids, batch_size)
-    for i, layer in enumerate(progress_bar(layers, desc=desc, disable=not progress, leave=False)):
+    for i, layer in enumerate(progress_bar(decoder[:max(chosen) + 1], desc=desc, disable=not progress,
+                                           leave=False)):
+        if i not in chosen:  # only feeds the next layer
+            hidden = [_layer_out(layer(h, **kw)) for h, kw in zip(hidden, kwargs, strict=True)]
+            continue
         linears = {f"{prefix}.{i}.{n}": m for n, m in linear_modules(layer).items()}
         with InputStats(linears, norms=norms, hessians=hessians) as stats:
             outs = [_layer_out(layer(h, **kw)) for h, kw in zip(hidden, kwargs, strict=True)]

@@ -7,6 +7,88 @@ from __future__ import annotations
 
 # ===================================================================== pruning (01_pruning)
 
+
+def mask_explorer(llm, stats, modules=None, methods=("magnitude", "wanda", "sparsegpt"),
+                  patterns=("unstructured", "2:4", "4:8"), module: str | None = None, method: str = "wanda",
+                  pattern: str = "unstructured", sparsity: float = 0.5, gap: float = 0.25, crop=(32, 64)):
+    """Module, method, pattern and sparsity controls that redraw one module's keep-mask (``viz.plot_mask_nesting``).
+
+    The picture: a corner of the mask, the same corner against the mask ``gap`` sparsity lower (unstructured;
+    dense for N:M), and the mask's statistics (``analysis.mask_stats``). Masks come from
+    ``analysis.module_masks`` (as ``extract_blocks`` makes them, one_shot); SparseGPT's are chosen level by
+    level, every ``gap`` up to the sparsity, so a redraw takes a few OBS passes over one module.
+
+    Args:
+        llm: the LLM; ``stats``: its ``analysis.calibration_stats`` (computed once, before the explorer).
+        modules: the dropdown's modules (default: every module ``stats`` observed).
+    Returns:
+        an ipywidgets ``VBox`` (CSS class ``legokit-mask-explorer``); ``.draw(module, method, pattern, sparsity)``
+        returns the Figure (headless), ``.update(...)`` sets controls and redraws. A sparsity outside [0, 1), one
+        an N:M pattern does not allow, or an unknown module / method shows in the status line.
+    """
+    import ipywidgets as W
+
+    from legokit.analysis import mask_stats, module_masks
+    from legokit.prune import check_method, parse_pattern, resolve_sparsity
+    from legokit.viz import plot_mask_nesting
+
+    names = list(modules or stats.modules)
+    layout = W.Layout(width="420px")
+    controls = {"module": W.Dropdown(options=names, value=module or names[len(names) // 2], description="module",
+                                     layout=layout),
+                "method": W.Dropdown(options=list(methods), value=method, description="method"),
+                "pattern": W.Dropdown(options=list(patterns), value=pattern, description="pattern"),
+                "sparsity": W.FloatSlider(value=sparsity, min=0.0, max=0.95, step=0.05, description="sparsity",
+                                          continuous_update=False, readout_format=".0%")}
+
+    def draw(module: str, method: str, pattern: str, sparsity: float):
+        stats.check(module)
+        check_method(method)
+        pat = parse_pattern(pattern)
+        s = resolve_sparsity(sparsity, pat)
+        if pat.kind == "nm":
+            chain = [0.0, s]
+        else:  # every gap below s, as extract_blocks' levels: SparseGPT's masks depend on the chain
+            chain = sorted({round(max(0.0, s - k * gap), 6) for k in range(int(s / gap + 1e-9) + 2)})
+        masks = module_masks(llm, stats, module, method, chain, str(pat))
+        mask = masks[-1]
+        lower, lower_s = (masks[-2], chain[-2]) if len(chain) > 1 else (masks[-1], chain[-1])
+        title = f"{module.removeprefix('model.')}\n{method}, {pat}, {s:.0%} pruned"
+        return plot_mask_nesting(mask, lower, mask_stats(mask, lower), title=title,
+                                 lower_label=f"the {lower_s:.0%} mask", crop=crop)
+
+    return _explorer("mask-explorer", controls, draw)
+
+
+def score_explorer(llm, stats, methods=("magnitude", "wanda", "sparsegpt"), layer: int | None = None,
+                   sparsity: float = 0.5, n: int = 2000, overlap=None):
+    """A layer dropdown that redraws every method's score distributions there (``viz.plot_score_distributions``).
+
+    Args:
+        llm, stats: the LLM and its ``analysis.calibration_stats``; the dropdown lists the observed layers.
+        sparsity, n: passed to ``analysis.score_sample``; ``overlap``: optional ``analysis.kept_overlap`` of two
+            blocks, shown per module kind for the chosen layer.
+    Returns:
+        an ipywidgets ``VBox`` (CSS class ``legokit-score-explorer``) with ``.draw(layer)`` / ``.update(layer)``.
+    """
+    import ipywidgets as W
+
+    from legokit.analysis import score_sample
+    from legokit.viz import plot_score_distributions
+
+    layers = stats.layers
+    dropdown = W.Dropdown(options=layers, value=layers[len(layers) // 2] if layer is None else layer,
+                          description="layer")
+
+    def draw(layer: int):
+        sample = score_sample(llm, stats, [layer], methods, sparsity=sparsity, n=n)
+        ov = None if overlap is None else overlap[overlap["layer"] == layer]
+        fig = plot_score_distributions(sample, ov)
+        fig.suptitle(f"decoder layer {layer}", fontsize=10)
+        return fig
+
+    return _explorer("score-explorer", {"layer": dropdown}, draw)
+
 # ===================================================================== clients (02_clients)
 
 
@@ -38,6 +120,53 @@ def partition_explorer(cfg, alpha: float = 0.5, min_alpha: float = 0.01, max_alp
         return plot_task_mix(task_mix(parts, cfg.data.tasks), title=f"dirichlet, alpha = {a:.2g}")
 
     return _explorer("partition-explorer", {"alpha": slider}, lambda alpha: draw(alpha))
+
+
+def device_editor(llm, blocks, budgets_mb, devices=None, context: int = 256, max_mb: float | None = None):
+    """One memory-budget slider per client (MiB) that redraws which block each client gets and what it costs.
+
+    Each client gets the densest block whose SLM, stored sparse, fits its budget
+    (``analysis.blocks_for_budgets``); the picture is ``viz.plot_budget_fit``: budgets against block sizes,
+    FLOPs per token, and a table. A budget below the smallest block shows the error and keeps the picture.
+
+    Args:
+        llm, blocks: the LLM and the extracted blocks (their costs are computed once, here).
+        budgets_mb: each client's starting budget in MiB (rounded up to the sliders' step), e.g. the ``sparse_mb`` of
+            the block it holds now (``analysis.client_table``).
+        devices: optional device name per client, shown in the slider labels and the table.
+        context: tokens of context of the FLOPs-per-token estimate.
+        max_mb: the sliders' upper end (default: 1.2 x the dense LLM's MiB).
+    Returns:
+        an ipywidgets ``VBox`` with controls ``client0``, ``client1``, ...; ``.draw(client0=..., ...)`` returns
+        the Figure, ``.update(client2=300)`` sets budgets and redraws.
+    """
+    import math
+
+    import ipywidgets as W
+
+    from legokit.analysis import block_cost_table, blocks_for_budgets
+    from legokit.utils import LegokitError
+    from legokit.viz import plot_budget_fit
+
+    if devices is not None and len(devices) != len(budgets_mb):
+        raise LegokitError(f"{len(devices)} device names for {len(budgets_mb)} budgets: give one per client")
+    costs = block_cost_table(llm, blocks, context)
+    top = float(max_mb if max_mb is not None else 1.2 * float(costs["dense_mb"].max()))
+    # about 500 steps over the range, a power of ten: 1 MiB for SmolLM2-135M, 0.0001 MiB for tiny-llama
+    digits = max(0, -math.floor(math.log10(top / 500)))
+    step = 10.0**-digits
+    budgets = [round(math.ceil(float(b) / step - 1e-6) * step, digits) for b in budgets_mb]  # rounded up
+    top = max(round(math.ceil(top / step) * step, digits), *budgets)
+    controls = {f"client{k}": W.FloatSlider(
+        value=b, min=0, max=top, step=step, readout_format=f".{digits}f", continuous_update=False,
+        description=f"client {k}" + (f" ({devices[k]})" if devices is not None else "") + ", MiB",
+        style={"description_width": "180px"}, layout=W.Layout(width="560px")) for k, b in enumerate(budgets)}
+
+    def draw(**values):
+        table = blocks_for_budgets(costs, [values[f"client{k}"] for k in range(len(budgets))], devices)
+        return plot_budget_fit(table, costs)
+
+    return _explorer("device-editor", controls, draw)
 
 
 # ===================================================================== aggregation (03_aggregation)
@@ -80,6 +209,46 @@ def module_explorer(strategy, results, aggregators=None, ranks=None):
     return _explorer("module-explorer", {"module": dropdown}, lambda module: draw(module))
 
 
+def aggregator_explorer(strategy, results, aggregators=None, modules=None, aggregator: str | None = None,
+                        module: str | None = None, crop=(48, 96)):
+    """Aggregator and module dropdowns that draw one ΔW_g beside the exact owner mean, their difference and
+    the coverage map (``analysis.aggregator_detail``, ``viz.plot_aggregator_detail``).
+
+    Args:
+        strategy, results: the federation's ``LegoStrategy`` and the client results to re-aggregate
+            (``strategy.last_results``).
+        aggregators: names from ``legokit.aggregate.AGGREGATORS`` (default: all).
+        modules: the modules to choose from (default: all of ``strategy.modules``).
+        aggregator, module: the starting choice (default: heteagg when offered, else the first; the first module).
+        crop: the top-left (rows, cols) of the module drawn.
+    Returns:
+        an ipywidgets ``VBox``; ``.draw(aggregator, module)`` returns the Figure (its title gives the relative
+        error, norm ratio and dilution of ``analysis.aggregation_errors``), ``.update(aggregator=..., module=...)``
+        redraws into the widget's output area.
+    """
+    import ipywidgets as W
+
+    from legokit.aggregate import AGGREGATORS
+    from legokit.analysis import aggregator_detail
+    from legokit.viz import plot_aggregator_detail
+
+    aggregators = list(aggregators or AGGREGATORS)
+    names = list(modules or strategy.modules)
+    aggregator = aggregator or ("heteagg" if "heteagg" in aggregators else aggregators[0])
+    controls = {"aggregator": W.Dropdown(options=aggregators, value=aggregator, description="aggregator"),
+                "module": W.Dropdown(options=names, value=module or names[0], description="module",
+                                     layout=W.Layout(width="480px"))}
+
+    def draw(aggregator: str, module: str):
+        detail = aggregator_detail(strategy, results, aggregator, module)
+        e = detail["errors"]
+        title = (f"{module} · {aggregator}: relative error {e['rel_error']:.2e} vs the exact owner mean "
+                 f"(norm ratio {e['norm_ratio']:.3f}, dilution {e['dilution']:.3f})")
+        return plot_aggregator_detail(detail["delta"], detail["reference"], detail["coverage"], title, crop)
+
+    return _explorer("aggregator-explorer", controls, draw)
+
+
 def _explorer(kind: str, controls, draw):
     """A ``VBox``: the controls, a status line, and an output area showing ``draw(**values)`` after each change.
 
@@ -98,7 +267,6 @@ def _explorer(kind: str, controls, draw):
     import html
 
     import ipywidgets as W
-    from IPython.display import display
 
     from legokit.utils import LegokitError
 
@@ -117,9 +285,7 @@ def _explorer(kind: str, controls, draw):
             status.value = f'<span class="legokit-error" style="color:#b00">{html.escape(str(err))}</span>'
             return str(err)
         status.value = ""
-        out.clear_output(wait=True)
-        with out:
-            display(shown)
+        out.outputs = (_display_output(shown),)  # set, not captured: holds headless too, and in saved widget state
         _close_figure(shown)
         return None
 
@@ -141,7 +307,7 @@ def _explorer(kind: str, controls, draw):
     def named(args, overrides):
         if len(args) > len(controls):
             raise LegokitError(f"{kind} takes at most {len(controls)} positional values ({list(controls)})")
-        return {**dict(zip(controls, args)), **overrides}
+        return {**dict(zip(controls, args, strict=False)), **overrides}
 
     for control in controls.values():
         control.observe(lambda change: redraw(), names="value")
@@ -187,6 +353,17 @@ class _quiet:
             c._trait_notifiers.setdefault("value", {}).setdefault("change", []).extend(self.held[k])
 
 
+def _display_output(shown) -> dict:
+    """``shown`` as one ``display_data`` output of an ``Output`` widget: what ``display(shown)`` would send
+    (the kernel's formatters: a figure as PNG), or its plain formats outside IPython."""
+    from IPython import get_ipython
+    from IPython.core.formatters import DisplayFormatter
+
+    ip = get_ipython()
+    data, metadata = (ip.display_formatter if ip is not None else DisplayFormatter()).format(shown)
+    return {"output_type": "display_data", "data": data, "metadata": metadata}
+
+
 def _close_figure(shown) -> None:
     """Close a matplotlib figure once it is displayed (inline figures stay in the output as PNG)."""
     import matplotlib.pyplot as plt
@@ -194,3 +371,19 @@ def _close_figure(shown) -> None:
 
     if isinstance(shown, Figure):
         plt.close(shown)
+
+
+# ===================================================================== the studio (05_studio)
+
+
+def studio(profile: str = "quick", model: str | None = None, **kwargs):
+    """The LEGO Studio: compose a federation, Run it in the background (live losses and coverage), Stop it,
+    compare two finished runs. ``kwargs`` go to ``legokit.studio.Studio`` (``workdir``, ``llm``, ...).
+
+    Returns:
+        an ipywidgets ``VBox`` (``legokit.studio.studio_widget``); its controller is ``.studio``
+        (``.studio.wait()`` waits for the running run).
+    """
+    from legokit.studio import Studio, studio_widget
+
+    return studio_widget(Studio(profile, model, **kwargs))

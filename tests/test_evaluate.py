@@ -362,3 +362,17 @@ def test_bad_scoring_and_non_finite_records_are_named(tiny):
     with pytest.raises(LegokitError, match="not finite for item.*'x1'"):
         summarize("piqa", [{"uid": "x0", "correct": 1.0, "nll": 1.0, "option_logprobs": [0.0]},
                            {"uid": "x1", "correct": 0.0, "nll": math.nan, "option_logprobs": [0.0]}])
+
+
+def test_target_logprobs_in_chunks_equal_one_projection(tiny_varied):
+    """The vocabulary projection in chunks (never a (tokens x vocabulary) tensor) gives the one-shot values."""
+    from legokit.evaluate import _target_logprobs
+
+    model, _ = tiny_varied
+    head = model.get_output_embeddings()
+    gen = torch.Generator().manual_seed(0)
+    hidden = torch.randn(11, model.config.hidden_size, generator=gen)
+    targets = torch.randint(0, model.config.vocab_size, (11,), generator=gen)
+    whole = torch.log_softmax(head(hidden).float(), dim=-1).gather(-1, targets[:, None])[:, 0]
+    for chunk in (1, 3, 11, 64):
+        torch.testing.assert_close(_target_logprobs(head, hidden, targets, chunk=chunk), whole)
