@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import re
+import time
 from pathlib import Path
 
 import pytest
@@ -107,6 +108,11 @@ def test_stored_notebook_opens_with_its_pictures(lab, notebook):
     lab.wait(lambda: lab.count(".jp-OutputArea-output img") >= stored, 60, f"{notebook}'s {stored} stored pictures")
     text = lab.js("return document.querySelector('.jp-NotebookPanel:not(.lm-mod-hidden) .jp-Notebook').innerText")
     assert "Loading weights" not in text and "%|" not in text, f"{notebook} shows a stale progress line"
+    # `make lab`'s settings (configs/jupyterlab/overrides.json): no "official Jupyter news?" toast over the notebook
+    # (without them JupyterLab 4.6 shows it a few seconds after start-up)
+    time.sleep(5)
+    toasts = lab.js("return [...document.querySelectorAll('.Toastify__toast')].map(t => t.innerText)")
+    assert not [t for t in toasts if "news" in t.lower()], f"a news prompt covers {notebook}: {toasts}"
     lab.screenshot(f"{notebook}-opened")
     _readme_shot(lab, notebook, ".jp-NotebookPanel:not(.lm-mod-hidden) .jp-OutputArea-output img")
 
@@ -180,6 +186,7 @@ def test_05_studio_in_the_browser(lab):
     lab.click(box, ".legokit-studio-run")
     lab.wait(lambda: "example" in lab.status(box, status).lower() and lab.count(".legokit-studio .legokit-error"),
              30, "the Studio to refuse a client with 0 examples")
+    INTERACTIONS[nb] = 1
     lab.screenshot(f"{nb}-studio-refused")
     lab.set_text_value(box, "examples", 8)
     losses_before = lab.js("return arguments[0].querySelector('.legokit-studio-losses').src", box)
@@ -189,10 +196,11 @@ def test_05_studio_in_the_browser(lab):
     run = f"run {runs_before + 1} finished: "  # the notebook's own runs are 1 .. runs_before
     lab.wait(lambda: run in lab.status(box, status).replace("\xa0", " "), 300, f"the Studio's {run!r}")
     assert lab.js("return arguments[0].querySelector('.legokit-studio-losses').src", box) != losses_before
-    runs = lab.js("return [...arguments[0].querySelectorAll('.legokit-studio-compare select')[0]"
-                  ".options].map(o => o.text)", box)
-    assert len(runs) == runs_before + 1
-    INTERACTIONS[nb] = INTERACTIONS.get(nb, 0) + 3
+    # the compare menus list the new run (the widget updates them right after the status line)
+    lab.wait(lambda: len(lab.js("return [...arguments[0].querySelectorAll('.legokit-studio-compare select')[0]"
+                                ".options].map(o => o.text)", box)) == runs_before + 1, 30,
+             "the compare menus to list the new run")
+    INTERACTIONS[nb] += 1
     lab.screenshot(f"{nb}-studio-ran")
     compare = lab.js("return arguments[0].querySelector('.legokit-studio-compare img')?.src || ''", box)
     lab.click(box, ".legokit-studio-compare-button")
@@ -201,3 +209,14 @@ def test_05_studio_in_the_browser(lab):
     INTERACTIONS[nb] += 1
     lab.screenshot(f"{nb}-studio-compared")
     _readme_shot(lab, nb, ".legokit-studio")
+    # a 3-round run, stopped once its first round is in: it ends early and keeps its finished rounds
+    lab.set_text_value(box, "rounds", 3)
+    lab.click(box, ".legokit-studio-run")
+    first = f"run {runs_before + 2}: round 1/3 finished"
+    lab.wait(lambda: first in lab.status(box, status).replace("\xa0", " "), 300, f"the Studio's {first!r}")
+    lab.click(box, ".legokit-studio-stop")
+    stopped = f"run {runs_before + 2} stopped after round "
+    lab.wait(lambda: stopped in lab.status(box, status).replace("\xa0", " "), 300, "the Studio to stop")
+    assert "3/3" not in lab.status(box, status), "Stop did not stop the run early"
+    INTERACTIONS[nb] += 1
+    lab.screenshot(f"{nb}-studio-stopped")
