@@ -12,9 +12,11 @@ profile's model, blocks and data (``configs/quick.yaml``: Wanda blocks at 0/25/5
 
 Reported per run: peak RSS as a multiple of the LLM's float32 size, and seconds per round. Then the LoRA
 step time of a view block against a copied block (the 50% block, masked LoRA, the quick training sizes,
-interleaved repeats, best of each), and this machine's fp32 GEMM rate from the same run.
+interleaved repeats, best of each), and this machine's fp32 GEMM rate from the same run. With ``--flower-sim N``:
+the same federation of N clients in Flower's simulation engine (``legokit.flower.simulation.simulate``, N virtual
+SuperNodes, the same blocks read from disk) against the in-process view run, peak RSS and seconds.
 
-Run:  .venv/bin/python bench/bench_memory.py [--clients 4 16 64] [--rounds 1] [--steps 2]
+Run:  .venv/bin/python bench/bench_memory.py [--clients 4 16 64] [--rounds 1] [--steps 2] [--flower-sim 16]
 """
 
 from __future__ import annotations
@@ -94,6 +96,25 @@ def child_step_time(steps: int, repeats: int, blocks_dir: Path) -> dict:
     return {"block": block.id, "view_s": best["view"], "copy_s": best["copy"]}
 
 
+def child_simulation(clients: int, rounds: int, steps: int, blocks_dir: Path) -> dict:
+    """The same federation in Flower's simulation engine, in this process; its peak RSS and seconds per round."""
+    import shutil
+
+    from legokit.flower.simulation import simulate
+    from legokit.models import load_model, param_bytes
+
+    cfg = _config(clients, rounds, steps)
+    with tempfile.TemporaryDirectory() as out:
+        shutil.copytree(blocks_dir / "blocks", Path(out) / "blocks")  # the ServerApp reads them, as the view run does
+        t = time.perf_counter()
+        res = simulate(cfg, out)
+        seconds = (time.perf_counter() - t) / rounds
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    llm, _ = load_model(cfg.model, device=cfg.device, dtype=cfg.dtype)
+    return {"design": f"flower-sim ({res['backend']})", "clients": clients, "peak_mib": peak / 2**20,
+            "llm_mib": param_bytes(llm) / 2**20, "seconds_per_round": seconds}
+
+
 def _run_child(args: list[str]) -> dict:
     out = subprocess.run([sys.executable, __file__, "--child", *args], capture_output=True, text=True, cwd=ROOT)
     if out.returncode != 0:
@@ -107,6 +128,8 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=1)
     ap.add_argument("--steps", type=int, default=2, help="local steps per client per round")
     ap.add_argument("--step-repeats", type=int, default=3)
+    ap.add_argument("--flower-sim", type=int, default=None, metavar="N",
+                    help="also run N clients in Flower's simulation engine against the in-process view run")
     ap.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     args = ap.parse_args()
     blocks_dir = Path(tempfile.gettempdir()) / "legokit-bench-memory-blocks"
@@ -114,6 +137,8 @@ def main() -> None:
         kind, *rest = args.child
         if kind == "fed":
             res = child_federation(rest[0], int(rest[1]), args.rounds, args.steps, blocks_dir)
+        elif kind == "sim":
+            res = child_simulation(int(rest[0]), args.rounds, args.steps, blocks_dir)
         else:
             res = child_step_time(args.steps, args.step_repeats, blocks_dir)
         print(json.dumps(res))
@@ -145,6 +170,15 @@ def main() -> None:
         print(f"{n} clients: view peak / copy peak = {by['view', n]['peak_mib'] / by['copy', n]['peak_mib']:.3f}")
     print(f"LoRA step on {step['block']}: view {step['view_s']:.2f} s, copy {step['copy_s']:.2f} s, "
           f"ratio view/copy = {step['view_s'] / step['copy_s']:.3f}")
+    if args.flower_sim:
+        n = args.flower_sim
+        inproc = by.get(("view", n)) or _run_child(["fed", "view", str(n)])
+        sim = _run_child(["sim", str(n)])
+        ratio = sim["peak_mib"] / sim["llm_mib"]
+        print(f"{n} clients, {sim['design']}: peak RSS {sim['peak_mib']:.0f} MiB = {ratio:.2f}x, "
+              f"{sim['seconds_per_round']:.1f} s per round; in-process view {inproc['peak_mib']:.0f} MiB, "
+              f"{inproc['seconds_per_round']:.1f} s per round; simulation / in-process peak = "
+              f"{sim['peak_mib'] / inproc['peak_mib']:.3f}")
 
 
 if __name__ == "__main__":
