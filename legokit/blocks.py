@@ -449,16 +449,15 @@ def extract_blocks(llm: nn.Module, tokenizer, sparsities: Sequence[float] = (0, 
         else:
             scores, factors = {}, {}
             for n, w in weights.items():
-                if method == "magnitude":
-                    scores[n] = method_scores(method, w)
-                elif method == "wanda":
-                    scores[n] = method_scores(method, w, act_norm=stats.act_norm(n))
-                else:  # q/k/v and gate/up share their input, so their Hessian factor
+                data = {}  # what the method scores with, besides the weight
+                if method == "wanda":
+                    data = {"act_norm": stats.act_norm(n)}
+                elif method == "sparsegpt":  # q/k/v and gate/up share their input, so their Hessian factor
                     key = stats.shared(n)
                     if key not in factors:
                         factors[key] = inverse_hessian_factor(stats.hessian(n), percdamp)
-                    scores[n] = method_scores(method, w, hessian=stats.hessian(n), percdamp=percdamp,
-                                              factor=factors[key])
+                    data = {"hessian": stats.hessian(n), "percdamp": percdamp, "factor": factors[key]}
+                scores[n] = method_scores(method, w, **data)
             if pat.kind == "structured":
                 short = {k: scores[n] for k, n in names.items()}
                 for s in todo:
