@@ -16,13 +16,20 @@ interleaved repeats, best of each), and this machine's fp32 GEMM rate from the s
 the same federation of N clients in Flower's simulation engine (``legokit.flower.simulation.simulate``, N virtual
 SuperNodes, the same blocks read from disk) against the in-process view run, peak RSS and seconds.
 
+With ``--heaps PROFILE`` instead: the process's floor (resident memory after the imports, and with the tokenizer
+and the LLM loaded and paged in), then ``legokit run --config PROFILE`` twice in fresh processes, with glibc's
+default heap and with ``--lean-memory`` (``legokit.utils.lean_heap``): peak RSS, seconds, and a check that both
+runs wrote the same results.
+
 Run:  .venv/bin/python bench/bench_memory.py [--clients 4 16 64] [--rounds 1] [--steps 2] [--flower-sim 16]
+      .venv/bin/python bench/bench_memory.py --heaps quick
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -115,6 +122,80 @@ def child_simulation(clients: int, rounds: int, steps: int, blocks_dir: Path) ->
             "llm_mib": param_bytes(llm) / 2**20, "seconds_per_round": seconds}
 
 
+def child_floor(model: str) -> dict:
+    """Resident memory before any LEGO work: the runtime's imports, the tokenizer, the LLM paged in (the model's
+    own ``load_model`` loads a second tokenizer object; the first is dropped)."""
+    import re
+
+    def rss() -> float:
+        roll = open("/proc/self/smaps_rollup").read()
+        return int(re.search(r"^Rss:\s+(\d+) kB", roll, re.M).group(1)) / 1024
+
+    import torch
+    from transformers import AutoTokenizer
+
+    import legokit.experiment  # noqa: F401  (transformers and the library)
+    from legokit.models import _checkpoint_path, load_model, param_bytes
+    from legokit.utils import release_heap
+
+    steps = {"imports": rss()}
+    tok = AutoTokenizer.from_pretrained(_checkpoint_path(model))
+    steps["tokenizer"] = rss()
+    del tok
+    llm, tok = load_model(model)
+    with torch.no_grad():
+        for p in llm.parameters():  # touch every weight page (they are mapped from the checkpoint file)
+            p.sum()
+    release_heap()
+    steps["+ LLM"] = rss()
+    return {"steps": steps, "llm_mib": param_bytes(llm) / 2**20}
+
+
+def run_profile(profile: str, lean: bool) -> dict:
+    """``legokit run --config PROFILE`` in a fresh process; its results.json (peak RSS, seconds, scores)."""
+    with tempfile.TemporaryDirectory() as out:
+        cmd = [str(Path(sys.executable).with_name("legokit")), "run", "--config", profile, "--out", out]
+        env = {**os.environ, "LEGOKIT_PROGRESS": "0"}
+        done = subprocess.run(cmd + ["--lean-memory"] * lean, capture_output=True, text=True, cwd=ROOT, env=env)
+        if done.returncode != 0:
+            raise SystemExit(f"{' '.join(cmd)} failed:\n{done.stderr[-3000:]}")
+        return json.loads((Path(out) / "results.json").read_text())
+
+
+def _scores(results):
+    """A run's results without what measures the machine (seconds and speeds, memory, heap mode), at any depth."""
+    if isinstance(results, dict):
+        return {k: _scores(v) for k, v in results.items()
+                if "second" not in k and k not in ("peak_rss_mb", "heap")}
+    if isinstance(results, list):
+        return [_scores(v) for v in results]
+    return results
+
+
+def compare_heaps(profile: str) -> None:
+    """The floor, then ``legokit run`` on ``profile`` with glibc's default heap and with ``--lean-memory``."""
+    floor = _run_child(["floor", "smollm2-135m-instruct"])
+    llm = floor["llm_mib"]
+    last = 0.0
+    print(f"floor (one process, before any LEGO work; the LLM's fp32 size is {llm:.0f} MiB):")
+    for step, mib in floor["steps"].items():
+        print(f"  {step:16s} {mib:7.0f} MiB = {mib / llm:.2f}x  (+{mib - last:.0f} MiB)")
+        last = mib
+    runs = {}
+    for lean in (False, True):
+        r = runs[lean] = run_profile(profile, lean)
+        s = r["seconds"]
+        print(f"legokit run --config {profile}{' --lean-memory' * lean}: peak RSS {r['peak_rss_mb']:.0f} MiB = "
+              f"{r['peak_rss_mb'] / llm:.2f}x ({(r['peak_rss_mb'] - last) / llm:.2f}x above the floor); "
+              f"{s['total']:.0f} s total, federation {s.get('federation', float('nan')):.0f} s", flush=True)
+    same = _scores(runs[False]) == _scores(runs[True])
+    print(f"lean / default: peak {runs[True]['peak_rss_mb'] / runs[False]['peak_rss_mb']:.3f}, "
+          f"time {runs[True]['seconds']['total'] / runs[False]['seconds']['total']:.3f}; "
+          f"results identical: {same}")
+    if not same:
+        raise SystemExit("the lean heap changed a result: it must only change where memory comes from")
+
+
 def _run_child(args: list[str]) -> dict:
     out = subprocess.run([sys.executable, __file__, "--child", *args], capture_output=True, text=True, cwd=ROOT)
     if out.returncode != 0:
@@ -130,6 +211,9 @@ def main() -> None:
     ap.add_argument("--step-repeats", type=int, default=3)
     ap.add_argument("--flower-sim", type=int, default=None, metavar="N",
                     help="also run N clients in Flower's simulation engine against the in-process view run")
+    ap.add_argument("--heaps", metavar="PROFILE", default=None,
+                    help="instead: the process floor, then `legokit run --config PROFILE` with the default heap "
+                         "and with --lean-memory (peak RSS, seconds, identical results)")
     ap.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     args = ap.parse_args()
     blocks_dir = Path(tempfile.gettempdir()) / "legokit-bench-memory-blocks"
@@ -137,6 +221,8 @@ def main() -> None:
         kind, *rest = args.child
         if kind == "fed":
             res = child_federation(rest[0], int(rest[1]), args.rounds, args.steps, blocks_dir)
+        elif kind == "floor":
+            res = child_floor(rest[0])
         elif kind == "sim":
             res = child_simulation(int(rest[0]), args.rounds, args.steps, blocks_dir)
         else:
@@ -145,6 +231,10 @@ def main() -> None:
         return
 
     gflops = gemm_gflops()
+    if args.heaps:
+        print(f"fp32 GEMM: {gflops:.1f} GFLOP/s")
+        compare_heaps(args.heaps)
+        return
     print(f"fp32 GEMM: {gflops:.1f} GFLOP/s; quick profile, {args.rounds} round(s) of {args.steps} local steps, "
           f"4 clients sampled per round")
     rows = []

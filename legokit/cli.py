@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 from legokit.names import DEFAULT_MODEL
-from legokit.utils import LegokitError
+from legokit.utils import LegokitError, lean_heap
 
 
 def _cmd_setup(args: argparse.Namespace) -> None:
@@ -54,12 +54,15 @@ def _cmd_run(args: argparse.Namespace) -> None:
     if args.resume and not (out / "config.yaml").is_file():
         raise LegokitError(f"--resume: {out} holds no run (no config.yaml): drop --resume to start a new run there, "
                            "or point --out at the directory of the run to continue")
+    if args.lean_memory:
+        lean_heap()
     results = run_experiment(cfg, args.out, resume=args.resume)
     print(results_table(results))
     s = results["seconds"]
     print(f"\n{cfg.name}: {cfg.fed.num_clients} clients, {cfg.fed.rounds} rounds, aggregator {cfg.fed.aggregator}, "
           f"broadcast {cfg.fed.broadcast}; {s['total']} s total; peak RSS {results['peak_rss_mb']:.0f} MiB "
-          f"({results['peak_rss_mb'] / results['llm_fp32_mb']:.2f}x the LLM's fp32 size); run directory {args.out}")
+          f"({results['peak_rss_mb'] / results['llm_fp32_mb']:.2f}x the LLM's fp32 size"
+          f"{', lean heap' * args.lean_memory}); run directory {args.out}")
 
 
 def _cmd_export_tasks(args: argparse.Namespace) -> None:
@@ -162,6 +165,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True, help="the run directory")
     s.add_argument("--resume", action="store_true", help="continue a crashed run from its last finished round")
     s.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="overrides, e.g. fed.rounds=3")
+    s.add_argument("--lean-memory", action="store_true",
+                   help="hand large freed buffers back to the system at once (glibc): a lower peak RSS for "
+                        "slower training; the numbers are the same (README, memory section)")
     s.set_defaults(func=_cmd_run)
 
     from legokit.lmeval import DEFAULT_TASKS

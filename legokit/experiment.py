@@ -18,7 +18,7 @@ import torch
 
 from legokit.config import ExperimentConfig, first_difference
 from legokit.names import THRESHOLDS
-from legokit.utils import LegokitError, atomic_write_json, atomic_write_text, peak_rss_mb, seed_everything
+from legokit.utils import LegokitError, atomic_write_json, atomic_write_text, heap_mode, peak_rss_mb, seed_everything
 
 # The conditions of the LEGO experiment (issue: do heterogeneous SLM clients rebuild a robust LLM?).
 # Each maps to overrides of one base config, so every condition shares seeds, data and budget.
@@ -219,6 +219,7 @@ def run_experiment(cfg: ExperimentConfig, out_dir: str | Path, *, resume: bool =
     results["seconds"] = {k: round(v, 1) for k, v in timings.items()}
     results["seconds"]["total"] = round(time.time() - t_all, 1)
     results["peak_rss_mb"] = round(peak_rss_mb(), 1)
+    results["heap"] = heap_mode()
     results["llm_fp32_mb"] = round(llm_mb, 1)
     atomic_write_json(out / "results.json", results)
     return results
