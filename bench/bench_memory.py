@@ -186,7 +186,7 @@ def compare_heaps(profile: str) -> None:
         r = runs[lean] = run_profile(profile, lean)
         s = r["seconds"]
         print(f"legokit run --config {profile}{' --lean-memory' * lean}: peak RSS {r['peak_rss_mb']:.0f} MiB = "
-              f"{r['peak_rss_mb'] / llm:.2f}x ({(r['peak_rss_mb'] - last) / llm:.2f}x above the floor); "
+              f"{r['peak_rss_mb'] / llm:.2f}x (the floor + {(r['peak_rss_mb'] - last) / llm:.2f}x); "
               f"{s['total']:.0f} s total, federation {s.get('federation', float('nan')):.0f} s", flush=True)
     same = _scores(runs[False]) == _scores(runs[True])
     print(f"lean / default: peak {runs[True]['peak_rss_mb'] / runs[False]['peak_rss_mb']:.3f}, "
