@@ -184,8 +184,8 @@ def lean_heap(threshold: int = LEAN_THRESHOLD) -> None:
                            "--lean-memory") from None
     m_trim_threshold, m_mmap_threshold = -1, -3  # glibc's <malloc.h>
     if not (mallopt(m_mmap_threshold, threshold) and mallopt(m_trim_threshold, threshold)):
-        raise LegokitError(f"glibc refused a malloc threshold of {threshold} bytes (its maximum is 32 MiB on "
-                           "64-bit systems): give a smaller threshold")
+        raise LegokitError(f"glibc refused a malloc threshold of {threshold} bytes: give a smaller threshold "
+                           f"(the default is {LEAN_THRESHOLD})")
     _heap_mode = f"lean (malloc maps allocations of {threshold} bytes or more one by one)"
     release_heap()
 
