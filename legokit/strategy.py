@@ -124,7 +124,9 @@ class LegoStrategy:
         self.local_steps = local_steps
         self.progress = progress
         self.round = 0
-        self.last_results: list[ClientResult] = []  # kept for analysis (the notebooks re-aggregate them)
+        # the last aggregated round's updates, kept for analysis (the notebooks re-aggregate them) until the next
+        # round is configured: holding them while that round trains would add every client's factors to its peak
+        self.last_results: list[ClientResult] = []
 
     @property
     def assignment(self) -> tuple[int, ...]:
@@ -148,7 +150,11 @@ class LegoStrategy:
 
     # ----- configure ----------------------------------------------------------------------------------
     def configure(self, rnd: int) -> list[Task]:
-        """The round's tasks: the sampled clients, each with its block and the adapter it starts from."""
+        """The round's tasks: the sampled clients, each with its block and the adapter it starts from.
+
+        Drops ``last_results`` (the previous round's updates, already absorbed into the global state).
+        """
+        self.last_results = []
         tasks = []
         for k in sample_clients(self.cfg.seed, rnd, self.clients, self.cfg.fed.sample_fraction):
             factors, scaling = self.broadcast.start(k)

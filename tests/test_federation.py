@@ -394,3 +394,13 @@ def test_an_update_that_does_not_fit_the_llm_is_recorded_as_failed(setup_llm, tm
     assert [ln["status"] for ln in done.lines] == ["ok", "failed"]
     assert f"client 1: factors for {name} have shapes A (2, 3)" in done.lines[1]["error"]
     assert done.metrics["clients"] == 1 and done.metrics["failed"] == [1]
+
+
+def test_the_next_round_drops_the_previous_rounds_updates(setup_llm, tmp_path):
+    # last_results serves analysis after a round; held through the next round's training, every client's
+    # factors would add to that round's peak memory
+    llm, tok, blocks = setup_llm
+    strategy = _run(_cfg(rounds=1), llm, tok, blocks, PARTS, tmp_path)
+    assert len(strategy.last_results) == 2
+    tasks = strategy.configure(2)
+    assert [t.client for t in tasks] == [0, 1] and strategy.last_results == []
