@@ -8,7 +8,7 @@ A ``Block`` is what a client's SLM is made of, stored as little as possible:
   (SparseGPT's reconstructed weights). Magnitude, Wanda and structured blocks store no weights.
 - ``model``: built on first access by ``legokit.slm.build_slm`` from the *current* LLM plus the overrides,
   and freed by ``release()``. Its pruned linear layers are views of the LLM's (``slm.LinearView``: the mask is
-  applied per call, one bool per weight is held, no weight is copied; a structured block's are smaller
+  applied per call, unpacked from the block's own bits, no weight is copied; a structured block's are smaller
   copies); embeddings, norms and the LM head share the LLM's storage read-only. So a block derived from the
   LLM sees every change made to the LLM since (a live view too): in merge mode the caller adds ΔW_g to the
   LLM and calls ``add_to_base(name, ΔW_g)`` on each block, which only updates what the LLM cannot give back
@@ -67,24 +67,13 @@ from legokit.prune import (
     structured_select,
     structured_sizes,
 )
-from legokit.slm import LinearView, attention_dims, build_slm
+from legokit.slm import LinearView, attention_dims, build_slm, pack_mask, unpack_mask
 from legokit.utils import LegokitError, atomic_write_json, release_heap
 
 FORMAT_VERSION = 1
 
 
 # ----- packed masks ----------------------------------------------------------------------------------------
-def pack_mask(mask: torch.Tensor) -> torch.Tensor:
-    """Bool tensor -> uint8 tensor of its bits (numpy ``packbits`` of the flattened mask)."""
-    return torch.from_numpy(np.packbits(mask.detach().cpu().numpy().reshape(-1)))
-
-
-def unpack_mask(packed: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
-    """Inverse of ``pack_mask``."""
-    n = int(np.prod(shape))
-    return torch.from_numpy(np.unpackbits(packed.numpy(), count=n).astype(bool)).reshape(tuple(shape))
-
-
 class MaskMap(Mapping):
     """Read-only ``{module name: bool keep-mask in LLM shape}``; each access unpacks one module."""
 
@@ -212,13 +201,9 @@ class Block:
     @property
     def local_masks(self) -> Mapping[str, torch.Tensor] | None:
         """Keep-masks in the SLM's own coordinates, or None when nothing inside its weights is pruned
-        (dense and structured blocks)."""
+        (dense and structured blocks). A ``MaskMap``: each access unpacks one module's mask."""
         if self.dense or self.structured:
             return None
-        if self._model is not None:  # share the bool masks the built views already hold
-            layers = {n: self._model.get_submodule(n) for n in self.shapes}
-            if all(isinstance(m, LinearView) for m in layers.values()):
-                return {n: m.mask for n, m in layers.items()}
         return self.masks
 
     @property

@@ -32,7 +32,7 @@ from torch import Tensor, nn
 
 from legokit.config import LoraConfig
 from legokit.models import linear_modules
-from legokit.slm import LinearView
+from legokit.slm import LinearView, pack_mask, unpack_mask
 from legokit.utils import LegokitError, atomic_write_bytes, atomic_write_json
 
 PEFT_PREFIX = "base_model.model."
@@ -57,30 +57,34 @@ class _MaskedLoraFn(torch.autograd.Function):
 
     A plain autograd graph keeps the effective weight of every layer alive until backward (about the
     size of the model's linear weights again); here the masked delta is recomputed in backward from the
-    small factors instead. With dropout the LoRA branch sees its own input ``x_lora``.
+    small factors instead, and the mask from its bits (``bits``: ``pack_mask`` of ``M``). With dropout the
+    LoRA branch sees its own input ``x_lora``.
     """
 
     @staticmethod
-    def forward(ctx, x, x_lora, weight, bias, lora_A, lora_B, mask, scaling, view=None):
-        # x, x_lora: (..., in); weight, mask: (out, in); lora_A: (r, in); lora_B: (out, r)
+    def forward(ctx, x, x_lora, weight, bias, lora_A, lora_B, bits, scaling, view=None):
+        # x, x_lora: (..., in); weight: (out, in); bits: (ceil(out * in / 8),) uint8; lora_A: (r, in); lora_B: (out, r)
         # view: the base layer as a LinearView (weight is None): its weight is recomputed, never saved
         ctx.view = view
         if view is not None:
             weight = view.effective_weight()
+        mask = unpack_mask(bits, (lora_B.shape[0], lora_A.shape[1]))
         delta = _masked_delta(lora_A, lora_B, mask, scaling, weight.dtype)
+        del mask
         if x_lora is None:
             out = F.linear(x, delta.add_(weight), bias)  # one matmul with the effective weight
         else:
             out = F.linear(x, weight, bias) + F.linear(x_lora, delta)
-        ctx.save_for_backward(x, x_lora, None if view is not None else weight, lora_A, lora_B, mask)
+        ctx.save_for_backward(x, x_lora, None if view is not None else weight, lora_A, lora_B, bits)
         ctx.scaling = scaling
         return out
 
     @staticmethod
     def backward(ctx, grad):
-        x, x_lora, weight, A, B, mask = ctx.saved_tensors
+        x, x_lora, weight, A, B, bits = ctx.saved_tensors
         if ctx.view is not None:
             weight = ctx.view.effective_weight()
+        mask = unpack_mask(bits, (B.shape[0], A.shape[1]))
         s = ctx.scaling
         need = ctx.needs_input_grad
         delta = _masked_delta(A, B, mask, s, weight.dtype)  # (out, in), recomputed
@@ -126,7 +130,8 @@ class MaskedLoraLinear(nn.Module):
     """A frozen ``nn.Linear`` plus a LoRA adapter whose update is restricted to a keep-mask.
 
     Attributes follow peft: ``base_layer``, ``lora_A`` (in -> r), ``lora_B`` (r -> out), ``lora_dropout``,
-    ``r``, ``lora_alpha``, ``scaling``; ``mask`` is a bool ``(out, in)`` buffer or None (plain LoRA).
+    ``r``, ``lora_alpha``, ``scaling``; ``mask`` is the bool ``(out, in)`` keep-mask or None (plain LoRA), held
+    as bits (``bits``, 1/8 of a bool mask's bytes) and unpacked per call: ``mask`` returns a new tensor.
     Factors are float32 when the base weight is half precision (peft's autocast rule).
     """
 
@@ -157,7 +162,12 @@ class MaskedLoraLinear(nn.Module):
         with torch.no_grad():
             self.lora_A.weight.copy_(a_init)
             self.lora_B.weight.zero_()
-        self.register_buffer("mask", None if mask is None else mask.to(w.device), persistent=False)
+        self.register_buffer("bits", None if mask is None else pack_mask(mask).to(w.device), persistent=False)
+
+    @property
+    def mask(self) -> Tensor | None:
+        """The keep-mask, bool ``(out, in)`` (a new tensor per access), or None (plain LoRA)."""
+        return None if self.bits is None else unpack_mask(self.bits, (self.out_features, self.in_features))
 
     @property
     def weight(self) -> Tensor:
@@ -181,18 +191,18 @@ class MaskedLoraLinear(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         A, B = self.lora_A.weight, self.lora_B.weight
         dropout_on = self.training and isinstance(self.lora_dropout, nn.Dropout)
-        if self.mask is not None:
+        if self.bits is not None:
             x_lora = self.lora_dropout(x) if dropout_on else None
             base = self.base_layer
             view = base if isinstance(base, LinearView) else None
             return _MaskedLoraFn.apply(x, x_lora, None if view is not None else base.weight, base.bias, A, B,
-                                       self.mask, self.scaling, view)
+                                       self.bits, self.scaling, view)
         out = self.base_layer(x)
         lora = self.lora_B(self.lora_A(self.lora_dropout(x.to(A.dtype))))  # (..., out)
         return out + (lora * self.scaling).to(out.dtype)
 
     def extra_repr(self) -> str:
-        masked = "none" if self.mask is None else f"{self.mask.float().mean().item():.2f} kept"
+        masked = "none" if self.bits is None else f"{self.mask.float().mean().item():.2f} kept"
         return f"r={self.r}, alpha={self.lora_alpha}, scaling={self.scaling:g}, mask={masked}"
 
 
@@ -226,7 +236,7 @@ def attach_lora(model: nn.Module, cfg: LoraConfig, masks: Mapping[str, Tensor] |
         raise LegokitError(f"attach_lora scaling={scaling} must be > 0 (or None for alpha / rank)")
     if lora_modules(model):
         raise LegokitError("the model already has LoRA layers attached: call detach_lora(model) first")
-    masks = dict(masks or {}) if cfg.mask_in_training else {}
+    masks = (masks or {}) if cfg.mask_in_training else {}  # a Mapping: a MaskMap unpacks one module per access
     init = dict(init or {})
     targets = linear_modules(model, tuple(cfg.target_modules))
     all_linear = linear_modules(model)

@@ -407,3 +407,30 @@ def test_a_built_view_follows_the_llm_and_refuses_in_place_edits(tiny_fresh):
     detach_lora(live, merge=True)  # now a plain layer that holds its weight
     with pytest.raises(LegokitError, match=r"bool of the LLM module's shape"):
         LinearView(llm.get_submodule(name), b.masks[name][:3])
+    with pytest.raises(LegokitError, match=r"uint8 of \d+ bytes"):
+        LinearView(llm.get_submodule(name), bits=b.masks.packed[name][:3])
+
+
+def test_views_and_masked_lora_hold_the_mask_as_the_blocks_own_bits(tiny):
+    """No bool per weight while a block is built and trained: its views share the block's packed masks and each
+    masked LoRA layer holds the mask as bits (1/8 of a bool mask)."""
+    from legokit.config import LoraConfig
+    from legokit.lora import attach_lora, detach_lora
+    from legokit.slm import LinearView
+
+    llm, tok = tiny
+    b = extract_blocks(llm, tok, (0.5,), method="wanda", **KW)[0]
+    model = b.model
+    views = {n: m for n, m in model.named_modules() if isinstance(m, LinearView)}
+    assert set(views) == set(b.shapes)
+    for n, v in views.items():
+        assert v.bits.data_ptr() == b.masks.packed[n].data_ptr(), n  # shared, not copied
+        assert torch.equal(v.mask, b.masks[n])
+    assert not any(t.dtype == torch.bool for t in model.buffers())
+    layers = attach_lora(model, LoraConfig(rank=2), masks=b.local_masks)
+    for n, layer in layers.items():
+        assert layer.bits.dtype == torch.uint8 and layer.bits.numel() == -(-b.masks[n].numel() // 8), n
+        assert torch.equal(layer.mask, b.masks[n]), n
+    assert not any(t.dtype == torch.bool for t in model.buffers())
+    detach_lora(model)
+    b.release()

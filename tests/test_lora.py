@@ -26,6 +26,7 @@ from legokit.lora import (
     svd_refactor,
 )
 from legokit.models import linear_modules, load_model
+from legokit.slm import pack_mask
 from legokit.train import batch_loss, make_batch
 from legokit.utils import LegokitError
 
@@ -100,7 +101,7 @@ def test_masked_function_gradients_match_finite_differences():
         return torch.randn(*shape, generator=g, dtype=torch.double, requires_grad=True)
 
     x, xl, W, b, A, B = t(2, 5, 6), t(2, 5, 6), t(4, 6), t(4), t(3, 6), t(4, 3)
-    M = torch.rand(4, 6, generator=g) > 0.5
+    M = pack_mask(torch.rand(4, 6, generator=g) > 0.5)  # the function takes the mask's bits
     assert torch.autograd.gradcheck(lambda x, W, b, A, B: _MaskedLoraFn.apply(x, None, W, b, A, B, M, 0.7),
                                     (x, W, b, A, B))
     assert torch.autograd.gradcheck(lambda x, xl, W, b, A, B: _MaskedLoraFn.apply(x, xl, W, b, A, B, M, 0.7),
