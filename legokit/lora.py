@@ -66,41 +66,50 @@ class _MaskedLoraFn(torch.autograd.Function):
         # x, x_lora: (..., in); weight: (out, in); bits: (ceil(out * in / 8),) uint8; lora_A: (r, in); lora_B: (out, r)
         # view: the base layer as a LinearView (weight is None): its weight is recomputed, never saved
         ctx.view = view
-        if view is not None:
-            weight = view.effective_weight()
-        mask = unpack_mask(bits, (lora_B.shape[0], lora_A.shape[1]))
-        delta = _masked_delta(lora_A, lora_B, mask, scaling, weight.dtype)
-        del mask
-        if x_lora is None:
-            out = F.linear(x, delta.add_(weight), bias)  # one matmul with the effective weight
-        else:
-            out = F.linear(x, weight, bias) + F.linear(x_lora, delta)
-        ctx.save_for_backward(x, x_lora, None if view is not None else weight, lora_A, lora_B, bits)
         ctx.scaling = scaling
+        mask = unpack_mask(bits, (lora_B.shape[0], lora_A.shape[1]))
+        ctx.folded = x_lora is None and _folds(view, bits, lora_A)
+        if ctx.folded:
+            out = F.linear(x, _folded(view, lora_A, lora_B, mask, scaling), bias)
+        else:
+            if view is not None:
+                weight = view.effective_weight()
+            delta = _masked_delta(lora_A, lora_B, mask, scaling, weight.dtype)
+            if x_lora is None:
+                out = F.linear(x, delta.add_(weight), bias)  # one matmul with the effective weight
+            else:
+                out = F.linear(x, weight, bias) + F.linear(x_lora, delta)
+        del mask
+        ctx.save_for_backward(x, x_lora, None if view is not None else weight, lora_A, lora_B, bits)
         return out
 
     @staticmethod
     def backward(ctx, grad):
         x, x_lora, weight, A, B, bits = ctx.saved_tensors
-        if ctx.view is not None:
-            weight = ctx.view.effective_weight()
+        view, s = ctx.view, ctx.scaling
         mask = unpack_mask(bits, (B.shape[0], A.shape[1]))
-        s = ctx.scaling
         need = ctx.needs_input_grad
-        delta = _masked_delta(A, B, mask, s, weight.dtype)  # (out, in), recomputed
         g2 = grad.reshape(-1, grad.shape[-1])  # (T, out)
         grad_x = grad_xl = grad_w = grad_b = grad_A = grad_B = None
-        if x_lora is None:
+        if ctx.folded:
             xl = x
             if need[0]:
-                grad_x = grad @ delta.add_(weight)
+                grad_x = grad @ _folded(view, A, B, mask, s)
         else:
-            xl = x_lora
-            if need[0]:
-                grad_x = grad @ weight
-            if need[1]:
-                grad_xl = grad @ delta
-        del delta
+            if view is not None:
+                weight = view.effective_weight()
+            delta = _masked_delta(A, B, mask, s, weight.dtype)  # (out, in), recomputed
+            if x_lora is None:
+                xl = x
+                if need[0]:
+                    grad_x = grad @ delta.add_(weight)
+            else:
+                xl = x_lora
+                if need[0]:
+                    grad_x = grad @ weight
+                if need[1]:
+                    grad_xl = grad @ delta
+            del delta
         if need[4] or need[5]:
             gd = (g2.t() @ xl.reshape(-1, xl.shape[-1])).to(A.dtype)  # (out, in): dL/d(effective delta)
             gd.mul_(mask)
@@ -113,6 +122,18 @@ class _MaskedLoraFn(torch.autograd.Function):
         if need[3]:
             grad_b = g2.sum(0)
         return grad_x, grad_xl, grad_w, grad_b, grad_A, grad_B, None, None, None
+
+
+def _folds(view: LinearView | None, bits: Tensor, A: Tensor) -> bool:
+    """True when the LoRA mask is the view's own (shared bits) and the view's weight is ``M ⊙ W_llm``: then
+    ``M ⊙ W + M ⊙ sΔ`` is computed as ``M ⊙ (W + sΔ)``, one ``(out, in)`` tensor and one pass instead of two."""
+    return (view is not None and view.values is None and view.bits is bits
+            and view.source.weight.dtype == A.dtype)
+
+
+def _folded(view: LinearView, A: Tensor, B: Tensor, mask: Tensor, scaling: float) -> Tensor:
+    # the same sums as delta.add_(weight) at every kept weight (sΔ + W), and zero at every pruned one
+    return (B @ A).mul_(scaling).add_(view.source.weight.detach()).mul_(mask)
 
 
 def _stored_weight(layer: nn.Linear) -> Tensor:
@@ -162,7 +183,11 @@ class MaskedLoraLinear(nn.Module):
         with torch.no_grad():
             self.lora_A.weight.copy_(a_init)
             self.lora_B.weight.zero_()
-        self.register_buffer("bits", None if mask is None else pack_mask(mask).to(w.device), persistent=False)
+        bits = None if mask is None else pack_mask(mask).to(w.device)
+        if (bits is not None and isinstance(base_layer, LinearView) and base_layer.bits is not None
+                and torch.equal(bits, base_layer.bits)):
+            bits = base_layer.bits  # the view's own mask (a block's, under mask_in_training): shared
+        self.register_buffer("bits", bits, persistent=False)
 
     @property
     def mask(self) -> Tensor | None:

@@ -84,9 +84,9 @@ def build_slm(block, view: bool = True) -> nn.Module:
     """The block's SLM, built from ``block.llm`` as it is now plus the block's stored values.
 
     ``view=True`` (unstructured, N:M and dense blocks): every pruned linear layer is a ``LinearView`` of the
-    LLM's, so the SLM adds a bool mask per weight (and SparseGPT's kept values) to the LLM's memory instead
-    of a copy of its linear weights. ``view=False``, and structured blocks always: the layers hold their own
-    weights (a structured SLM is physically smaller, which is its point).
+    LLM's that shares the block's packed mask, so the SLM adds nothing but SparseGPT's kept values to the
+    memory of the LLM and the block, instead of a copy of its linear weights. ``view=False``, and structured
+    blocks always: the layers hold their own weights (a structured SLM is physically smaller, which is its point).
     """
     llm = block.llm
     views = view and not block.structured

@@ -434,3 +434,23 @@ def test_views_and_masked_lora_hold_the_mask_as_the_blocks_own_bits(tiny):
     assert not any(t.dtype == torch.bool for t in model.buffers())
     detach_lora(model)
     b.release()
+
+
+def test_masked_lora_on_a_view_shares_its_mask_and_folds_the_weights_exactly(tiny, ids):
+    """Under the view's own mask the LoRA layer computes M ⊙ (W + sΔ) in one pass; forward and backward equal the
+    copied block's unfolded M ⊙ W + M ⊙ sΔ to the last bit."""
+    from legokit.config import LoraConfig
+    from legokit.lora import lora_modules
+    from legokit.slm import build_slm
+
+    llm, tok = tiny
+    b = extract_blocks(llm, tok, (0.5,), method="wanda", **KW)[0]
+    cfg = LoraConfig(rank=2, alpha=4.0)
+    view = build_slm(b, view=True)
+    folded = _forward_backward(view, ids, b.local_masks, cfg)
+    assert all(layer.bits is layer.base_layer.bits for layer in lora_modules(view).values())  # shared, folded
+    plain = _forward_backward(build_slm(b, view=False), ids, b.local_masks, cfg)
+    assert torch.equal(folded[0], plain[0]) and torch.equal(folded[1], plain[1])
+    assert set(folded[2]) == set(plain[2])
+    for n in folded[2]:
+        assert torch.equal(folded[2][n], plain[2][n]), n
