@@ -165,7 +165,7 @@ def lean_heap(threshold: int = LEAN_THRESHOLD) -> None:
     By default glibc keeps freed activation and weight-sized buffers in its heap for reuse; in LoRA training
     the heap grows to several times the live tensors (``make demo``: the peak above the loaded LLM is about
     4x what is live). Lean, the peak follows the live tensors, and every large tensor costs fresh pages:
-    federated training took 1.36-1.42x as long, a whole run 1.25-1.31x, on the machines this was measured on
+    federated training took 1.22-1.47x as long, a whole run 1.14-1.36x, on the machines this was measured on
     (README, memory section).
     Numbers are unchanged: only where the memory comes from changes.
 
