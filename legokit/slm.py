@@ -163,7 +163,8 @@ class LinearView(nn.Linear):
                                f"{mask.dtype} {tuple(mask.shape)}")
         if bits is not None:
             check_bits(bits, (out_f, in_f), "a view's mask")
-            mask = unpack_mask(bits, (out_f, in_f))  # for the values check only
+            if values is not None:
+                mask = unpack_mask(bits, (out_f, in_f))  # for the values check only
         if values is not None and (mask is None or values.numel() != int(mask.sum())):
             raise LegokitError(f"a view's stored values must come with its mask, one value per kept weight; got "
                                f"{values.numel()} values for {None if mask is None else int(mask.sum())} kept")
