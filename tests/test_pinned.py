@@ -5,70 +5,50 @@ code, never numbers. ``tests/data/pinned_tiny_losses.json`` holds the losses the
 redesign (commit 42bf5d6) for five conditions on tiny-llama: HeteAgg with the adapter and the merge
 broadcast, ``local``, ``centralized`` and FlexLoRA, 3 clients on blocks at 0 / 50 / 75%, 3 rounds of 3 steps.
 The quick demo's own losses (default LLM) are pinned the same way in ``tests/data/quick_demo_losses.json``.
+The federations themselves are in ``tests/pinned_runs.py``.
+
+The pins were recorded on one CPU and must hold on any x86-64 CPU: float32 kernels of another CPU sum in
+another order, and Adam carries that difference from step to step. ``bench/pin_spread.py`` measures it: it runs
+every pinned federation under each kernel this machine can emulate (PyTorch's ``ATEN_CPU_CAPABILITY``, MKL's
+``MKL_CBWR`` code paths, oneDNN's ISA cap, one thread) and under real changes of algorithm. ``REL_TINY`` and
+``REL_QUICK`` sit above the largest kernel spread measured (docs/reproducibility.md gives the table) with a
+margin; a real change moves the losses by far more, and ``test_a_real_change_breaks_the_pin...`` keeps that true.
 """
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import pytest
+from pinned_runs import TINY_CONDITIONS, max_rel_deviation, pinned, quick_losses, tiny_losses
 
-from legokit.blocks import extract_blocks
-from legokit.config import ExperimentConfig
-from legokit.data import Example
-from legokit.federation import run_federation
-from legokit.models import load_model
-
-DATA = Path(__file__).parent / "data"
-CALIB = ["The quick brown fox jumps over the lazy dog. " * 4, "Paris is the capital of France. " * 4] * 2
-# Float32 sums may round differently on another CPU's kernels; three rounds of Adam keep that far below this.
-REL = 1e-4
-
-
-def _examples(task: str, n: int) -> list[Example]:
-    return [Example(task=task, prompt=f"{task} question {i}: what is {i} plus {i}?", response=str(2 * i),
-                    uid=f"{task}-{i}") for i in range(n)]
+# Tolerances: the largest kernel spread bench/pin_spread.py measured for each pin, times a margin (the table is in
+# docs/reproducibility.md). tiny-llama: 2.4e-5 (PyTorch's non-vectorised kernels), 0 between the AVX-512 CPU that
+# recorded the pins and an AVX2 one. The quick demo on the default LLM: 2.7e-4 (its losses move further: larger
+# steps, a larger model).
+REL_TINY = 1e-4
+REL_QUICK = 2e-3
+# A change of algorithm must move some loss by at least this many times the tolerance.
+SEPARATION = 10
 
 
-@pytest.mark.parametrize("condition", ["heteagg-adapter", "heteagg-merge", "local-adapter", "centralized-adapter",
-                                       "flexlora-adapter"])
+@pytest.mark.parametrize("condition", TINY_CONDITIONS)
 def test_per_round_losses_of_every_condition_are_pinned(condition, tmp_path):
-    aggregator, broadcast = condition.split("-")
-    cfg = ExperimentConfig.from_dict({
-        "model": "tiny-llama", "prune": {"sparsities": [0.0, 0.5, 0.75], "n_calib": 4, "seq_len": 32},
-        "lora": {"rank": 2, "alpha": 4.0}, "train": {"local_steps": 3, "batch_size": 2, "max_len": 64, "lr": 0.01},
-        "fed": {"num_clients": 3, "rounds": 3, "aggregator": aggregator, "broadcast": broadcast,
-                "client_sparsities": [0.0, 0.5, 0.75]},
-        "data": {"tasks": ["boolq", "asdiv"], "train_examples": 8}, "eval": {"base": False}})
-    llm, tok = load_model("tiny-llama", device="cpu")
-    blocks = extract_blocks(llm, tok, sparsities=(0.0, 0.5, 0.75), method="wanda", pattern="unstructured",
-                            calibration="one_shot", n_calib=4, seq_len=32, seed=0, texts=CALIB)
-    parts = [_examples("boolq", 4), _examples("asdiv", 4), _examples("boolq", 2) + _examples("asdiv", 2)]
-    run_federation(cfg, llm, tok, blocks, parts, tmp_path, progress=False)
-    got = [[m["round"], m["client"], m["losses"]] for m in map(json.loads, open(tmp_path / "metrics.jsonl"))]
-    want = json.loads((DATA / "pinned_tiny_losses.json").read_text())["runs"][condition]
-    assert [g[:2] for g in got] == [w[:2] for w in want]
-    for (rnd, client, losses), (_, _, pinned) in zip(got, want, strict=True):
-        assert losses == pytest.approx(pinned, rel=REL), f"round {rnd}, client {client}"
+    got = tiny_losses(condition, tmp_path)
+    dev = max_rel_deviation(got, pinned(condition))
+    assert dev <= REL_TINY, f"{condition}: losses moved by {dev:.1e} (tolerance {REL_TINY:.0e})"
+
+
+@pytest.mark.parametrize("change", [{"fed.aggregator": "fedavg_delta"}, {"train.lr": 0.011},
+                                    {"fed.broadcast": "merge"}], ids=["fedavg_delta", "lr_x1.1", "merge"])
+def test_a_real_change_breaks_the_pin_by_far_more_than_the_tolerance(change, tmp_path):
+    """The tolerance is loose enough for another CPU's kernels and still catches a change of algorithm."""
+    got = tiny_losses("heteagg-adapter", tmp_path, change)
+    assert max_rel_deviation(got, pinned("heteagg-adapter")) > SEPARATION * REL_TINY
 
 
 @pytest.mark.slow
 def test_quick_demo_per_round_losses_are_pinned(tmp_path):
     """``make demo``'s federation (configs/quick.yaml on the default LLM): every client's losses in both rounds
     equal those of the loop before the redesign (``legokit run --config configs/quick.yaml`` at 42bf5d6)."""
-    from legokit.config import load_config
-    from legokit.experiment import client_partitions, load_or_extract_blocks
-    from legokit.utils import seed_everything
-
-    cfg = load_config(Path(__file__).parents[1] / "configs" / "quick.yaml")
-    seed_everything(cfg.seed)
-    llm, tok = load_model(cfg.model, device=cfg.device, dtype=cfg.dtype)
-    parts = client_partitions(cfg)
-    blocks = load_or_extract_blocks(cfg, llm, tok, tmp_path, progress=False)
-    run_federation(cfg, llm, tok, blocks, parts, tmp_path, progress=False)
-    got = [[m["round"], m["client"], m["losses"]] for m in map(json.loads, open(tmp_path / "metrics.jsonl"))]
-    want = json.loads((DATA / "quick_demo_losses.json").read_text())["losses"]
-    assert [g[:2] for g in got] == [w[:2] for w in want]
-    for (rnd, client, losses), (_, _, pinned) in zip(got, want, strict=True):
-        assert losses == pytest.approx(pinned, rel=REL), f"round {rnd}, client {client}"
+    got = quick_losses(tmp_path)
+    dev = max_rel_deviation(got, pinned("quick"))
+    assert dev <= REL_QUICK, f"the quick demo's losses moved by {dev:.1e} (tolerance {REL_QUICK:.0e})"
