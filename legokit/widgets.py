@@ -355,12 +355,18 @@ class _quiet:
 
 def _display_output(shown) -> dict:
     """``shown`` as one ``display_data`` output of an ``Output`` widget: what ``display(shown)`` would send
-    (the kernel's formatters: a figure as PNG), or its plain formats outside IPython."""
+    (the kernel's formatters), or its plain formats outside IPython. A matplotlib figure is always a PNG: under a
+    non-interactive backend (``MPLBACKEND=Agg``) no formatter draws it, and its text repr would replace the plot."""
     from IPython import get_ipython
     from IPython.core.formatters import DisplayFormatter
+    from matplotlib.figure import Figure
 
     ip = get_ipython()
     data, metadata = (ip.display_formatter if ip is not None else DisplayFormatter()).format(shown)
+    if isinstance(shown, Figure) and "image/png" not in data:
+        from IPython.core.pylabtools import print_figure
+
+        data = {**data, "image/png": print_figure(shown, "png", base64=True)}
     return {"output_type": "display_data", "data": data, "metadata": metadata}
 
 

@@ -62,7 +62,9 @@ class Lab:
         self.token, self.port = secrets.token_hex(16), _free_port()
         env = {**os.environ, "JUPYTERLAB_SETTINGS_DIR": str(settings), "JUPYTERLAB_WORKSPACES_DIR": str(root / "ws"),
                "LEGOKIT_PROGRESS": "0", "TQDM_DISABLE": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1",
-               "TRANSFORMERS_VERBOSITY": "error"}
+               "TRANSFORMERS_VERBOSITY": "error",
+               # Headless servers and CI images often set a non-interactive backend; every notebook must draw under it.
+               "MPLBACKEND": "Agg"}
         self.log = open(root / "jupyterlab.log", "w")  # noqa: SIM115 (closed in close())
         self.server = subprocess.Popen(
             [sys.executable, "-m", "jupyterlab", "--no-browser", "--ip=127.0.0.1", f"--port={self.port}",

@@ -302,3 +302,16 @@ def test_score_explorer_draws_one_layer(pruned):
     assert "legokit-score-explorer" in explorer._dom_classes and len(explorer.out.outputs) == 1
     fig = explorer.draw(0)
     assert fig._suptitle.get_text() == "decoder layer 0" and len(fig.axes[0].patches) == 3
+
+
+def test_a_widget_shows_a_figure_as_a_png_under_any_matplotlib_backend():
+    """Outside an inline backend (``MPLBACKEND=Agg``, no ``%matplotlib inline``) no IPython formatter draws a
+    figure; the widgets' redraw must still send a picture, not ``<Figure size ... with 1 Axes>``."""
+    import base64
+
+    from legokit.widgets import _display_output
+
+    fig = Figure()
+    fig.add_subplot().plot([0, 1], [1, 0])
+    out = _display_output(fig)
+    assert base64.b64decode(out["data"]["image/png"]).startswith(b"\x89PNG")
