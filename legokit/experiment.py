@@ -108,13 +108,19 @@ def client_partitions(cfg: ExperimentConfig) -> list[list]:
 
 
 def load_or_extract_blocks(cfg: ExperimentConfig, llm, tokenizer, run_dir: Path, progress: bool = True) -> list:
-    """The building blocks of this run: loaded from ``run_dir/blocks`` when present, else extracted."""
+    """The building blocks of this run: loaded from ``run_dir/blocks`` when present, else extracted.
+
+    Raises:
+        LegokitError: ``run_dir/blocks`` holds blocks of another config, or a damaged one
+            (``checkpoint.check_blocks``).
+    """
     from legokit.blocks import Block, extract_blocks
+    from legokit.checkpoint import blocks_made_with, check_blocks
     from legokit.data import calibration_texts
 
     bdir = run_dir / "blocks"
     index = bdir / "index.json"
-    if index.is_file():
+    if check_blocks(bdir, cfg):
         ids = json.loads(index.read_text())["blocks"]
         return [Block.load(bdir / f"{i}", llm) for i in range(len(ids))]
     p = cfg.prune
@@ -123,7 +129,8 @@ def load_or_extract_blocks(cfg: ExperimentConfig, llm, tokenizer, run_dir: Path,
                             texts=calibration_texts(p.n_calib, seed=cfg.seed), progress=progress)
     for i, b in enumerate(blocks):
         b.save(bdir / f"{i}")
-    atomic_write_json(index, {"blocks": [b.id for b in blocks]})
+    # last, and with what the blocks were made with: a later run reuses them only for the same settings
+    atomic_write_json(index, {"blocks": [b.id for b in blocks], "made_with": blocks_made_with(cfg)})
     return blocks
 
 
@@ -139,11 +146,18 @@ def run_condition(cfg: ExperimentConfig, condition: str, out_dir: str | Path, *,
 
 
 def run_experiment(cfg: ExperimentConfig, out_dir: str | Path, *, resume: bool = False, progress: bool = True,
-                   inject_failures: dict | None = None, train: bool = True) -> dict:
+                   inject_failures: dict | None = None, train: bool = True, resume_round: int | None = None) -> dict:
     """Run one LEGO experiment end to end and write ``results.json``; return the results.
 
-    ``train=False`` is the zero-shot reference: the LLM and every client's block scored untrained.
+    The run directory is opened first, before the model loads (``checkpoint.Checkpoint``): it is bound to
+    ``cfg``, a directory holding another run is refused with nothing rewritten, and a resume checks every
+    file it will read. ``train=False`` is the zero-shot reference: the LLM and every client's block scored
+    untrained. ``resume_round``: resume from that finished round instead of the last one.
+
+    A round in which no client trained leaves the global state as it was: ``results["failure"]`` then says
+    so (the caller decides; ``legokit run`` exits non-zero), and ``results_table`` prints it.
     """
+    from legokit.checkpoint import Checkpoint
     from legokit.federation import block_model, global_model, run_federation
     from legokit.models import load_model, param_bytes
     from legokit.strategy import build_strategy
@@ -151,13 +165,14 @@ def run_experiment(cfg: ExperimentConfig, out_dir: str | Path, *, resume: bool =
     out = Path(out_dir)
     timings: dict[str, float] = {}
     t_all = t = time.time()
+    checkpoint = Checkpoint(out, cfg, resume, resume_round=resume_round)
+    resume = resume or resume_round is not None
     seed_everything(cfg.seed)
     torch.use_deterministic_algorithms(False)
     llm, tok = load_model(cfg.model, device=cfg.device, dtype=cfg.dtype)
     llm_mb = param_bytes(llm) / 2**20
     timings["load"] = time.time() - t
     partitions = client_partitions(cfg)  # fail fast on data problems, before any heavy work
-    out.mkdir(parents=True, exist_ok=True)
     t = time.time()
     blocks = load_or_extract_blocks(cfg, llm, tok, out, progress)
     timings["extract"] = time.time() - t
@@ -167,8 +182,9 @@ def run_experiment(cfg: ExperimentConfig, out_dir: str | Path, *, resume: bool =
     base_file = out / "base_scores.json"
     if cfg.eval.base:
         t = time.time()
-        if resume and base_file.is_file():
-            results["base"] = json.loads(base_file.read_text())
+        saved = _saved_scores(base_file, cfg) if resume else None
+        if saved is not None:
+            results["base"] = saved
         else:
             results["base"] = score_model(llm, tok, cfg, progress, items_file=out / "items" / "base.jsonl")
             atomic_write_json(base_file, results["base"])
@@ -177,12 +193,13 @@ def run_experiment(cfg: ExperimentConfig, out_dir: str | Path, *, resume: bool =
     t = time.time()
     if train:
         fed = run_federation(cfg, llm, tok, blocks, partitions, out, resume=resume, progress=progress,
-                             inject_failures=inject_failures)
+                             inject_failures=inject_failures, checkpoint=checkpoint)
         strategy, rounds = fed.strategy, fed.rounds
     else:  # no round: the initial global state has B = 0, so every model is the untrained one
         strategy, rounds = build_strategy(cfg, llm, blocks, progress=progress), []
         results["condition"] = "base"
     timings["federation"] = time.time() - t
+    results.update(_round_failures(rounds, checkpoint.metrics))
 
     t = time.time()
     if not train and "base" in results:
@@ -225,6 +242,36 @@ def run_experiment(cfg: ExperimentConfig, out_dir: str | Path, *, resume: bool =
     return results
 
 
+def _saved_scores(path: Path, cfg: ExperimentConfig) -> dict | None:
+    """The base scores a resumed run can reuse: ``path`` when it reads back and was scored as ``cfg`` scores
+    (items, tasks, scoring); None to score again (the scores are derived: rescoring is always right)."""
+    try:
+        saved = json.loads(path.read_bytes())
+    except (OSError, ValueError):
+        return None
+    tasks = cfg.eval.tasks
+    ok = (isinstance(saved, dict) and saved.get("n") == cfg.eval.n and saved.get("scoring") == cfg.eval.scoring
+          and isinstance(saved.get("primary"), dict) and (tasks is None or list(saved["primary"]) == list(tasks)))
+    return saved if ok else None
+
+
+def _round_failures(rounds: list[dict], metrics: list[dict]) -> dict:
+    """``failed_rounds`` (rounds in which no client trained) and, when there are any, a ``failure`` message
+    that names them and the first client error of each kind (``metrics.jsonl`` holds every one)."""
+    empty = [r["round"] for r in rounds if not r.get("clients")]
+    if not empty:
+        return {"failed_rounds": []}
+    errors = list(dict.fromkeys(m["error"] for m in metrics if m["round"] in empty and m.get("error")))
+    which = (f"any of the {len(rounds)} rounds" if len(empty) == len(rounds)
+             else "round" + "s" * (len(empty) > 1) + " " + ", ".join(map(str, empty)) + f" of {len(rounds)}")
+    outcome = ("the global LLM and the blocks are the untrained ones" if len(empty) == len(rounds)
+               else "those rounds kept the previous global state")
+    cause = f"; client error: {errors[0]}" if errors else ""
+    return {"failed_rounds": empty,
+            "failure": f"no client trained in {which} ({outcome}){cause}; every client's error is "
+                       "in metrics.jsonl: fix the cause and run again in another output directory"}
+
+
 def _mean(xs: list[float]) -> float | None:
     return float(np.mean(xs)) if xs else None
 
@@ -232,9 +279,10 @@ def _mean(xs: list[float]) -> float | None:
 def results_table(results: dict) -> str:
     """A plain-text table of a run's headline numbers (per model: tasks, mean, perplexity)."""
     rows = []
+    untrained = bool(results.get("rounds")) and len(results.get("failed_rounds") or []) == len(results["rounds"])
     for label in ("base", "global"):
         if label in results:
-            rows.append((label + " LLM", results[label]))
+            rows.append((label + " LLM" + " (untrained)" * (label == "global" and untrained), results[label]))
     seen = set()
     for c in results.get("clients", []):
         if "scores" in c:
@@ -243,7 +291,7 @@ def results_table(results: dict) -> str:
                 seen.add(key)
                 rows.append((f"block {key}", c["scores"]))
     if not rows:
-        return "(no scores)"
+        return "(no scores)" + (f"\nRUN FAILED: {results['failure']}" if results.get("failure") else "")
     tasks = list(rows[0][1]["primary"])
     scoring = rows[0][1].get("scoring", "label")
     note = (f"scores in points: choice tasks {scoring}-scored (accuracy), nq_open F1, asdiv exact match; "
@@ -253,6 +301,11 @@ def results_table(results: dict) -> str:
     for label, s in rows:
         lines.append(f"{label[:34]:34s}" + "".join(f"{100 * s['primary'][t]:13.1f}" for t in tasks)
                      + f"{100 * s['mean_score']:8.1f}{s['perplexity']:9.2f}")
+    failed = [f"round {r['round']}: {r['failed']}" for r in results.get("rounds") or [] if r.get("failed")]
+    if failed:
+        lines.append("clients that failed (metrics.jsonl has their errors): " + "; ".join(failed))
+    if results.get("failure"):  # a table of untrained models must not read as a result
+        lines.append(f"RUN FAILED: {results['failure']}")
     return "\n".join([note, *lines])
 
 
@@ -310,6 +363,8 @@ def run_conditions(cfg, conditions: Sequence[str], run_dir: str | Path, *,
         if not (d / "blocks" / "index.json").is_file():
             _share_blocks(run_dir, d, ccfg)
         out[cond] = {**run_condition(ccfg, cond, d, resume=True, progress=progress), "run_dir": str(d)}
+        if out[cond].get("failure"):  # its numbers are those of untrained models: no claim should rest on them
+            warnings.warn(f"condition {cond} ({d}): {out[cond]['failure']}", stacklevel=2)
     return out
 
 

@@ -137,6 +137,8 @@ class Federation:
                 if self.log is not None:
                     self.log(f"round {rnd}: client {o.task.client} failed: {error}")
             lines.append(line)
+        if not results and self.log is not None:
+            self.log(f"round {rnd}: no client trained; the global state stays as it was")
         metrics = self.strategy.aggregate(rnd, results)
         metrics.update(exchange.record)
         metrics.update(seconds=round(time.time() - started, 3),
@@ -187,20 +189,24 @@ class InProcessClients:
 def federation(cfg: ExperimentConfig, llm: nn.Module, tokenizer, blocks: list, partitions: Sequence[list],
                run_dir: str | Path, *, resume: bool = False, progress: bool = True,
                inject_failures: Mapping[int, list[int]] | None = None,
-               on_round: Callable[[int, dict], None] | None = None) -> Federation:
+               on_round: Callable[[int, dict], None] | None = None,
+               checkpoint: Checkpoint | None = None) -> Federation:
     """The in-process federation of ``cfg`` (its condition built by ``strategy.build_strategy``), not yet run.
 
     Args:
         partitions: one list of training examples per client (``experiment.client_partitions``);
             ``centralized`` pools them into its one client.
         run_dir: the run directory; with ``resume`` the loop continues after its last finished round.
+        checkpoint: ``run_dir`` already opened (``experiment.run_experiment`` opens it before the model
+            loads); None opens it here.
     """
     if len(partitions) != cfg.fed.num_clients:
         raise LegokitError(f"{len(partitions)} partitions for fed.num_clients={cfg.fed.num_clients}")
     for k, part in enumerate(partitions):
         if not part:
             raise LegokitError(f"client {k} has no training data: use fewer clients or more data.train_examples")
-    checkpoint = Checkpoint(run_dir, cfg, resume)
+    if checkpoint is None:
+        checkpoint = Checkpoint(run_dir, cfg, resume)
     strategy = build_strategy(cfg, llm, blocks, progress=progress)
     if cfg.fed.aggregator == "centralized":  # one LoRA on the pooled data
         partitions = [[ex for part in partitions for ex in part]]
