@@ -31,6 +31,7 @@ def _cmd_eval(args: argparse.Namespace) -> None:
     cfg = ExperimentConfig(model=args.model, device=args.device,
                            eval=EvalConfig(tasks=args.tasks, n=args.n, ppl_texts=args.ppl_texts, scoring=args.scoring,
                                            items="first"))
+    _preflight(cfg)
     seed_everything(cfg.seed)
     t0 = time.time()
     model, tok = load_model(cfg.model, device=cfg.device)
@@ -45,24 +46,38 @@ def _cmd_eval(args: argparse.Namespace) -> None:
           f"{results['seconds']} s; written to {out / 'results.json'})")
 
 
-def _cmd_run(args: argparse.Namespace) -> None:
+def _cmd_run(args: argparse.Namespace) -> int:
     from legokit.config import load_config
     from legokit.experiment import results_table, run_experiment
 
     cfg = load_config(args.config, args.set)
     out = Path(args.out)
-    if args.resume and not (out / "config.yaml").is_file():
+    resume = args.resume or args.resume_round is not None
+    if resume and not (out / "config.yaml").is_file():
         raise LegokitError(f"--resume: {out} holds no run (no config.yaml): drop --resume to start a new run there, "
                            "or point --out at the directory of the run to continue")
+    _preflight(cfg)
     if args.lean_memory:
         lean_heap()
-    results = run_experiment(cfg, args.out, resume=args.resume)
+    results = run_experiment(cfg, args.out, resume=resume, resume_round=args.resume_round)
     print(results_table(results))
     s = results["seconds"]
     print(f"\n{cfg.name}: {cfg.fed.num_clients} clients, {cfg.fed.rounds} rounds, aggregator {cfg.fed.aggregator}, "
           f"broadcast {cfg.fed.broadcast}; {s['total']} s total; peak RSS {results['peak_rss_mb']:.0f} MiB "
           f"({results['peak_rss_mb'] / results['llm_fp32_mb']:.2f}x the LLM's fp32 size"
           f"{', lean heap' * args.lean_memory}); run directory {args.out}")
+    if results.get("failure"):  # the table above says so too; a script must see it in the exit status
+        print(f"legokit: error: the run failed: {results['failure']}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _preflight(cfg) -> None:
+    """Device, model and shape checks before any weight is loaded; warnings go to stderr."""
+    from legokit.models import preflight
+
+    for warning in preflight(cfg):
+        print(f"legokit: warning: {warning}", file=sys.stderr, flush=True)
 
 
 def _cmd_export_tasks(args: argparse.Namespace) -> None:
@@ -164,6 +179,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--config", required=True, help="a YAML file or a shipped profile name (quick, full)")
     s.add_argument("--out", required=True, help="the run directory")
     s.add_argument("--resume", action="store_true", help="continue a crashed run from its last finished round")
+    s.add_argument("--resume-round", type=int, default=None, metavar="N",
+                   help="continue from finished round N instead (implies --resume; later rounds run again): "
+                        "the way past a damaged last round")
     s.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="overrides, e.g. fed.rounds=3")
     s.add_argument("--lean-memory", action="store_true",
                    help="hand large freed buffers back to the system at once (glibc): a lower peak RSS for "

@@ -51,6 +51,11 @@ def _check(cond: bool, msg: str) -> None:
         raise LegokitError(msg)
 
 
+def _finite(x: Any) -> bool:
+    # NaN fails every comparison and inf passes "> 0": both would reach the optimizer silently
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
 def check_sparsity(s: float, what: str = "sparsity") -> None:
     """Sparsity is the pruned fraction: a number in [0, 1)."""
     _check(isinstance(s, (int, float)) and not isinstance(s, bool) and 0 <= s < 1,
@@ -84,8 +89,20 @@ class PruneConfig:
         _check(len(self.sparsities) > 0, "prune.sparsities is empty: list at least one level, e.g. [0.0, 0.5]")
         for s in self.sparsities:
             check_sparsity(s, "prune.sparsities entry")
+        _check(len(set(self.sparsities)) == len(self.sparsities),
+               f"prune.sparsities={self.sparsities} repeats a level: list each once (one block per level)")
         _check(self.n_calib >= 1, f"prune.n_calib={self.n_calib} must be >= 1 (calibration needs text)")
         _check(self.seq_len >= 8, f"prune.seq_len={self.seq_len} must be >= 8")
+        _check(not (self.method == "sparsegpt" and self.pattern == "structured"),
+               "prune.method='sparsegpt' reconstructs unstructured or N:M masks, not prune.pattern='structured': "
+               "use method 'wanda' or 'magnitude' for structured blocks, or an unstructured / N:M pattern")
+        m = re.fullmatch(NM_PATTERN, self.pattern)
+        if m:  # an N:M pattern prunes exactly N/M of the weights: the only levels it has are 0 and N/M
+            n, mm = int(m.group(1)), int(m.group(2))
+            bad = [s for s in self.sparsities if s != 0 and abs(s - n / mm) > 1e-9]
+            _check(not bad, f"prune.sparsities has {bad}, which prune.pattern={self.pattern!r} cannot give: it prunes "
+                            f"{n} of every {mm} weights (sparsity {n / mm:g}); use prune.sparsities "
+                            f"[0.0, {n / mm:g}] or an unstructured pattern")
 
 
 @dataclass
@@ -100,7 +117,7 @@ class LoraConfig:
 
     def __post_init__(self):
         _check(isinstance(self.rank, int) and self.rank >= 1, f"lora.rank={self.rank!r} must be an int >= 1")
-        _check(self.alpha > 0, f"lora.alpha={self.alpha!r} must be > 0")
+        _check(_finite(self.alpha) and self.alpha > 0, f"lora.alpha={self.alpha!r} must be a finite number > 0")
         _check(0 <= self.dropout < 1, f"lora.dropout={self.dropout!r} must be in [0, 1)")
         bad = [t for t in self.target_modules if t not in LORA_TARGETS]
         _check(not bad and self.target_modules,
@@ -129,8 +146,12 @@ class TrainConfig:
     def __post_init__(self):
         _check(self.local_steps >= 1, f"train.local_steps={self.local_steps} must be >= 1")
         _check(self.batch_size >= 1, f"train.batch_size={self.batch_size} must be >= 1")
-        _check(self.lr > 0, f"train.lr={self.lr} must be > 0")
-        _check(self.max_grad_norm > 0, f"train.max_grad_norm={self.max_grad_norm} must be > 0")
+        _check(_finite(self.lr) and self.lr > 0, f"train.lr={self.lr} must be a finite number > 0, e.g. 3e-4")
+        _check(_finite(self.weight_decay) and self.weight_decay >= 0,
+               f"train.weight_decay={self.weight_decay} must be a finite number >= 0 (0 for none, e.g. 0.01)")
+        _check(_finite(self.max_grad_norm) and self.max_grad_norm > 0,
+               f"train.max_grad_norm={self.max_grad_norm} must be a finite number > 0 (e.g. 1.0; a large value such "
+               "as 1e6 clips practically never)")
         _check(self.max_len >= 16, f"train.max_len={self.max_len} must be >= 16")
 
 
@@ -209,7 +230,8 @@ class DataConfig:
         _check(not bad and self.tasks,
                f"data.tasks has unknown tasks {bad or 'none'}: use names from {sorted(TASK_NAMES)}")
         _check(self.partition in PARTITIONS, f"data.partition={self.partition!r} is unknown: use one of {PARTITIONS}")
-        _check(self.alpha is None or self.alpha > 0, f"data.alpha={self.alpha} must be > 0 (e.g. 0.1, 1, 10)")
+        _check(self.alpha is None or (_finite(self.alpha) and self.alpha > 0),
+               f"data.alpha={self.alpha} must be a finite number > 0 (e.g. 0.1, 1, 10)")
         _check(self.partition != "dirichlet" or self.alpha is not None,
                "data.partition='dirichlet' needs data.alpha (e.g. 0.1 for very non-IID, 10 for near IID)")
         _check(self.train_examples >= 1, f"data.train_examples={self.train_examples} must be >= 1")
@@ -232,6 +254,9 @@ class EvalConfig:
 
     def __post_init__(self):
         if self.tasks is not None:
+            # an empty list used to read as "every task" (the None default): say which one is meant
+            _check(len(self.tasks) > 0, "eval.tasks is empty: name the tasks to score, e.g. [boolq, piqa], or leave "
+                                        f"it out (null) for every task {sorted(TASK_NAMES)}")
             bad = [t for t in self.tasks if t not in TASK_NAMES]
             _check(not bad, f"eval.tasks has unknown tasks {bad}: use names from {sorted(TASK_NAMES)}")
         _check(self.n >= 1, f"eval.n={self.n} must be >= 1")
@@ -240,6 +265,9 @@ class EvalConfig:
         _check(self.scoring in SCORINGS, f"eval.scoring={self.scoring!r} is unknown: use one of {list(SCORINGS)} "
                f"({'; '.join(f'{k}: {v}' for k, v in SCORINGS.items())})")
         _check(self.ppl_texts >= 1, f"eval.ppl_texts={self.ppl_texts} must be >= 1")
+        _check(self.seq_len >= 8, f"eval.seq_len={self.seq_len} must be >= 8 (tokens per perplexity window, "
+                                  "e.g. 256)")
+        _check(self.batch_size >= 1, f"eval.batch_size={self.batch_size} must be >= 1 (e.g. 8)")
 
 
 # Shipped profiles live at the repository's top level (legokit is installed editable).
@@ -279,6 +307,11 @@ class ExperimentConfig:
         for s in self.fed.client_sparsities or []:
             _check(any(abs(s - p) < 1e-9 for p in self.prune.sparsities),
                    f"fed.client_sparsities asks for {s} but prune.sparsities extracts only {self.prune.sparsities}")
+        for dev in dict.fromkeys(self.fed.devices or []):  # as strategy.assign_blocks: the densest block that fits
+            budget = DEVICE_PROFILES[dev]
+            _check(any(1 - p <= budget + 1e-9 for p in self.prune.sparsities),
+                   f"fed.devices has {dev!r} (a budget of {budget:.0%} of the LLM), but no level of prune.sparsities "
+                   f"{self.prune.sparsities} fits it: add {1 - budget:.2f} (or a sparser level) to prune.sparsities")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -334,7 +367,13 @@ def _split_override(text: str) -> tuple[str, Any]:
     key, raw = text.split("=", 1)
     if re.fullmatch(r"\s*\d+:\d+\s*", raw):  # YAML 1.1 would read 2:4 as the base-60 number 124
         return key.strip(), raw.strip()
-    return key.strip(), yaml.safe_load(raw)
+    try:
+        return key.strip(), yaml.safe_load(raw)
+    except yaml.YAMLError as err:  # e.g. an unclosed [ or {: name the override, not a YAML parser frame
+        problem = str(getattr(err, "problem", None) or err).strip()
+        fix = ("close it: a list is written [a, b], a mapping {k: v}" if raw.lstrip().startswith(("[", "{")) else
+               f"quote a string that holds YAML punctuation, e.g. {key.strip()}='\"{raw.strip()}\"'")
+        raise LegokitError(f"override {text!r}: the value {raw!r} is not valid YAML ({problem}); {fix}") from err
 
 
 def _known_key(cls, key: str, context: str) -> None:

@@ -121,13 +121,10 @@ def lm_eval_command(task_dir: str | Path, tasks: Sequence[str], pretrained: str 
 
 
 # ----- checkpoints ---------------------------------------------------------------------------------------
-def _restore_strategy(run_dir: Path, device: str, dtype: str):
-    """The strategy of a run directory's last finished round, rebuilt as a resumed run does: the config, the
-    LLM, the saved blocks, then that round's global state. Returns ``(strategy, llm, tokenizer, round)``."""
-    from legokit.blocks import Block
+def _read_run(run_dir: Path) -> tuple:
+    """What a run directory says, read without loading a model: ``(config, last finished round, its adapter
+    directory, block ids)``; a clear error for each way the directory can be incomplete."""
     from legokit.config import ExperimentConfig
-    from legokit.models import load_model
-    from legokit.strategy import build_strategy
 
     if not (run_dir / "config.yaml").is_file():
         raise LegokitError(f"{run_dir} is not a run directory (no config.yaml); give the --out of `legokit run`")
@@ -144,20 +141,63 @@ def _restore_strategy(run_dir: Path, device: str, dtype: str):
     index = run_dir / "blocks" / "index.json"
     if not index.is_file():
         raise LegokitError(f"run {run_dir} has no blocks/index.json; the run directory is incomplete")
+    return cfg, rnd, adir, json.loads(index.read_text())["blocks"]
+
+
+def _restore_strategy(run_dir: Path, device: str, dtype: str):
+    """The strategy of a run directory's last finished round, rebuilt as a resumed run does: the config, the
+    LLM, the saved blocks, then that round's global state. Returns ``(strategy, llm, tokenizer, round)``."""
+    from legokit.blocks import Block
+    from legokit.models import load_model
+    from legokit.strategy import build_strategy
+
+    cfg, rnd, adir, ids = _read_run(run_dir)
     llm, tok = load_model(cfg.model, device=device, dtype=dtype)
-    ids = json.loads(index.read_text())["blocks"]
     blocks = [Block.load(run_dir / "blocks" / f"{i}", llm) for i in range(len(ids))]
     strategy = build_strategy(cfg, llm, blocks, progress=False)  # the condition as the run built it
     strategy.load(adir, rnd)
     return strategy, llm, tok, rnd
 
 
-def _block_index(blocks: list, which: str) -> int:
-    for i, b in enumerate(blocks):
-        if which in (b.id, str(i)):
+def _block_index(ids: list[str], which: str) -> int:
+    for i, b in enumerate(ids):
+        if which in (b, str(i)):
             return i
-    listing = ", ".join(f"{i}: {b.id}" for i, b in enumerate(blocks))
+    listing = ", ".join(f"{i}: {b}" for i, b in enumerate(ids))
     raise LegokitError(f"unknown block {which!r}: use 'global' or a block id or index ({listing})")
+
+
+def _check_export(run: Path, out: Path, model: str, client: int | None, device: str) -> None:
+    """Every export argument checked against the run directory before the model is loaded and rebuilt."""
+    from types import SimpleNamespace
+
+    from legokit.strategy import assign_blocks
+    from legokit.utils import resolve_device
+
+    if out.exists() and not out.is_dir():
+        raise LegokitError(f"--out {str(out)!r} is an existing file; the checkpoint is a directory: give a new path "
+                           "or an existing directory")
+    resolve_device(device)
+    cfg, _, _, ids = _read_run(run)
+    if len(ids) != len(cfg.prune.sparsities):
+        raise LegokitError(f"run {run}: blocks/index.json lists {len(ids)} blocks but its config extracts "
+                           f"{len(cfg.prune.sparsities)}; the run directory is inconsistent")
+    # the blocks are extracted in prune.sparsities's order, so the assignment needs only their levels
+    assignment = assign_blocks(cfg, [SimpleNamespace(sparsity=s) for s in cfg.prune.sparsities])
+    clients = ", ".join(f"{k}: {ids[b]}" for k, b in enumerate(assignment))
+    if cfg.fed.aggregator == "local":
+        if client is None:
+            raise LegokitError(f"run {run} is a 'local' run: no global model, every client keeps its own adapter; "
+                               f"choose one with --client K (client: block = {clients})")
+        if not 0 <= client < cfg.fed.num_clients:
+            raise LegokitError(f"client {client} is not in run {run} (client: block = {clients})")
+        if model != "global" and _block_index(ids, model) != assignment[client]:
+            raise LegokitError(f"client {client} of run {run} holds block {ids[assignment[client]]}, not {model!r}")
+    elif client is not None:
+        raise LegokitError(f"run {run} is a {cfg.fed.aggregator!r} run: its clients share the global update, so "
+                           "a client's model is its block's; drop --client and pass --model BLOCK")
+    elif model != "global":
+        _block_index(ids, model)
 
 
 def export_checkpoint(run_dir: str | Path, out_dir: str | Path, model: str = "global", client: int | None = None,
@@ -180,33 +220,21 @@ def export_checkpoint(run_dir: str | Path, out_dir: str | Path, model: str = "gl
     from legokit.lora import detach_lora
     from legokit.slm import materialize
 
-    run = Path(run_dir)
+    run, out = Path(run_dir), Path(out_dir)
+    _check_export(run, out, model, client, device)
     strategy, llm, tok, rnd = _restore_strategy(run, device, dtype)
     cfg, blocks = strategy.cfg, strategy.blocks
-    local = cfg.fed.aggregator == "local"
-    if local:
-        clients = ", ".join(f"{k}: {blocks[b].id}" for k, b in enumerate(strategy.assignment))
-        if client is None:
-            raise LegokitError(f"run {run} is a 'local' run: no global model, every client keeps its own adapter; "
-                               f"choose one with --client K (client: block = {clients})")
-        if not 0 <= client < cfg.fed.num_clients:
-            raise LegokitError(f"client {client} is not in run {run} (client: block = {clients})")
+    if cfg.fed.aggregator == "local":
         index = strategy.assignment[client]
-        if model != "global" and _block_index(blocks, model) != index:
-            raise LegokitError(f"client {client} of run {run} holds block {blocks[index].id}, not {model!r}")
         what = blocks[index].id
         context = block_model(strategy, index, client)
-    elif client is not None:
-        raise LegokitError(f"run {run} is a {cfg.fed.aggregator!r} run: its clients share the global update, so "
-                           "a client's model is its block's; drop --client and pass --model BLOCK")
     elif model == "global":
         index, what = None, "global"
         context = global_model(strategy, llm)
     else:
-        index = _block_index(blocks, model)
+        index = _block_index([b.id for b in blocks], model)
         what = blocks[index].id
         context = block_model(strategy, index)
-    out = Path(out_dir)
     with context as m:
         materialize(m)  # a block's views of the LLM's weights -> layers that hold (and save) their weights
         detach_lora(m, merge=True)  # every LoRA layer -> a plain nn.Linear holding W + M ⊙ s·BA

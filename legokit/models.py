@@ -8,15 +8,24 @@ with a byte-level tokenizer built in memory, so unit tests run before any asset 
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
-from legokit.names import DEFAULT_MODEL, LORA_TARGETS
+from legokit.names import DEFAULT_MODEL, LORA_TARGETS, NM_PATTERN
 from legokit.utils import LegokitError, cache_dir, resolve_device, resolve_dtype
 
+if TYPE_CHECKING:
+    from legokit.config import ExperimentConfig
+
 TINY_MODEL = "tiny-llama"
+
+# ``preflight`` warns about adapters that outweigh the LLM only above this many MiB: tiny-llama's adapters
+# outweigh it at any rank, and a few hundred MiB go unnoticed on any machine that trains.
+WARN_ADAPTER_MIB = 256
 
 # Cached checkpoints written by `legokit setup`, by model name.
 CACHED_MODELS = {DEFAULT_MODEL: f"models/{DEFAULT_MODEL}"}
@@ -170,3 +179,84 @@ def param_bytes(model: nn.Module) -> int:
         seen.add(t.data_ptr())
         total += t.numel() * t.element_size()
     return total
+
+
+def model_skeleton(name_or_path: str = DEFAULT_MODEL) -> nn.Module:
+    """The model's modules with their shapes but without its weights (``meta`` tensors; tiny-llama is built).
+
+    Reads only the checkpoint's ``config.json``, so it takes a fraction of a second where ``load_model`` reads
+    every weight. Raises ``LegokitError`` as ``load_model`` does for an unknown or missing model.
+    """
+    if name_or_path == TINY_MODEL:
+        return tiny_llama()[0]
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(_checkpoint_path(name_or_path))
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config)
+
+
+def adapter_memory(cfg: ExperimentConfig, shapes: dict[str, tuple[int, int]], rank: int) -> dict[str, float]:
+    """Bytes the federation's rank-``rank`` adapters take, estimated from the modules' ``(out, in)`` shapes.
+
+    ``factors``: one float32 adapter, ``rank`` capped at ``min(out, in)`` per module as the SVD caps it. The
+    peak holds the server's global adapter, one update per sampled client (kept until the round aggregates),
+    and the training client's factors, gradients and two AdamW moments: ``(1 + sampled + 4) * factors``.
+    """
+    from legokit.config import sampled_count
+
+    factors = 4.0 * sum(min(rank, o, i) * (o + i) for o, i in shapes.values())
+    sampled = sampled_count(cfg.fed.sample_fraction, cfg.fed.num_clients)
+    return {"factors": factors, "sampled": sampled, "peak": (1 + sampled + 4) * factors}
+
+
+def preflight(cfg: ExperimentConfig) -> list[str]:
+    """Check a config against this machine and the model's shapes before any weight is loaded.
+
+    Errors (``LegokitError``): a device this torch cannot use, an unknown dtype, a model that is unknown or not
+    in the cache, an N:M pattern whose M does not divide a module's input size, a ``lora.rank`` larger than a
+    module. Warnings (returned, for the caller to show): legitimate settings that cost surprisingly much, such as
+    a default global rank (the sum of the client ranks) whose adapters take more memory than the LLM itself.
+
+    Returns:
+        the warnings, as sentences that name the setting, its cost and how to change it.
+    """
+    resolve_dtype(cfg.dtype, resolve_device(cfg.device))
+    skeleton = model_skeleton(cfg.model)
+    shapes = {n: tuple(m.weight.shape) for n, m in linear_modules(skeleton, cfg.lora.target_modules).items()}
+    nm = re.fullmatch(NM_PATTERN, cfg.prune.pattern)
+    if nm:
+        m = int(nm.group(2))
+        bad = {n: s for n, s in shapes.items() if s[1] % m}
+        if bad:
+            name, (o, i) = next(iter(bad.items()))
+            raise LegokitError(f"prune.pattern={cfg.prune.pattern!r} needs every pruned module's input size to be a "
+                               f"multiple of {m}, but {len(bad)} modules of {cfg.model!r} are not, e.g. {name} "
+                               f"({o}x{i}): use a pattern whose M divides the input sizes, or 'unstructured'")
+    small = {n: s for n, s in shapes.items() if cfg.lora.rank > min(s)}
+    if small:
+        name, (o, i) = min(small.items(), key=lambda kv: min(kv[1]))
+        raise LegokitError(f"lora.rank={cfg.lora.rank} is larger than {name} ({o}x{i}) of {cfg.model!r} allows: use "
+                           f"lora.rank <= {min(o, i)}")
+    warnings = []
+    fed = cfg.fed
+    if fed.global_rank is None and fed.broadcast == "adapter" and fed.aggregator not in ("local", "flexlora"):
+        rank = cfg.lora.rank * fed.num_clients
+        mem = adapter_memory(cfg, shapes, rank)
+        llm = 4.0 * sum(p.numel() for p in skeleton.parameters())  # float32, tied weights once
+        mib = 2.0 ** 20
+        if mem["peak"] > max(llm, WARN_ADAPTER_MIB * mib):
+            warnings.append(
+                f"fed.global_rank is not set, so the global adapter takes the sum of the client ranks, lora.rank x "
+                f"fed.num_clients = {cfg.lora.rank} x {fed.num_clients} = {rank}, and every client trains from it at "
+                f"that rank. Estimated from {cfg.model}'s shapes: one such adapter is {_size(mem['factors'])}, "
+                f"and the server's copy, {mem['sampled']} sampled clients' updates and a client's training state "
+                f"(factors, gradients, two AdamW moments) take up to about {_size(mem['peak'])}, "
+                f"{mem['peak'] / llm:.1f}x the LLM's float32 size ({_size(llm)}), on top of the LLM. To bound "
+                f"it, set the global rank, e.g. --set fed.global_rank={4 * cfg.lora.rank} (fed.global_rank: "
+                f"{4 * cfg.lora.rank} in the config, as configs/clients64.yaml does)")
+    return warnings
+
+
+def _size(nbytes: float) -> str:
+    return f"{nbytes / 2**30:.1f} GiB" if nbytes >= 2**30 else f"{nbytes / 2**20:.0f} MiB"

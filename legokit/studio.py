@@ -426,6 +426,11 @@ class Studio:
         """Two ended runs side by side: loss curves and per-round losses (a figure), the per-round mean loss,
         the config differences, and the held-out perplexity of each global LLM when measured."""
         ra, rb = self.get(a), self.get(b)
+        if ra is rb:  # the widget's two menus can name the same run; the table below needs two columns
+            others = [r.index for r in self.runs if r is not ra and r.done]
+            raise LegokitError(f"run A and run B are both run {ra.index}: pick two different runs to compare"
+                               + (f" (ended runs besides it: {others})" if others else
+                                  "; press Run again to have a second one"))
         for r in (ra, rb):
             if not r.done:
                 raise LegokitError(f"run {r.index} is still running: compare it once it has ended")

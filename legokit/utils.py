@@ -24,8 +24,16 @@ class LegokitError(ValueError):
 
 def cache_dir() -> Path:
     """Root of legokit's asset cache: ``$LEGOKIT_CACHE`` or ``~/.cache/legokit``."""
-    root = os.environ.get("LEGOKIT_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "legokit")
-    return Path(root)
+    env = os.environ.get("LEGOKIT_CACHE")
+    root = Path(env or os.path.join(os.path.expanduser("~"), ".cache", "legokit"))
+    # A file where the cache (or one of its parents) should be fails later inside mkdir or open with an OS
+    # traceback that names neither the variable nor the fix.
+    blocker = next((p for p in (root, *root.parents) if p.exists()), None)
+    if blocker is not None and not blocker.is_dir():
+        what = f"LEGOKIT_CACHE={env!r}" if env else f"the default cache {str(root)!r}"
+        raise LegokitError(f"{what} cannot be legokit's cache directory: {str(blocker)!r} is a file; point "
+                           "LEGOKIT_CACHE at a directory (created if missing) or move the file away")
+    return root
 
 
 def seed_everything(seed: int) -> torch.Generator:
@@ -41,9 +49,20 @@ def resolve_device(device: str = "auto") -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
-        return torch.device(device)
+        dev = torch.device(device)
     except RuntimeError as err:
         raise LegokitError(f"unknown device {device!r}: use 'auto', 'cpu' or 'cuda[:N]'") from err
+    # torch.device accepts any known type; the model's .to() would fail later with an AssertionError
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise LegokitError(f"device {device!r}: this torch {torch.__version__} sees no CUDA GPU (CPU-only build, "
+                               "or no driver); use device 'cpu', or 'auto' for CUDA when present")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise LegokitError(f"device {device!r}: there are {torch.cuda.device_count()} CUDA GPU(s), numbered from "
+                               "0; use e.g. 'cuda:0' or 'auto'")
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise LegokitError(f"device {device!r}: Apple's MPS backend is not available here; use 'cpu' or 'auto'")
+    return dev
 
 
 def resolve_dtype(dtype: str | torch.dtype = "auto", device: torch.device | str = "cpu") -> torch.dtype:

@@ -12,7 +12,8 @@ from legokit.utils import LegokitError
 
 
 def test_yaml_round_trip(tmp_path):
-    cfg = ExperimentConfig().with_overrides(["fed.rounds=3", "lora.rank=4", "prune.pattern=2:4"])
+    cfg = ExperimentConfig().with_overrides(["fed.rounds=3", "lora.rank=4", "prune.pattern=2:4",
+                                             "prune.sparsities=[0.0, 0.5]"])
     path = tmp_path / "c.yaml"
     cfg.to_yaml(path)
     back = ExperimentConfig.from_yaml(path)
@@ -37,7 +38,7 @@ def test_shipped_profiles_load(profile):
         ("fed.aggregator=mean", "fed.aggregator='mean' is unknown"),
         ("fed.broadcast=gossip", "fed.broadcast='gossip' is unknown"),
         ("data.tasks=[boolq, squad]", "unknown tasks ['squad']"),
-        ("data.alpha=0", "must be > 0"),
+        ("data.alpha=0", "data.alpha=0.0 must be a finite number > 0"),
         ("lora.rank=two", "must be int"),
         ("fed.client_sparsities=[0.0, 0.9, 0.5, 0.75]", "extracts only"),
         ("fed.devices=[phone, phone]", "one per client"),
@@ -58,7 +59,7 @@ def test_unquoted_n_m_in_yaml_gets_a_hint(tmp_path):
     path.write_text("prune:\n  pattern: 2:4\n")  # YAML 1.1 reads this as the number 124
     with pytest.raises(LegokitError, match='write it quoted, "2:4"'):
         ExperimentConfig.from_yaml(path)
-    assert ExperimentConfig().with_overrides(["prune.pattern=2:4"]).prune.pattern == "2:4"
+    assert ExperimentConfig().with_overrides(["prune.pattern=2:4", "prune.sparsities=[0.5]"]).prune.pattern == "2:4"
 
 
 def test_dirichlet_needs_alpha():

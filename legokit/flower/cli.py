@@ -22,13 +22,46 @@ from pathlib import Path
 from legokit.utils import LegokitError
 
 
-def _config(args: argparse.Namespace):
+def _config(args: argparse.Namespace, preflight: bool = True):
+    """The experiment of ``--config``, ``--set`` and ``--clients``; ``preflight``: check it against this machine and
+    the model's shapes (``legokit.models.preflight``) and print its warnings, before anything is loaded."""
     from legokit.config import ExperimentConfig, load_config
 
     overrides = list(args.set or [])
-    if getattr(args, "clients", None):  # validated together with the other overrides (e.g. client_sparsities)
-        overrides.append(f"fed.num_clients={args.clients}")
-    return load_config(args.config, overrides) if args.config else ExperimentConfig().with_overrides(overrides)
+    clients = getattr(args, "clients", None)
+    if clients is not None:  # validated together with the other overrides (e.g. a client_sparsities of N entries)
+        profile = load_config(args.config) if args.config else ExperimentConfig()
+        overrides += _clients_overrides(profile, clients, overrides)
+    cfg = load_config(args.config, overrides) if args.config else ExperimentConfig().with_overrides(overrides)
+    if preflight:
+        from legokit.models import preflight as check
+
+        for warning in check(cfg):
+            print(f"legokit: warning: {warning}", file=sys.stderr, flush=True)
+    return cfg
+
+
+def _clients_overrides(cfg, clients: int, overrides: list[str]) -> list[str]:
+    """``--clients N`` as overrides: ``fed.num_clients``, and the profile's per-client lists cycled to N entries.
+
+    A shipped profile lists one block (``fed.client_sparsities``) or device (``fed.devices``) per client of its own
+    count, so ``--clients 3`` on the 4-client quick profile would contradict it. Client k keeps the profile's
+    entry k mod its length, as clients without a list cycle through the levels; a list given in ``--set`` is
+    the user's own and is not touched (it must then have N entries).
+    """
+    if clients < 1:
+        raise LegokitError(f"--clients {clients}: a federation needs at least 1 client (one SuperNode each)")
+    out = [f"fed.num_clients={clients}"]
+    given = {o.split("=", 1)[0].strip() for o in overrides}
+    for key in ("client_sparsities", "devices"):
+        values = getattr(cfg.fed, key)
+        if values is None or len(values) == clients or f"fed.{key}" in given:
+            continue
+        cycled = [values[k % len(values)] for k in range(clients)]
+        out.append(f"fed.{key}={json.dumps(cycled)}")  # JSON is YAML
+        print(f"legokit: note: --clients {clients}: the config's fed.{key} {values} (one per client) becomes "
+              f"{cycled}; set fed.{key} with --set to choose each client's", file=sys.stderr, flush=True)
+    return out
 
 
 def _terminate_on_sigterm() -> None:
@@ -83,7 +116,7 @@ def _cmd_sim(args: argparse.Namespace) -> None:
 def _cmd_app(args: argparse.Namespace) -> None:
     from legokit.flower.runconfig import write_app
 
-    cfg = _config(args)
+    cfg = _config(args, preflight=False)  # the app runs on the SuperLink's machine, not this one
     flower = {"run_dir": str(Path(args.run_dir).resolve()) if args.run_dir else "",
               "round_timeout": args.round_timeout}
     d = write_app(args.out, cfg, **flower)
