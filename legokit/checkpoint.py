@@ -334,11 +334,5 @@ def _check_safetensors(path: Path) -> None:
         raise _Damaged(path, f"is truncated or damaged ({size} bytes; its header describes {8 + n + end})")
 
 
-def _read_jsonl(path: Path) -> list[dict]:
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
 def _write_jsonl(path: Path, rows: list[dict]) -> None:
     atomic_write_text(path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))

@@ -31,7 +31,7 @@ def _cmd_eval(args: argparse.Namespace) -> None:
     cfg = ExperimentConfig(model=args.model, device=args.device,
                            eval=EvalConfig(tasks=args.tasks, n=args.n, ppl_texts=args.ppl_texts, scoring=args.scoring,
                                            items="first"))
-    _preflight(cfg)
+    run_preflight(cfg)
     seed_everything(cfg.seed)
     t0 = time.time()
     model, tok = load_model(cfg.model, device=cfg.device)
@@ -56,7 +56,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     if resume and not (out / "config.yaml").is_file():
         raise LegokitError(f"--resume: {out} holds no run (no config.yaml): drop --resume to start a new run there, "
                            "or point --out at the directory of the run to continue")
-    _preflight(cfg)
+    run_preflight(cfg)
     if args.lean_memory:
         lean_heap()
     results = run_experiment(cfg, args.out, resume=resume, resume_round=args.resume_round)
@@ -72,7 +72,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _preflight(cfg) -> None:
+def run_preflight(cfg) -> None:
     """Device, model and shape checks before any weight is loaded; warnings go to stderr."""
     from legokit.models import preflight
 

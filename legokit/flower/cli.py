@@ -34,10 +34,9 @@ def _config(args: argparse.Namespace, preflight: bool = True):
         overrides += _clients_overrides(profile, clients, overrides)
     cfg = load_config(args.config, overrides) if args.config else ExperimentConfig().with_overrides(overrides)
     if preflight:
-        from legokit.models import preflight as check
+        from legokit.cli import run_preflight
 
-        for warning in check(cfg):
-            print(f"legokit: warning: {warning}", file=sys.stderr, flush=True)
+        run_preflight(cfg)
     return cfg
 
 
