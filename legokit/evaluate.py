@@ -36,7 +36,16 @@ from fractions import Fraction
 
 import torch
 
-from legokit.data import TASKS, Example, _ids, choice_ids, load_task, prompt_ids, render, tokenize_example
+from legokit.data import (
+    TASKS,
+    Example,
+    choice_ids,
+    harness_requests,
+    load_task,
+    prompt_ids,
+    render,
+    tokenize_example,
+)
 from legokit.names import SCORINGS
 from legokit.utils import LegokitError, progress_bar
 
@@ -367,26 +376,6 @@ def _kind(task: str, examples: Sequence[Example]) -> str:
     if task in TASKS:
         return TASKS[task].kind
     return "choice" if examples and examples[0].choices else "generate"
-
-
-def harness_requests(example: Example, tokenizer) -> Request:
-    """The option-scoring request of a choice example as lm-evaluation-harness builds it (``HFLM._encode_pair``).
-
-    Each continuation is ``" " + option`` (the target delimiter) after the plain ``example.context``; trailing
-    whitespace of the context moves onto the continuation; the continuation's ids are those of
-    ``context + continuation`` after the context's own ids; no special tokens.
-    """
-    if not example.context or not example.options:
-        raise LegokitError(f"example {example.uid or example.prompt[:40]!r} of {example.task!r} has no cloze form "
-                           "(context and options); harness scoring needs a choice task from legokit.data.TASKS")
-    context = example.context.rstrip()
-    space = example.context[len(context):]
-    ctx = _ids(tokenizer, context)
-    conts = []
-    for option in example.options:
-        whole = _ids(tokenizer, context + space + " " + option)
-        conts.append(whole[len(ctx):])
-    return ctx, conts
 
 
 def _argmax(xs: Sequence[float]) -> int:

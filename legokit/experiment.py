@@ -93,15 +93,21 @@ def score_model(model, tokenizer, cfg: ExperimentConfig, progress: bool = True, 
 
 def client_partitions(cfg: ExperimentConfig) -> list[list]:
     """Draw ``data.train_examples`` training examples over the tasks and split them between clients."""
-    from legokit.data import load_task, partition
+    from legokit.data import balance_labels, label_imbalance, load_task, partition
 
     per_task = max(1, cfg.data.train_examples // len(cfg.data.tasks))
     pool = []
     for task in cfg.data.tasks:
         examples = load_task(task, "train")
+        if cfg.data.balance_labels:
+            examples = balance_labels(examples, seed=cfg.seed)
+        note = label_imbalance(examples, f"{task}'s training split")  # the population the clients draw from
+        if note:
+            warnings.warn(note, stacklevel=2)
         if len(examples) < per_task:
-            raise LegokitError(f"task {task!r} has {len(examples)} training examples, fewer than the "
-                               f"{per_task} asked for: lower data.train_examples")
+            raise LegokitError(f"task {task!r} has {len(examples)} training examples"
+                               + " after balancing its labels" * cfg.data.balance_labels
+                               + f", fewer than the {per_task} asked for: lower data.train_examples")
         pool.extend(examples[:per_task])
     return partition(pool, cfg.fed.num_clients, cfg.data.partition, alpha=cfg.data.alpha, seed=cfg.seed,
                      tasks_per_client=cfg.data.tasks_per_client)
@@ -190,6 +196,12 @@ def run_experiment(cfg: ExperimentConfig, out_dir: str | Path, *, resume: bool =
             atomic_write_json(base_file, results["base"])
         timings["eval_base"] = time.time() - t
 
+    learn = train and cfg.eval.learning and cfg.fed.aggregator != "centralized"
+    if learn:
+        t = time.time()
+        before = learning_before(cfg, tok, blocks, partitions, out)
+        timings["eval_learning"] = time.time() - t
+
     t = time.time()
     if train:
         fed = run_federation(cfg, llm, tok, blocks, partitions, out, resume=resume, progress=progress,
@@ -230,6 +242,8 @@ def run_experiment(cfg: ExperimentConfig, out_dir: str | Path, *, resume: bool =
             clients[k]["scores"] = scored[key]
             clients[k]["own_task_score"] = _mean([v for t_, v in prim.items() if t_ in own])
             clients[k]["other_task_score"] = _mean([v for t_, v in prim.items() if t_ not in own])
+    if learn:
+        results["learning"] = learning_after(cfg, tok, strategy, partitions, before, out, results)
     timings["eval"] = time.time() - t
     results["rounds"] = rounds
     results["blocks"] = [{"index": i, "id": b.id, "sparsity": b.sparsity} for i, b in enumerate(blocks)]
@@ -240,6 +254,114 @@ def run_experiment(cfg: ExperimentConfig, out_dir: str | Path, *, resume: bool =
     results["llm_fp32_mb"] = round(llm_mb, 1)
     atomic_write_json(out / "results.json", results)
     return results
+
+
+# ----- the learning gate (legokit.learning) ---------------------------------------------------------------
+def learning_items(cfg: ExperimentConfig, tasks: Sequence[str]) -> dict[str, list]:
+    """The test items the learning gate scores per task: ``eval.n_learning`` (default ``eval.n``) drawn as
+    ``score_model`` draws them, so with the default they are the global LLMs' items too."""
+    from legokit.data import load_task
+    from legokit.evaluate import select_items
+
+    n = cfg.eval.n_learning or cfg.eval.n
+    draw = cfg.seed if cfg.eval.items == "per_seed" else None
+    return {t: select_items(load_task(t, "test"), n, draw_seed=draw) for t in tasks}
+
+
+def _score_own(model, tok, cfg: ExperimentConfig, items: dict[str, list]) -> list[dict]:
+    from legokit.evaluate import score_tasks
+
+    recs = score_tasks(model, tok, items, batch_size=cfg.eval.batch_size, seed=cfg.seed, scoring=cfg.eval.scoring)
+    return [r for t in items for r in recs[t]]
+
+
+def _read_items(path: Path) -> list[dict] | None:
+    try:
+        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    except (OSError, ValueError):
+        return None
+
+
+def learning_before(cfg: ExperimentConfig, tok, blocks: list, partitions, out: str | Path | None = None) -> dict:
+    """Each client's block scored untrained on the client's own tasks (``learning_items``): ``{client: records}``.
+
+    Call it before the first round (a ``merge`` broadcast changes the blocks). With ``out`` (a run directory) the
+    records are kept in ``items/learning-before-client<k>.jsonl`` and a resumed run reuses them.
+    """
+    from legokit.strategy import assign_blocks
+
+    assignment = assign_blocks(cfg, blocks)
+    scored: dict[tuple, list[dict]] = {}
+    before = {}
+    for k in range(cfg.fed.num_clients):
+        tasks = sorted({ex.task for ex in partitions[k]})
+        path = None if out is None else Path(out) / "items" / f"learning-before-client{k}.jsonl"
+        saved = None if path is None else _read_items(path)
+        if saved is not None and sorted({r["task"] for r in saved}) == tasks:
+            before[k] = saved
+            continue
+        key = (assignment[k], tuple(tasks))
+        if key not in scored:
+            block = blocks[assignment[k]]
+            try:
+                scored[key] = _score_own(block.model, tok, cfg, learning_items(cfg, tasks))
+            finally:
+                block.release()
+        before[k] = scored[key]
+        if path is not None:
+            atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in before[k]))
+    return before
+
+
+def learning_after(cfg: ExperimentConfig, tok, strategy, partitions, before: dict, out: str | Path | None = None,
+                   results: dict | None = None) -> dict:
+    """The ``learning`` object after training: per client its block's own-task gain over ``before``
+    (``learning_before``), the global LLM's gain over ``base`` on the trained tasks (when ``results`` holds both,
+    with per-item records in ``out``), and the gate (``legokit.learning.gate``).
+
+    The block after training is what the client runs from then on (``federation.block_model``: the final global
+    update through its mask; in the ``local`` reference, its own adapter). With ``out``, the records are kept in
+    ``items/learning-after-client<k>.jsonl``.
+    """
+    from legokit.federation import block_model
+    from legokit.learning import gain, gate
+
+    rows = []
+    for k in range(cfg.fed.num_clients):
+        tasks = sorted({ex.task for ex in partitions[k]})
+        items = learning_items(cfg, tasks)
+        examples = [ex for exs in items.values() for ex in exs]
+        client = k if cfg.fed.aggregator == "local" else None
+        with block_model(strategy, strategy.assignment[k], client) as model:
+            after = _score_own(model, tok, cfg, items)
+        if out is not None:
+            atomic_write_text(Path(out) / "items" / f"learning-after-client{k}.jsonl",
+                              "".join(json.dumps(r) + "\n" for r in after))
+        rows.append({"client": k, "sparsity": strategy.block_of(k).sparsity, "tasks": tasks,
+                     **gain(before[k], after, examples, seed=cfg.seed)})
+    verdict = gate(rows)
+    trained = sorted({t for r in rows for t in r["tasks"]})
+    glob = None
+    results = results or {}
+    if out is not None and "base" in results and "global" in results and results["global"] is not results["base"]:
+        glob = global_gain(_read_items(Path(out) / "items" / results["base"]["items"]),
+                           _read_items(Path(out) / "items" / results["global"]["items"]), trained, cfg)
+    return {**verdict, "scoring": cfg.eval.scoring, "format": cfg.train.format,
+            "items": cfg.eval.n_learning or cfg.eval.n, "clients": rows, "global": glob}
+
+
+def global_gain(base: list[dict] | None, glob: list[dict] | None, tasks: Sequence[str], cfg: ExperimentConfig,
+                seed: int | None = None) -> dict | None:
+    """The global LLM minus ``base`` on ``tasks`` (the trained tasks), paired over the same test items."""
+    from legokit.data import load_task
+    from legokit.learning import gain
+
+    if not base or not glob:
+        return None
+    pick = lambda recs: [r for r in recs if r["task"] in tasks]  # noqa: E731
+    examples = [ex for t in tasks for ex in load_task(t, "test")]
+    return {"tasks": list(tasks), **gain(pick(base), pick(glob), examples,
+                                         seed=cfg.seed if seed is None else seed)}
 
 
 def _saved_scores(path: Path, cfg: ExperimentConfig) -> dict | None:
@@ -306,6 +428,10 @@ def results_table(results: dict) -> str:
         lines.append("clients that failed (metrics.jsonl has their errors): " + "; ".join(failed))
     if results.get("failure"):  # a table of untrained models must not read as a result
         lines.append(f"RUN FAILED: {results['failure']}")
+    if results.get("learning"):
+        from legokit.learning import format_table
+
+        lines += ["", format_table(results["learning"])]
     return "\n".join([note, *lines])
 
 

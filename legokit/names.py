@@ -22,8 +22,21 @@ DEFAULT_MODEL = "smollm2-135m-instruct"
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 # ----- data
-TASK_NAMES = ("boolq", "nq_open", "xsum", "mmlu", "commonsense_qa", "asdiv", "piqa")  # data.TASKS, in its order
+TASK_NAMES = ("boolq", "nq_open", "xsum", "mmlu", "commonsense_qa", "asdiv", "piqa", "siqa",
+              "openbookqa")  # data.TASKS, in its order
+# The tasks answered by choosing an option (data.TASKS kind "choice"; the rest generate their answer).
+CHOICE_TASK_NAMES = ("boolq", "mmlu", "commonsense_qa", "piqa", "siqa", "openbookqa")
 PARTITIONS = ("task", "dirichlet", "iid", "quantity")
+# How a choice task is trained (``train.format``): the form it is scored in. Generative tasks have one form
+# (their chat prompt, scored by generation). ``auto`` follows ``eval.scoring``: harness -> cloze, label -> chat.
+TRAIN_FORMATS = {
+    "cloze": "the plain cloze context, then the gold option's own text (what harness scoring reads)",
+    "chat": "the chat-rendered prompt listing the options, then the answer label (what label scoring reads)",
+}
+FORMAT_OF_SCORING = {"harness": "cloze", "label": "chat"}
+# A training set whose most common answer exceeds the uniform share by this much gets a warning: a constant
+# answer is then an easy win that reads as learning.
+LABEL_IMBALANCE = 0.10
 
 # ----- federation
 AGGREGATOR_NAMES = ("heteagg", "fedavg", "fedavg_delta", "heterofl", "flora", "flexlora")  # aggregate.AGGREGATORS

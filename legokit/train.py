@@ -202,7 +202,8 @@ def train_client(model: nn.Module, tokenizer, examples: Sequence, cfg: TrainConf
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     order = batch_order(len(examples), cfg.local_steps, cfg.batch_size, seed)
     # only the examples the steps reach (a large client with few local steps uses a fraction)
-    encoded = {i: encode(examples[i], tokenizer, cfg.max_len) for i in sorted({i for b in order for i in b})}
+    reached = sorted({i for b in order for i in b})
+    encoded = {i: encode(examples[i], tokenizer, cfg.max_len, cfg.format) for i in reached}
 
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     result = TrainResult(num_examples=len(examples))

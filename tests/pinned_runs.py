@@ -18,7 +18,6 @@ from legokit.federation import run_federation
 from legokit.models import load_model
 
 DATA = Path(__file__).parent / "data"
-ROOT = Path(__file__).parents[1]
 TINY_CONDITIONS = ["heteagg-adapter", "heteagg-merge", "local-adapter", "centralized-adapter", "flexlora-adapter"]
 CALIB = ["The quick brown fox jumps over the lazy dog. " * 4, "Paris is the capital of France. " * 4] * 2
 
@@ -54,11 +53,12 @@ def tiny_losses(condition: str, run_dir: Path, overrides: dict | None = None) ->
 
 
 def quick_losses(run_dir: Path, overrides: dict | None = None) -> Losses:
-    """``make demo``'s federation: configs/quick.yaml on the default LLM (extraction and both rounds)."""
+    """The quick demo's federation as pinned (``tests/data/quick_pin.yaml``, configs/quick.yaml as it was then) on
+    the default LLM (extraction and both rounds)."""
     from legokit.experiment import client_partitions, load_or_extract_blocks
     from legokit.utils import seed_everything
 
-    cfg = load_config(ROOT / "configs" / "quick.yaml")
+    cfg = load_config(DATA / "quick_pin.yaml")
     if overrides:
         cfg = cfg.with_overrides(overrides)
     seed_everything(cfg.seed)

@@ -48,9 +48,9 @@ def test_a_real_change_breaks_the_pin_by_far_more_than_the_tolerance(change, tmp
 
 @pytest.mark.slow
 def test_quick_demo_per_round_losses_are_pinned(tmp_path):
-    """``make demo``'s federation (configs/quick.yaml on the default LLM), the first three steps of its first round:
-    every client's losses equal those of the loop before the redesign (``legokit run --config configs/quick.yaml`` at
-    42bf5d6; a client's batches are a prefix of its longer run's, ``train.batch_order``).
+    """The quick demo's federation as pinned (``tests/data/quick_pin.yaml``: configs/quick.yaml as it was at 42bf5d6,
+    on the default LLM), the first three steps of its first round: every client's losses equal those of the loop
+    before the redesign (a client's batches are a prefix of its longer run's, ``train.batch_order``).
 
     This guards what tiny-llama cannot: the real model, its Wanda extraction on real calibration text, the task data
     and masked LoRA training with checkpointing on four real blocks; the rounds after it (aggregation, broadcast) are
