@@ -529,7 +529,10 @@ def learning_table(learn: Mapping[str, Any]) -> pd.DataFrame:
                      "after": round(r["after"], 1), "gain [95% CI]": f"{r['gain']:+.1f} {ci(r['ci'])}",
                      "after − majority [95% CI]": "–" if bm is None else f"{bm['margin']:+.1f} {ci(bm['ci'])}",
                      "top answer after": "–" if top is None else f"{top['share']:.0f}% {top['answer']}",
-                     "majority answer": "–" if maj is None else f"{maj['share']:.0f}%", "items": r["items"]})
+                     "majority answer": "–" if maj is None else f"{maj['share']:.0f}%",
+                     "nll change [95% CI]": "–" if not r.get("nll") else
+                     f"{r['nll']['change']:+.3f} [{r['nll']['ci'][0]:+.3f}, {r['nll']['ci'][1]:+.3f}]",
+                     "items": r["items"]})
     return pd.DataFrame(rows).set_index("model") if rows else pd.DataFrame()
 
 

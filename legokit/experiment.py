@@ -471,7 +471,9 @@ def run_conditions(cfg, conditions: Sequence[str], run_dir: str | Path, *,
     out: dict[str, dict] = {}
     for cond in conditions:
         blocks = block_conditions is None or cond in block_conditions
-        ccfg = cfg.with_overrides({"eval.base": False, "eval.blocks": bool(blocks)})
+        # the learning gate of the claims reads the local condition's blocks (claims.learning): only it scores them
+        ccfg = cfg.with_overrides({"eval.base": False, "eval.blocks": bool(blocks),
+                                   "eval.learning": cfg.eval.learning and cond == "local"})
         d = run_dir / cond
         stamp = d / "condition.json"
         want = {"condition": cond, "config": ccfg.to_dict()}

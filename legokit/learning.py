@@ -76,6 +76,10 @@ def gain(before: Sequence[Mapping[str, Any]], after: Sequence[Mapping[str, Any]]
     mean = lambda cells: float(np.mean([np.mean(list(v.values())) for v in cells.values()]))  # noqa: E731
     out = {"metric": "points", "before": mean(y), "after": mean(x), "gain": diff.estimate,
            "ci": [diff.low, diff.high], "items": diff.n_items}
+    if all("nll" in r for r in (*before, *after)):  # the gold answer's NLL per token: moves before points do
+        nx, ny = _cells(after, lambda r: r["nll"]), _cells(before, lambda r: r["nll"])
+        nd = paired_difference(nx, ny, seed=seed, level=LEVEL)
+        out["nll"] = {"before": mean(ny), "after": mean(nx), "change": nd.estimate, "ci": [nd.low, nd.high]}
     majority = majority_baseline(after, examples) if examples else None
     if majority is not None:
         by_uid = {ex.uid: ex for ex in examples}
@@ -142,7 +146,7 @@ def gate(clients: Sequence[Mapping[str, Any]]) -> dict:
 def format_table(learning: Mapping[str, Any]) -> str:
     """The learning object of a run as plain text: one line per client, then the global LLM and the verdict."""
     head = (f"{'model':24s}{'sparsity':>9s}  {'tasks':24s}{'before':>8s}{'after':>8s}{'gain [95% CI]':>24s}"
-            f"{'majority':>10s}{'top answer':>12s}")
+            f"{'majority':>10s}{'top answer':>12s}   {'NLL before -> after, change [95% CI]'}")
     lines = [f"learning (points; own tasks; {learning.get('items_note', 'paired over the same test items')})",
              head, "-" * len(head)]
 
@@ -153,7 +157,9 @@ def format_table(learning: Mapping[str, Any]) -> str:
                 f"{','.join(r.get('tasks', []))[:24]:24s}{r['before']:8.1f}{r['after']:8.1f}"
                 f"{r['gain']:+10.1f} [{r['ci'][0]:+5.1f}, {r['ci'][1]:+5.1f}]"
                 f"{'' if maj is None else format(maj['share'], '.0f') + '%':>10s}"
-                f"{'' if top is None else format(top['share'], '.0f') + '% ' + str(top['answer']):>12s}")
+                f"{'' if top is None else format(top['share'], '.0f') + '% ' + str(top['answer']):>12s}"
+                + ("" if not r.get("nll") else f"   {r['nll']['before']:.3f} -> {r['nll']['after']:.3f}, "
+                   f"{r['nll']['change']:+.3f} [{r['nll']['ci'][0]:+.3f}, {r['nll']['ci'][1]:+.3f}]"))
 
     for c in learning.get("clients", []):
         if c.get("gain") is not None:
