@@ -215,3 +215,12 @@ def test_the_claims_gate_needs_base_and_local_and_withholds_verdicts_when_it_fai
     assert vs[0]["verdict"] == "not judged" and "did not learn" in vs[0]["detail"]
     passed, _ = claims.apply_gate({**learn, "gate": "passed"}, [{"claim": "C1", "verdict": "held"}])
     assert passed[0]["verdict"] == "held"
+
+
+def test_tune_scores_validation_items_before_and_after_each_step_count(cache, monkeypatch):
+    monkeypatch.setenv("LEGOKIT_CACHE", str(cache))
+    rows = tune(["commonsense_qa"], lrs=[1e-2], steps=[2, 1], n=4, model="tiny-llama", rank=2, alpha=4.0,
+                batch_size=2, max_len=64, log=lambda _: None)
+    assert [(r["task"], r["lr"], r["steps"]) for r in rows] == [("commonsense_qa", 1e-2, k) for k in (1, 2)]
+    assert rows[0]["before"] == rows[1]["before"] and rows[0]["items"] == 4  # one "before", the run continued
+    assert all("majority" in r and r["train_examples"] > 0 for r in rows)
