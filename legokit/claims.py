@@ -515,6 +515,19 @@ def learning(runs: Runs) -> dict:
     return out
 
 
+def _learning_or_none(runs: Runs) -> dict | None:
+    """``learning(runs)``, or None where it cannot be judged (no base or local condition, or runs scored before
+    the learning gate existed): the summary then records no gate instead of failing."""
+    if not {"base", "local"} <= set(runs):
+        return None
+    try:
+        return learning(runs)
+    except LegokitError as err:
+        if "no learning records" in str(err) or "is missing" in str(err):
+            return None
+        raise
+
+
 def learning_table(learn: Mapping[str, Any]) -> pd.DataFrame:
     """The learning object as a table: one row per client (its block, own tasks) and one for the global LLM."""
     def ci(lo_hi) -> str:
@@ -608,7 +621,7 @@ def summary(runs: Runs, vs: Sequence[dict] | None = None) -> dict:
     ``margin.C1``, ``thresholds``, and ``seconds.<condition>`` (wall time of the run, seed mean).
     """
     vs = verdicts(runs) if vs is None else vs
-    learn = learning(runs) if {"base", "local"} <= set(runs) else None
+    learn = _learning_or_none(runs)
     vs, _ = apply_gate(learn, vs)
     table = claims_table(runs)
     out: dict[str, Any] = {}
