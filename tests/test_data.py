@@ -65,6 +65,13 @@ def _raw_rows() -> dict[str, list[dict]]:
     rows["ASDiv/test.jsonl"].append({"passage": "Who?", "question": "Which name?", "answer": "Mrs. Hilt"})
     rows["PIQA/validation.jsonl"] = [{"question": f"goal {i}", "options": "A. do this \nB. do  that ",
                                       "answer": "A. do this "} for i in range(25)]
+    rows["SIQA/test.jsonl"] = [{"passage": f"Kim helped friend {i}.", "question": "How would Kim feel?",
+                                "options": "A. proud\nB. tired\nC. bored", "answer": "A. proud"} for i in range(25)]
+    rows["SIQA/test.jsonl"].append({"passage": "", "question": "No situation?", "options": "A. x\nB. y\nC. z",
+                                    "answer": "A. x"})  # no passage: dropped
+    rows["OpenBookQA/test.jsonl"] = [{"question": f"Fog {i} is most likely around: ",
+                                      "options": "A. a marsh\nB. a desert\nC. a tundra\nD. the plains",
+                                      "answer": "A. a marsh"} for i in range(25)]
     return rows
 
 
@@ -99,7 +106,8 @@ def test_prepare_writes_fixed_splits_and_counts(prepared: dict, tmp_path: Path, 
     for rel, count in prepared.items():
         assert count_lines(out / rel) == count, rel
     # malformed rows (no answers, 2-option MMLU row, non-numeric ASDiv answer) are dropped
-    usable = {"boolq": 40, "nq_open": 30, "xsum": 20, "mmlu": 25, "commonsense_qa": 25, "asdiv": 25, "piqa": 25}
+    usable = {"boolq": 40, "nq_open": 30, "xsum": 20, "mmlu": 25, "commonsense_qa": 25, "asdiv": 25, "piqa": 25,
+              "siqa": 25, "openbookqa": 25}
     for task, n in usable.items():
         assert {s: prepared[f"{task}/{s}.jsonl"] for s in data.SPLITS} == split_sizes(n), task
     # the same seed writes the same bytes (the manifest's sha256 stays valid)

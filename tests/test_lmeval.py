@@ -67,7 +67,7 @@ def _compare(task: str, records: list[dict], harness: dict, atol: float) -> floa
 # ----- unit: no assets ---------------------------------------------------------------------------------------
 def test_export_refuses_unknown_and_generative_tasks(tmp_path):
     valid = ", ".join(choice_tasks())
-    assert set(choice_tasks()) == {"boolq", "mmlu", "commonsense_qa", "piqa"}
+    assert set(choice_tasks()) == {"boolq", "mmlu", "commonsense_qa", "piqa", "siqa", "openbookqa"}
     for bad in ("xsum", "hellaswag"):
         with pytest.raises(LegokitError, match=f"valid tasks are {valid}"):
             export_tasks(tmp_path, tasks=["piqa", bad])
