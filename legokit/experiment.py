@@ -184,7 +184,7 @@ def run_experiment(cfg: ExperimentConfig, out_dir: str | Path, *, resume: bool =
     timings["extract"] = time.time() - t
 
     results: dict = {"name": cfg.name, "model": cfg.model, "aggregator": cfg.fed.aggregator,
-                     "broadcast": cfg.fed.broadcast, "seed": cfg.seed}
+                     "broadcast": cfg.fed.broadcast, "seed": cfg.seed, "train_format": cfg.train.format}
     base_file = out / "base_scores.json"
     if cfg.eval.base:
         t = time.time()
@@ -416,7 +416,8 @@ def results_table(results: dict) -> str:
         return "(no scores)" + (f"\nRUN FAILED: {results['failure']}" if results.get("failure") else "")
     tasks = list(rows[0][1]["primary"])
     scoring = rows[0][1].get("scoring", "label")
-    note = (f"scores in points: choice tasks {scoring}-scored (accuracy), nq_open F1, asdiv exact match; "
+    trained = f", trained in the {results['train_format']} format" if results.get("train_format") else ""
+    note = (f"scores in points: choice tasks {scoring}-scored (accuracy){trained}, nq_open F1, asdiv exact match; "
             f"n = {rows[0][1].get('n', '?')} test items per task for the LLMs")
     head = f"{'model':34s}" + "".join(f"{t[:12]:>13s}" for t in tasks) + f"{'mean':>8s}{'ppl':>9s}"
     lines = [head, "-" * len(head)]

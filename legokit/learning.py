@@ -147,7 +147,9 @@ def format_table(learning: Mapping[str, Any]) -> str:
     """The learning object of a run as plain text: one line per client, then the global LLM and the verdict."""
     head = (f"{'model':24s}{'sparsity':>9s}  {'tasks':24s}{'before':>8s}{'after':>8s}{'gain [95% CI]':>24s}"
             f"{'majority':>10s}{'top answer':>12s}   {'NLL before -> after, change [95% CI]'}")
-    lines = [f"learning (points; own tasks; {learning.get('items_note', 'paired over the same test items')})",
+    how = ", ".join(f"{k} {learning[k]}" for k in ("scoring", "format") if learning.get(k))
+    lines = [f"learning (points; each block on its own tasks, paired over the same {learning.get('items', '')} test "
+             f"items per task{'; ' + how if how else ''})",
              head, "-" * len(head)]
 
     def row(label: str, r: Mapping[str, Any]) -> str:
