@@ -3,12 +3,11 @@
 For each choice task, one dense client of the model (LoRA on every projection, no mask) trains locally on the
 task's train split in two formats, from the same initialisation, on the same examples in the same batches:
 
-  chat-label    today's examples (``legokit.data.load_task``): the chat-rendered prompt, then the label
+  chat-label    ``train.format: chat``: the chat-rendered prompt, then the label
                 (``yes``/``no``, ``A``..``E``) and the end-of-turn token (``legokit.data.encode``).
   cloze-option  the plain cloze context the harness scorer reads (``Example.context``, no chat template, no BOS),
-                then the gold option's own text, tokenized exactly as ``legokit.evaluate.harness_requests`` lays
-                out the scored request (no end-of-turn token: the scorer scores none). legokit has no switch for
-                this, so ``cloze_training`` swaps the tokenizing step ``encode`` calls for the block.
+                then the gold option's own text, tokenized exactly as ``legokit.data.harness_requests`` lays
+                out the scored request (no end-of-turn token: the scorer scores none): ``train.format: cloze``.
 
 Before and after each run the same validation items (the first ``--n`` of the seeded validation split; never test
 items) are scored both ways (``score_tasks``, scoring ``harness`` and ``label``). A row gives before, after, the paired
@@ -28,60 +27,33 @@ import json
 import os
 import platform
 import warnings
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager, nullcontext
+from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 from machine import gemm_gflops
 
-import legokit.data as data_mod
 from legokit.config import LoraConfig, TrainConfig
 from legokit.data import TASKS, Example, load_task, tokenize_example
-from legokit.evaluate import harness_requests, score_tasks, select_items
+from legokit.evaluate import score_tasks, select_items
 from legokit.lora import attach_lora, detach_lora
 from legokit.models import load_model
 from legokit.names import DEFAULT_MODEL
 from legokit.stats import paired_difference
 from legokit.train import batch_order, train_client
-from legokit.utils import LegokitError, seed_everything
+from legokit.utils import seed_everything
 
-FORMATS = ("chat-label", "cloze-option")
+# the probe's names for legokit's training formats (names.TRAIN_FORMATS)
+FORMATS = {"chat-label": "chat", "cloze-option": "cloze"}
 SCORINGS = ("harness", "label")
 CHOICE_TASKS = [t for t, spec in TASKS.items() if spec.kind == "choice"]
 
 
-def cloze_tokens(example: Example, tokenizer) -> tuple[list[int], list[int]]:
-    """``(context ids, gold option ids)``: the harness scorer's request for ``example``, its gold continuation only."""
-    context, options = harness_requests(example, tokenizer)
-    return context, options[example.answer_index]
-
-
-@contextmanager
-def cloze_training(check: Example, tokenizer) -> Iterator[None]:
-    """Within the block, ``train_client`` trains each example as its cloze form (``cloze_tokens``).
-
-    ``train_client`` encodes with ``legokit.data.encode``, which always renders the chat template through
-    ``legokit.data.tokenize_example``; swapping that one step keeps encode's truncation and everything else.
-    ``check`` is encoded first: if encode no longer goes through that step, this fails instead of training chat.
-    """
-    original = data_mod.tokenize_example
-    data_mod.tokenize_example = cloze_tokens
-    try:
-        context, gold = cloze_tokens(check, tokenizer)
-        if data_mod.encode(check, tokenizer, 1 << 30) != (context + gold, [-100] * len(context) + gold):
-            raise LegokitError("legokit.data.encode no longer tokenizes through legokit.data.tokenize_example, "
-                               "so the cloze-option format cannot be trained this way; update cloze_training")
-        yield
-    finally:
-        data_mod.tokenize_example = original
-
-
 def truncated(examples: Sequence[Example], tokenizer, fmt: str, cfg: TrainConfig, seed: int) -> int:
     """How many of the examples the steps reach are longer than ``cfg.max_len`` in format ``fmt``."""
-    tokens = cloze_tokens if fmt == "cloze-option" else tokenize_example
     reached = {i for b in batch_order(len(examples), cfg.local_steps, cfg.batch_size, seed) for i in b}
-    return sum(sum(map(len, tokens(examples[i], tokenizer))) > cfg.max_len for i in reached)
+    return sum(sum(map(len, tokenize_example(examples[i], tokenizer, FORMATS[fmt]))) > cfg.max_len for i in reached)
 
 
 def top_share(records: Sequence[dict], items: Sequence[Example]) -> tuple[float, str]:
@@ -121,8 +93,8 @@ def probe_task(model, tok, task: str, args: argparse.Namespace) -> dict:
             seed_everything(args.seed)
             attach_lora(model, LoraConfig(rank=args.rank, alpha=args.alpha), seed=args.seed)
             try:
-                with cloze_training(train[0], tok) if fmt == "cloze-option" else nullcontext():
-                    res = train_client(model, tok, train, cfg, seed=args.seed, client=f"{task}/{fmt}")
+                res = train_client(model, tok, train, replace(cfg, format=FORMATS[fmt]), seed=args.seed,
+                                   client=f"{task}/{fmt}")
                 after = score()
             finally:
                 detach_lora(model)  # no merge: the base weights are untouched for the next run

@@ -491,7 +491,7 @@ def learning(runs: Runs) -> dict:
                                                      "tasks": c["tasks"], "before": [], "after": []})
             for when in ("before", "after"):
                 recs = _items(r["run_dir"], f"learning-{when}-client{c['client']}.jsonl")
-                row[when] += [{**rec, "task": rec["task"], "seed": seed} for rec in recs]
+                row[when] += [{**rec, "seed": seed} for rec in recs]
     examples = {t: load_task(t, "test") for c in per_client.values() for t in c["tasks"]}
     clients = []
     for c in per_client.values():

@@ -483,11 +483,6 @@ def harness_requests(example: Example, tokenizer) -> tuple[list[int], list[list[
     return ctx, conts
 
 
-def has_cloze_form(example: Example) -> bool:
-    """True for choice examples that carry the cloze form (``context`` and ``options``)."""
-    return bool(example.choices and example.context and example.options)
-
-
 def tokenize_example(example: Example, tokenizer, fmt: str = "chat") -> tuple[list[int], list[int]]:
     """``(prompt_ids, response_ids)``, tokenized separately so the boundary is exact.
 
