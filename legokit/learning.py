@@ -80,20 +80,15 @@ def gain(before: Sequence[Mapping[str, Any]], after: Sequence[Mapping[str, Any]]
         nx, ny = _cells(after, lambda r: r["nll"]), _cells(before, lambda r: r["nll"])
         nd = paired_difference(nx, ny, seed=seed, level=LEVEL)
         out["nll"] = {"before": mean(ny), "after": mean(nx), "change": nd.estimate, "ci": [nd.low, nd.high]}
-    majority = majority_baseline(after, examples) if examples else None
-    if majority is not None:
+    if examples and majority_baseline(after, examples) is not None:  # choice items only
         by_uid = {ex.uid: ex for ex in examples}
-        per_task = {}
-        for r in after:  # each task's own majority answer: a constant answer per task
+        per_task: dict[str, list] = {}
+        for r in after:
             per_task.setdefault(r["task"], []).append(r)
-        const = {}
-        for recs in per_task.values():
-            m = majority_baseline(recs, examples)
-            for r in recs:
-                ex = by_uid[r["uid"]]
-                const[r["uid"]] = 100.0 * (ex.choices[ex.answer_index] == m["answer"])
+        per = {t: majority_baseline(recs, examples) for t, recs in per_task.items()}  # a constant answer per task
+        const = {r["uid"]: 100.0 * (by_uid[r["uid"]].choices[by_uid[r["uid"]].answer_index] == per[r["task"]]["answer"])
+                 for r in after}
         beat = paired_difference(x, _cells(after, lambda r: const[r["uid"]]), seed=seed, level=LEVEL)
-        per = {t: majority_baseline(recs, examples) for t, recs in per_task.items()}
         majority = {"share": float(np.mean([m["share"] for m in per.values()])),  # tasks weigh equally, as in gain
                     "answer": "/".join(m["answer"] for m in per.values()),
                     "per_task": {t: m["share"] for t, m in per.items()}}
