@@ -200,7 +200,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="overrides, e.g. fed.rounds=3")
     s.add_argument("--lean-memory", action="store_true",
                    help="hand large freed buffers back to the system at once (glibc): a lower peak RSS for "
-                        "slower training; the numbers are the same (README, memory section)")
+                        "slower training; the numbers are the same (docs/measurements.md, memory)")
     s.set_defaults(func=_cmd_run)
 
     s = sub.add_parser("tune", help="learnability on the validation split: a dense client's own-task gain per task, "

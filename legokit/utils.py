@@ -185,7 +185,7 @@ def lean_heap(threshold: int = LEAN_THRESHOLD) -> None:
     the heap grows to several times the live tensors (``make demo``: the peak above the loaded LLM is about
     4x what is live). Lean, the peak follows the live tensors, and every large tensor costs fresh pages:
     federated training took 1.22-1.47x as long, a whole run 1.14-1.36x, on the machines this was measured on
-    (README, memory section).
+    (docs/measurements.md, memory).
     Numbers are unchanged: only where the memory comes from changes.
 
     Raises:
