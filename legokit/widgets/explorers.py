@@ -11,7 +11,7 @@ import math
 
 from matplotlib.figure import Figure
 
-from legokit import viz
+from legokit import viz  # called as viz.plot_*: looked up when drawing, so a test can swap a plot
 from legokit.aggregate import AGGREGATORS
 from legokit.analysis import (
     aggregator_detail,
