@@ -1,16 +1,25 @@
 """The LEGO Studio on tiny-llama: it drives the one round loop, stops after a round, refuses impossible choices,
-keeps the finished rounds of a failed run, compares runs, and its Run button redraws the loss picture."""
+keeps the finished rounds of a failed run, compares runs, and its Run button redraws the loss picture; and the
+controller imports no plotting or widget library."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 from matplotlib.figure import Figure
 
+import legokit
 from legokit.aggregate import coverage
 from legokit.broadcast import load_uniform_adapter
+from legokit.config import ExperimentConfig
 from legokit.federation import run_federation
 from legokit.strategy import LegoStrategy
-from legokit.studio import Studio, studio_widget
+from legokit.studio import Comparison, Studio, StudioRun
 from legokit.utils import LegokitError
+from legokit.widgets import studio_widget
 
 
 def _have_data() -> bool:
@@ -22,9 +31,13 @@ def _have_data() -> bool:
         return False
 
 
-# The Studio trains on the prepared task data: `slow`, so `make test-fast` never needs assets.
-pytestmark = [pytest.mark.slow,
-              pytest.mark.skipif(not _have_data(), reason="task data not prepared: run `legokit setup` first")]
+_NEEDS_DATA = pytest.mark.skipif(not _have_data(), reason="task data not prepared: run `legokit setup` first")
+
+
+def _trains(test):
+    """A test that runs the Studio: it trains on the prepared task data, so `slow` (`make test-fast` never needs
+    assets) and skipped without the data."""
+    return pytest.mark.slow(_NEEDS_DATA(test))
 
 SMALL = {"device": "cpu", "prune.n_calib": 4, "prune.seq_len": 32, "train.max_len": 64, "train.batch_size": 2,
          "eval.ppl_texts": 1, "eval.seq_len": 32}
@@ -43,6 +56,7 @@ def _fresh(studio: Studio) -> Studio:
     return Studio(model="tiny-llama", overrides=SMALL, workdir=studio.workdir, llm=llm, tokenizer=tok)
 
 
+@_trains
 def test_a_run_is_the_federation_loop(studio, tmp_path):
     run = studio.run(clients=2, rounds=2, local_steps=2, examples=[4, 3], tasks=["piqa", "commonsense_qa"])
     assert run.status == "finished" and run.error is None, run.traceback
@@ -65,6 +79,7 @@ def test_a_run_is_the_federation_loop(studio, tmp_path):
     assert set(run.coverage[2].unique().tolist()) == {1, 2}
 
 
+@_trains
 def test_stop_after_round_one_keeps_it(studio):
     st = _fresh(studio)
     st.on_update(lambda run: st.stop() if len(run.rounds) == 1 else None)
@@ -76,6 +91,7 @@ def test_stop_after_round_one_keeps_it(studio):
     assert st.runs == [run] and not st.running
 
 
+@_trains
 @pytest.mark.parametrize("choices, message", [
     ({"clients": 3, "examples": 2}, "3 clients but only 2 examples"),
     ({"examples": [4, 0]}, "client 1 has a data size of 0"),
@@ -90,6 +106,7 @@ def test_impossible_choices_are_refused(studio, choices, message):
     assert studio.runs == before and not studio.running
 
 
+@_trains
 def test_a_failing_round_keeps_the_finished_ones(studio, monkeypatch):
     st = _fresh(studio)
     ok = st.run(rounds=1, local_steps=1, examples=[2, 2])
@@ -110,6 +127,7 @@ def test_a_failing_round_keeps_the_finished_ones(studio, monkeypatch):
     assert list(cmp.scores["status"]) == ["finished", "failed"]
 
 
+@_trains
 def test_a_failing_client_drops_out_of_the_round(studio):
     run = studio.run(rounds=1, local_steps=1, examples=[2, 2], inject_failures={1: [1]})
     assert run.status == "finished"
@@ -119,6 +137,7 @@ def test_a_failing_client_drops_out_of_the_round(studio):
     assert int(run.coverage[1].max()) == 1  # only client 0 (the dense block) was aggregated
 
 
+@_trains
 def test_compare_two_runs_and_merge_leaves_the_llm_as_it_was(studio):
     llm, _ = studio.model()
     before = {k: v.clone() for k, v in llm.state_dict().items()}
@@ -133,6 +152,7 @@ def test_compare_two_runs_and_merge_leaves_the_llm_as_it_was(studio):
     assert "config differences" in cmp._repr_html_()
 
 
+@_trains
 def test_the_run_button_redraws_the_losses(studio):
     box = studio_widget(_fresh(studio))
     for w, cls in ((box, "legokit-studio"), (box.run_button, "legokit-studio-run"),
@@ -167,3 +187,23 @@ def test_the_run_button_redraws_the_losses(studio):
     assert (box.compare_a.value, box.compare_b.value) == (2, 3)  # the newest run against the one before it
     box.compare_button.click()
     assert box.compare_image.value != first and "fed.broadcast" in box.compare_table.value
+
+
+def test_the_controller_imports_no_plotting_or_widgets():
+    """``legokit.studio`` is the controller only: importing it loads neither matplotlib, ipywidgets nor viz."""
+    heavy = ["matplotlib", "ipywidgets", "legokit.viz", "legokit.widgets", "seaborn"]
+    code = f"import sys, legokit.studio; print([m for m in {heavy!r} if m in sys.modules])"
+    root = str(Path(legokit.__file__).parents[1])  # this checkout's legokit, whatever is installed
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env).stdout
+    assert out.strip() == "[]", out
+
+
+def test_a_comparison_draws_its_figure_once_when_shown(tmp_path):
+    """``Studio.compare`` returns data; ``Comparison.figure`` is drawn by ``viz.studio.plot_compare`` on first use."""
+    runs = [StudioRun(i, ExperimentConfig(), [], tmp_path, status="finished") for i in (1, 2)]
+    cmp = Comparison(*runs, rounds=None, differences=None, scores=None)
+    assert "figure" not in vars(cmp)  # nothing drawn yet
+    fig = cmp.figure
+    assert isinstance(fig, Figure) and len(fig.axes) == 2 and cmp.figure is fig  # unscored: no perplexity axis
+    assert [ax.get_title() for ax in fig.axes] == ["loss per local step", "per round"]

@@ -309,7 +309,7 @@ def test_a_widget_shows_a_figure_as_a_png_under_any_matplotlib_backend():
     figure; the widgets' redraw must still send a picture, not ``<Figure size ... with 1 Axes>``."""
     import base64
 
-    from legokit.widgets import _display_output
+    from legokit.widgets.explorers import _display_output
 
     fig = Figure()
     fig.add_subplot().plot([0, 1], [1, 0])

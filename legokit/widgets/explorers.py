@@ -1,9 +1,32 @@
-"""ipywidgets explorers for JupyterLab. Each function returns a widget; it only calls legokit and viz.
+"""ipywidgets explorers for JupyterLab (01-03): each redraws one ``legokit.viz`` picture when a control changes.
 
-Sections by notebook; nothing in the core modules imports this file.
+Each function returns a widget; it only calls legokit's analyses and ``viz``. Sections by notebook; nothing in the
+core modules imports this package.
 """
 
 from __future__ import annotations
+
+import html
+import math
+
+from matplotlib.figure import Figure
+
+from legokit import viz  # called as viz.plot_*: looked up when drawing, so a test can swap a plot
+from legokit.aggregate import AGGREGATORS
+from legokit.analysis import (
+    aggregator_detail,
+    block_cost_table,
+    blocks_for_budgets,
+    energy_by_rank,
+    mask_stats,
+    module_masks,
+    reaggregate,
+    score_sample,
+    task_mix,
+)
+from legokit.experiment import client_partitions
+from legokit.prune import check_method, parse_pattern, resolve_sparsity
+from legokit.utils import LegokitError
 
 # ===================================================================== pruning (01_pruning)
 
@@ -26,11 +49,7 @@ def mask_explorer(llm, stats, modules=None, methods=("magnitude", "wanda", "spar
         returns the Figure (headless), ``.update(...)`` sets controls and redraws. A sparsity outside [0, 1), one
         an N:M pattern does not allow, or an unknown module / method shows in the status line.
     """
-    import ipywidgets as W
-
-    from legokit.analysis import mask_stats, module_masks
-    from legokit.prune import check_method, parse_pattern, resolve_sparsity
-    from legokit.viz import plot_mask_nesting
+    import ipywidgets as W  # heavy optional dependency, loaded when a widget is built
 
     names = list(modules or stats.modules)
     layout = W.Layout(width="420px")
@@ -54,7 +73,7 @@ def mask_explorer(llm, stats, modules=None, methods=("magnitude", "wanda", "spar
         mask = masks[-1]
         lower, lower_s = (masks[-2], chain[-2]) if len(chain) > 1 else (masks[-1], chain[-1])
         title = f"{module.removeprefix('model.')}\n{method}, {pat}, {s:.0%} pruned"
-        return plot_mask_nesting(mask, lower, mask_stats(mask, lower), title=title,
+        return viz.plot_mask_nesting(mask, lower, mask_stats(mask, lower), title=title,
                                  lower_label=f"the {lower_s:.0%} mask", crop=crop)
 
     return _explorer("mask-explorer", controls, draw)
@@ -71,10 +90,7 @@ def score_explorer(llm, stats, methods=("magnitude", "wanda", "sparsegpt"), laye
     Returns:
         an ipywidgets ``VBox`` (CSS class ``legokit-score-explorer``) with ``.draw(layer)`` / ``.update(layer)``.
     """
-    import ipywidgets as W
-
-    from legokit.analysis import score_sample
-    from legokit.viz import plot_score_distributions
+    import ipywidgets as W  # heavy optional dependency, loaded when a widget is built
 
     layers = stats.layers
     dropdown = W.Dropdown(options=layers, value=layers[len(layers) // 2] if layer is None else layer,
@@ -83,7 +99,7 @@ def score_explorer(llm, stats, methods=("magnitude", "wanda", "sparsegpt"), laye
     def draw(layer: int):
         sample = score_sample(llm, stats, [layer], methods, sparsity=sparsity, n=n)
         ov = None if overlap is None else overlap[overlap["layer"] == layer]
-        fig = plot_score_distributions(sample, ov)
+        fig = viz.plot_score_distributions(sample, ov)
         fig.suptitle(f"decoder layer {layer}", fontsize=10)
         return fig
 
@@ -104,20 +120,15 @@ def partition_explorer(cfg, alpha: float = 0.5, min_alpha: float = 0.01, max_alp
         an ipywidgets ``VBox``; ``.draw(alpha)`` returns the Figure for one alpha (for headless output),
         ``.update(alpha)`` redraws it into the widget's output area.
     """
-    import math
 
-    import ipywidgets as W
-
-    from legokit.analysis import task_mix
-    from legokit.experiment import client_partitions
-    from legokit.viz import plot_task_mix
+    import ipywidgets as W  # heavy optional dependency, loaded when a widget is built
 
     slider = W.FloatLogSlider(value=alpha, base=10, min=math.log10(min_alpha), max=math.log10(max_alpha),
                               step=0.1, description="alpha", continuous_update=False, readout_format=".2g")
 
     def draw(a: float):
         parts = client_partitions(cfg.with_overrides({"data.partition": "dirichlet", "data.alpha": float(a)}))
-        return plot_task_mix(task_mix(parts, cfg.data.tasks), title=f"dirichlet, alpha = {a:.2g}")
+        return viz.plot_task_mix(task_mix(parts, cfg.data.tasks), title=f"dirichlet, alpha = {a:.2g}")
 
     return _explorer("partition-explorer", {"alpha": slider}, lambda alpha: draw(alpha))
 
@@ -140,13 +151,8 @@ def device_editor(llm, blocks, budgets_mb, devices=None, context: int = 256, max
         an ipywidgets ``VBox`` with controls ``client0``, ``client1``, ...; ``.draw(client0=..., ...)`` returns
         the Figure, ``.update(client2=300)`` sets budgets and redraws.
     """
-    import math
 
-    import ipywidgets as W
-
-    from legokit.analysis import block_cost_table, blocks_for_budgets
-    from legokit.utils import LegokitError
-    from legokit.viz import plot_budget_fit
+    import ipywidgets as W  # heavy optional dependency, loaded when a widget is built
 
     if devices is not None and len(devices) != len(budgets_mb):
         raise LegokitError(f"{len(devices)} device names for {len(budgets_mb)} budgets: give one per client")
@@ -164,7 +170,7 @@ def device_editor(llm, blocks, budgets_mb, devices=None, context: int = 256, max
 
     def draw(**values):
         table = blocks_for_budgets(costs, [values[f"client{k}"] for k in range(len(budgets))], devices)
-        return plot_budget_fit(table, costs)
+        return viz.plot_budget_fit(table, costs)
 
     return _explorer("device-editor", controls, draw)
 
@@ -184,11 +190,7 @@ def module_explorer(strategy, results, aggregators=None, ranks=None):
         an ipywidgets ``VBox``; ``.draw(module)`` returns the Figure for one module (headless output),
         ``.update(module)`` redraws it into the widget's output area.
     """
-    import ipywidgets as W
-
-    from legokit.aggregate import AGGREGATORS
-    from legokit.analysis import energy_by_rank, reaggregate
-    from legokit.viz import plot_energy_by_rank
+    import ipywidgets as W  # heavy optional dependency, loaded when a widget is built
 
     aggregators = list(aggregators or AGGREGATORS)
     names = list(strategy.modules)
@@ -202,7 +204,7 @@ def module_explorer(strategy, results, aggregators=None, ranks=None):
         curves = {a: energy_by_rank(d[name], rs) for a, d in deltas.items()}
         r_k = int(results[0].factors[name][0].shape[0])
         r_g = strategy.global_rank
-        fig = plot_energy_by_rank(curves, rs, {f"client r={r_k}": r_k, f"r_g={r_g}": r_g})
+        fig = viz.plot_energy_by_rank(curves, rs, {f"client r={r_k}": r_k, f"r_g={r_g}": r_g})
         fig.axes[0].set_title(name, fontsize=9)
         return fig
 
@@ -226,11 +228,7 @@ def aggregator_explorer(strategy, results, aggregators=None, modules=None, aggre
         error, norm ratio and dilution of ``analysis.aggregation_errors``), ``.update(aggregator=..., module=...)``
         redraws into the widget's output area.
     """
-    import ipywidgets as W
-
-    from legokit.aggregate import AGGREGATORS
-    from legokit.analysis import aggregator_detail
-    from legokit.viz import plot_aggregator_detail
+    import ipywidgets as W  # heavy optional dependency, loaded when a widget is built
 
     aggregators = list(aggregators or AGGREGATORS)
     names = list(modules or strategy.modules)
@@ -244,7 +242,7 @@ def aggregator_explorer(strategy, results, aggregators=None, modules=None, aggre
         e = detail["errors"]
         title = (f"{module} · {aggregator}: relative error {e['rel_error']:.2e} vs the exact owner mean "
                  f"(norm ratio {e['norm_ratio']:.3f}, dilution {e['dilution']:.3f})")
-        return plot_aggregator_detail(detail["delta"], detail["reference"], detail["coverage"], title, crop)
+        return viz.plot_aggregator_detail(detail["delta"], detail["reference"], detail["coverage"], title, crop)
 
     return _explorer("aggregator-explorer", controls, draw)
 
@@ -264,11 +262,8 @@ def _explorer(kind: str, controls, draw):
         current values), ``.update(*values, **values)`` (set controls, then redraw into the output area; returns
         the error message, or ``None``), ``.controls``, ``.status`` and ``.out``.
     """
-    import html
 
-    import ipywidgets as W
-
-    from legokit.utils import LegokitError
+    import ipywidgets as W  # heavy optional dependency, loaded when a widget is built
 
     controls = dict(controls)
     out = W.Output()
@@ -357,14 +352,13 @@ def _display_output(shown) -> dict:
     """``shown`` as one ``display_data`` output of an ``Output`` widget: what ``display(shown)`` would send
     (the kernel's formatters), or its plain formats outside IPython. A matplotlib figure is always a PNG: under a
     non-interactive backend (``MPLBACKEND=Agg``) no formatter draws it, and its text repr would replace the plot."""
-    from IPython import get_ipython
+    from IPython import get_ipython  # IPython: heavy optional dependency, loaded when a picture is shown
     from IPython.core.formatters import DisplayFormatter
-    from matplotlib.figure import Figure
 
     ip = get_ipython()
     data, metadata = (ip.display_formatter if ip is not None else DisplayFormatter()).format(shown)
     if isinstance(shown, Figure) and "image/png" not in data:
-        from IPython.core.pylabtools import print_figure
+        from IPython.core.pylabtools import print_figure  # IPython: heavy optional dependency
 
         data = {**data, "image/png": print_figure(shown, "png", base64=True)}
     return {"output_type": "display_data", "data": data, "metadata": metadata}
@@ -372,24 +366,7 @@ def _display_output(shown) -> dict:
 
 def _close_figure(shown) -> None:
     """Close a matplotlib figure once it is displayed (inline figures stay in the output as PNG)."""
-    import matplotlib.pyplot as plt
-    from matplotlib.figure import Figure
+    import matplotlib.pyplot as plt  # pyplot: heavy optional dependency (it picks a backend), only to close
 
     if isinstance(shown, Figure):
         plt.close(shown)
-
-
-# ===================================================================== the studio (05_studio)
-
-
-def studio(profile: str = "quick", model: str | None = None, **kwargs):
-    """The LEGO Studio: compose a federation, Run it in the background (live losses and coverage), Stop it,
-    compare two finished runs. ``kwargs`` go to ``legokit.studio.Studio`` (``workdir``, ``llm``, ...).
-
-    Returns:
-        an ipywidgets ``VBox`` (``legokit.studio.studio_widget``); its controller is ``.studio``
-        (``.studio.wait()`` waits for the running run).
-    """
-    from legokit.studio import Studio, studio_widget
-
-    return studio_widget(Studio(profile, model, **kwargs))
