@@ -231,7 +231,8 @@ def test_export_client_and_model_are_checked_before_the_model_is_rebuilt(tmp_pat
 @needs_data
 @pytest.mark.slow
 def test_comparing_a_run_with_itself_says_pick_two_runs_in_code_and_in_the_widget(tmp_path):
-    from legokit.studio import Studio, studio_widget
+    from legokit.studio import Studio
+    from legokit.widgets import studio_widget
 
     small = {"device": "cpu", "prune.n_calib": 4, "prune.seq_len": 32, "train.max_len": 64, "train.batch_size": 2,
              "train.local_steps": 1, "eval.ppl_texts": 1, "eval.seq_len": 32}
