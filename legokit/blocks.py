@@ -3,7 +3,8 @@
 A ``Block`` is what a client's SLM is made of, stored as little as possible:
 
 - ``masks``: keep-masks in LLM coordinates and shapes, bit-packed (numpy ``packbits``) and unpacked one
-  module per access; structured blocks store kept row / column indices instead and derive the masks.
+  module per access; structured blocks store kept row / column indices instead and derive the masks
+  (``legokit.block_storage`` holds the mask and override storage and the safetensors files).
 - overrides: only weights that are *not* ``M ⊙ W_llm`` are stored, as the values at the kept positions
   (SparseGPT's reconstructed weights). Magnitude, Wanda and structured blocks store no weights.
 - ``model``: built on first access by ``legokit.slm.build_slm`` from the *current* LLM plus the overrides,
@@ -16,10 +17,10 @@ A ``Block`` is what a client's SLM is made of, stored as little as possible:
 
 ``extract_blocks`` makes the blocks of one method and pattern at several sparsities. In ``one_shot``
 calibration one dense pass gives the statistics of every level and the masks are nested
-(M_75 ⊆ M_50 ⊆ M_25 ⊆ dense) for every method: Wanda and magnitude pick the levels from one sort of
-the same scores; SparseGPT runs its OBS pass per level from the shared Hessian, lowest sparsity first,
-each level choosing its mask inside the previous one (its pruned weights pruned first), then
-reconstructs. ``sequential`` calibration (each layer fed by the already pruned earlier layers, as the
+(M_75 ⊆ M_50 ⊆ M_25 ⊆ dense) for every method (``prune.level_masks``): Wanda and magnitude pick the
+levels from one sort of the same scores; SparseGPT runs its OBS pass per level from the shared Hessian,
+lowest sparsity first, each level choosing its mask inside the previous one (its pruned weights pruned
+first), then reconstructs. ``sequential`` calibration (each layer fed by the already pruned earlier layers, as the
 Wanda and SparseGPT references) runs one pass per level, and its masks are not nested.
 
 Structured blocks rank MLP channels and attention heads by the method's per-weight scores summed over
@@ -28,7 +29,7 @@ the same counts, so one smaller Llama config describes the SLM; its masks are wh
 LLM coordinates, and ``block.coords`` (``legokit.coords.CoordinateMap``) maps tensors between the two
 coordinate systems.
 
-Memory: a block holds one bit per LLM linear weight (13 MiB for the 135M default LLM), plus, for
+Memory: a block holds one bit per LLM linear weight, plus, for
 SparseGPT, the reconstructed kept values ((1 - s) x 4 bytes per weight; ``save(dir, offload=True)`` or
 ``Block.load(dir, llm)`` keep them on disk and read one module at a time while the model is built).
 """
@@ -38,114 +39,37 @@ from __future__ import annotations
 import gc
 import json
 import math
-import os
 import weakref
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-import numpy as np
+import pandas as pd
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import nn
 
+from legokit.block_storage import MaskMap, Overrides, load_tensors, save_tensors
+from legokit.calibration import calibration_inputs, layerwise_calibration
 from legokit.coords import CoordinateMap
+from legokit.data import calibration_texts
+from legokit.models import decoder_layers, linear_modules
 from legokit.prune import (
     Index,
     StructuredSizes,
-    calibration_inputs,
     check_calibration,
     check_method,
     index_mask,
     inverse_hessian_factor,
-    layerwise_calibration,
+    level_masks,
     method_scores,
-    nested_masks,
     parse_pattern,
     resolve_sparsity,
-    sparsegpt_prune,
     structured_select,
     structured_sizes,
 )
-from legokit.slm import LinearView, attention_dims, build_slm, pack_mask, unpack_mask
+from legokit.slm import LinearView, attention_dims, build_slm, pack_mask
 from legokit.utils import LegokitError, atomic_write_json, release_heap
 
 FORMAT_VERSION = 1
-
-
-# ----- packed masks ----------------------------------------------------------------------------------------
-class MaskMap(Mapping):
-    """Read-only ``{module name: bool keep-mask in LLM shape}``; each access unpacks one module."""
-
-    def __init__(self, shapes: Mapping[str, tuple[int, int]],
-                 packed: Mapping[str, torch.Tensor] | None = None, index: Mapping[str, Index] | None = None):
-        self.shapes = dict(shapes)
-        self.packed = packed
-        self.index = index
-
-    def __getitem__(self, name: str) -> torch.Tensor:
-        if name not in self.shapes:
-            raise KeyError(name)
-        if self.packed is not None:
-            return unpack_mask(self.packed[name], self.shapes[name])
-        if self.index is not None:
-            return index_mask(self.shapes[name], *self.index[name])
-        return torch.ones(self.shapes[name], dtype=torch.bool)  # dense block
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self.shapes)
-
-    def __len__(self) -> int:
-        return len(self.shapes)
-
-    def stored_bytes(self, name: str) -> int:
-        """Bytes this map holds for one module (packed bits or kept indices)."""
-        if self.packed is not None:
-            return self.packed[name].numel()
-        if self.index is not None:
-            return sum(t.numel() * t.element_size() for t in self.index[name] if t is not None)
-        return 0
-
-
-# ----- override storage ----------------------------------------------------------------------------------
-class Overrides:
-    """Weights at the kept positions that differ from M ⊙ W_llm: in memory, or read lazily from a file."""
-
-    def __init__(self, tensors: dict[str, torch.Tensor] | None = None, path: Path | None = None):
-        self.mem = dict(tensors or {})
-        self.path = path
-        self.on_disk: set[str] = set()
-        if path is not None:
-            with safe_open(str(path), framework="pt") as f:
-                self.on_disk = set(f.keys()) - set(self.mem)
-
-    def names(self) -> set[str]:
-        return set(self.mem) | self.on_disk
-
-    def __contains__(self, name: str) -> bool:
-        return name in self.mem or name in self.on_disk
-
-    def __len__(self) -> int:
-        return len(self.names())
-
-    def get(self, name: str) -> torch.Tensor:
-        if name in self.mem:
-            return self.mem[name]
-        with safe_open(str(self.path), framework="pt") as f:
-            return f.get_tensor(name)
-
-    def set(self, name: str, t: torch.Tensor) -> None:
-        self.mem[name] = t
-        self.on_disk.discard(name)
-
-    def numel(self, name: str) -> int:
-        if name in self.mem:
-            return self.mem[name].numel()
-        with safe_open(str(self.path), framework="pt") as f:
-            return int(np.prod(f.get_slice(name).get_shape()))
-
-    def memory_bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.mem.values())
 
 
 # ----- the block --------------------------------------------------------------------------------------------
@@ -277,14 +201,14 @@ class Block:
                 "sizes": None if self.sizes is None else vars(self.sizes).copy(),
                 "llm": getattr(self.llm, "name_or_path", None), "overrides": sorted(self.overrides.names())}
         if self.masks.packed is not None:
-            _save_tensors(d / "masks.safetensors", {n: p.contiguous() for n, p in self.masks.packed.items()})
+            save_tensors(d / "masks.safetensors", {n: p.contiguous() for n, p in self.masks.packed.items()})
         if self.index is not None:
             flat = {f"{n}.{k}": t.clone() for n, (r, c) in self.index.items()  # clone: q rows = o cols
                     for k, t in (("rows", r), ("cols", c)) if t is not None}
-            _save_tensors(d / "index.safetensors", flat)
+            save_tensors(d / "index.safetensors", flat)
         if len(self.overrides):
             tensors = {n: self.overrides.get(n).detach().cpu().contiguous() for n in self.overrides.names()}
-            _save_tensors(d / "overrides.safetensors", tensors)
+            save_tensors(d / "overrides.safetensors", tensors)
             del tensors
             if offload:
                 self.overrides = Overrides(path=d / "overrides.safetensors")
@@ -303,8 +227,6 @@ class Block:
         if info.get("format_version") != FORMAT_VERSION:
             raise LegokitError(f"{d}: block format {info.get('format_version')}; this legokit reads "
                                f"{FORMAT_VERSION}")
-        from legokit.models import linear_modules
-
         have = {n: tuple(m.weight.shape) for n, m in linear_modules(llm).items()}
         shapes = {n: tuple(s) for n, s in info["shapes"].items()}
         # block.json is written with sorted keys: restore the LLM's module order (layers.2 before layers.10)
@@ -316,30 +238,19 @@ class Block:
                                    f"block and {have.get(n)} in this LLM; extract the blocks again for this LLM")
         packed = index = None
         if (d / "masks.safetensors").is_file():
-            packed = _load_tensors(d / "masks.safetensors")
+            packed = load_tensors(d / "masks.safetensors")
         if (d / "index.safetensors").is_file():
-            flat = _load_tensors(d / "index.safetensors")
+            flat = load_tensors(d / "index.safetensors")
             index = {n: (flat.get(f"{n}.rows"), flat.get(f"{n}.cols")) for n in shapes}
         ov = d / "overrides.safetensors"
         if ov.is_file():
-            overrides = Overrides(path=ov) if lazy else Overrides(_load_tensors(ov))
+            overrides = Overrides(path=ov) if lazy else Overrides(load_tensors(ov))
         else:
             overrides = Overrides()
         sizes = StructuredSizes(**info["sizes"]) if info.get("sizes") else None
         return cls(llm, sparsity=info["sparsity"], method=info["method"], pattern=info["pattern"],
                    shapes=shapes, packed=packed, index=index, overrides=overrides, sizes=sizes,
                    calibration=info.get("calibration", "one_shot"), meta=info.get("meta"), view=view)
-
-
-def _save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_file(tensors, str(tmp))
-    os.replace(tmp, path)
-
-
-def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
-    with safe_open(str(path), framework="pt") as f:
-        return {k: f.get_tensor(k) for k in f.keys()}
 
 
 # ----- extraction -------------------------------------------------------------------------------------------
@@ -374,8 +285,6 @@ def extract_blocks(llm: nn.Module, tokenizer, sparsities: Sequence[float] = (0, 
     Returns:
         One ``Block`` per entry of ``sparsities``, in that order.
     """
-    from legokit.models import decoder_layers, linear_modules
-
     check_method(method)
     pat = parse_pattern(pattern)
     check_calibration(calibration)
@@ -410,10 +319,6 @@ def extract_blocks(llm: nn.Module, tokenizer, sparsities: Sequence[float] = (0, 
     input_ids = None
     if method != "magnitude" and pruned:
         if texts is None:
-            try:
-                from legokit.data import calibration_texts
-            except ImportError as err:  # pragma: no cover - data.py ships with legokit
-                raise LegokitError("no calibration texts: pass texts=[...]") from err
             texts = calibration_texts(n_calib * max(1, math.ceil(seq_len / 128)), seed=seed)
         input_ids = calibration_inputs(tokenizer, texts, n_calib, seq_len, seed)
         meta.update(calib_windows=int(input_ids.shape[0]), calib_seq_len=int(input_ids.shape[1]),
@@ -429,11 +334,9 @@ def extract_blocks(llm: nn.Module, tokenizer, sparsities: Sequence[float] = (0, 
         names = {n.rsplit(".", 1)[-1]: n for n in linears if n.startswith(f"{prefix}.{i}.")}
         weights = {n: linears[n].weight.detach() for n in names.values()}
         new: dict[str, torch.Tensor] = {}
-        if method == "sparsegpt" and pat.kind != "structured":
-            _sparsegpt_layer(weights, stats, todo, pat, blocksize, percdamp, acc, new, nested=not propagate)
-        else:
-            scores, factors = {}, {}
-            for n, w in weights.items():
+        if pat.kind == "structured":
+            short, factors = {}, {}
+            for k, n in names.items():
                 data = {}  # what the method scores with, besides the weight
                 if method == "wanda":
                     data = {"act_norm": stats.act_norm(n)}
@@ -442,21 +345,34 @@ def extract_blocks(llm: nn.Module, tokenizer, sparsities: Sequence[float] = (0, 
                     if key not in factors:
                         factors[key] = inverse_hessian_factor(stats.hessian(n), percdamp)
                     data = {"hessian": stats.hessian(n), "percdamp": percdamp, "factor": factors[key]}
-                scores[n] = method_scores(method, w, **data)
-            if pat.kind == "structured":
-                short = {k: scores[n] for k, n in names.items()}
-                for s in todo:
-                    chosen = structured_select(short, sizes[s], **dims)
-                    for k, n in names.items():
-                        acc[s].index[n] = chosen[k]
-                        if propagate:
-                            new[n] = weights[n] * index_mask(shapes[n], *chosen[k]).to(weights[n].device)
-            else:
-                for n, sc in scores.items():
-                    for s, m in zip(todo, nested_masks(sc, todo, pattern), strict=True):
-                        acc[s].packed[n] = pack_mask(m)
-                        if propagate:
-                            new[n] = weights[n] * m.to(weights[n].device)
+                short[k] = method_scores(method, weights[n], **data)
+            for s in todo:
+                chosen = structured_select(short, sizes[s], **dims)
+                for k, n in names.items():
+                    acc[s].index[n] = chosen[k]
+                    if propagate:
+                        new[n] = weights[n] * index_mask(shapes[n], *chosen[k]).to(weights[n].device)
+        elif method == "sparsegpt":  # modules fed the same input share a Hessian: pruned together, rows stacked
+            groups: dict[str, list[str]] = {}
+            for n in weights:
+                groups.setdefault(stats.shared(n), []).append(n)
+            for members in groups.values():
+                rows = [weights[n].shape[0] for n in members]
+                keeps, recon = level_masks(method, torch.cat([weights[n] for n in members], 0), todo, pat,
+                                           hessian=stats.hessian(members[0]), percdamp=percdamp,
+                                           blocksize=blocksize)
+                for s, keep, w_new in zip(todo, keeps, recon, strict=True):
+                    for n, k_n, w_n in zip(members, keep.split(rows), w_new.split(rows), strict=True):
+                        acc[s].packed[n] = pack_mask(k_n)
+                        acc[s].overrides[n] = w_n[k_n].cpu().clone()  # (kept,) reconstructed values, row-major
+                        new[n] = w_n
+        else:
+            for n, w in weights.items():
+                act_norm = stats.act_norm(n) if method == "wanda" else None
+                for s, m in zip(todo, level_masks(method, w, todo, pat, act_norm=act_norm)[0], strict=True):
+                    acc[s].packed[n] = pack_mask(m)
+                    if propagate:
+                        new[n] = w * m.to(w.device)
         return new if propagate else None
 
     if pruned:
@@ -487,44 +403,14 @@ def extract_blocks(llm: nn.Module, tokenizer, sparsities: Sequence[float] = (0, 
     return blocks
 
 
-def _sparsegpt_layer(weights: dict[str, torch.Tensor], stats, todo: list[float], pat, blocksize: int,
-                     percdamp: float, acc: dict[float, _Level], new: dict[str, torch.Tensor],
-                     nested: bool) -> None:
-    """SparseGPT on one decoder layer: modules fed the same input share a Hessian and are pruned together
-    (rows stacked: OBS treats rows independently); levels go lowest first, each inside the previous mask."""
-    groups: dict[str, list[str]] = {}
-    for n in weights:
-        groups.setdefault(stats.shared(n), []).append(n)
-    for members in groups.values():
-        W = torch.cat([weights[n] for n in members], 0)  # (sum of outs, in)
-        H = stats.hessian(members[0])  # (in, in)
-        factor = inverse_hessian_factor(H, percdamp)  # shared by every level
-        within = None
-        for s in todo:
-            W_new, keep = sparsegpt_prune(W, H, s, str(pat), blocksize=blocksize, percdamp=percdamp,
-                                          within=within, factor=factor)
-            if nested:
-                within = keep
-            start = 0
-            for n in members:
-                rows = weights[n].shape[0]
-                w_n, k_n = W_new[start:start + rows], keep[start:start + rows]
-                start += rows
-                acc[s].packed[n] = pack_mask(k_n)
-                acc[s].overrides[n] = w_n[k_n].cpu().clone()  # (kept,) reconstructed values, row-major
-                new[n] = w_n
-
-
 # ----- reports --------------------------------------------------------------------------------------------
-def sparsity_report(block: Block):
+def sparsity_report(block: Block) -> pd.DataFrame:
     """Per layer and module: achieved sparsity, parameters, bytes as stored and bytes of the SLM weight.
 
     Columns: ``name, layer, module, shape, params, kept, sparsity, slm_shape, slm_params, stored_bytes``
     (packed mask / kept indices + overrides the block holds) and ``model_bytes`` (the SLM's weight as it
     computes with it: smaller only for structured blocks; a view computes it per layer and drops it).
     """
-    import pandas as pd
-
     rows = []
     elem = next(block.llm.parameters()).element_size()
     for name, shape in block.shapes.items():

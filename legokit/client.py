@@ -54,7 +54,11 @@ def local_update(cfg: ExperimentConfig, block, tokenizer, examples: list, init: 
 
 
 def examples_per_task(examples: list) -> dict[str, int]:
-    """``{task: number of examples}`` of one client's data."""
+    """``{task: number of examples}`` of one client's data, tasks in first-seen order.
+
+    The one count of a client's task mix: the federation's client records, the Flower client's replies and
+    ``analysis.task_mix`` all use it.
+    """
     mix: dict[str, int] = {}
     for ex in examples:
         mix[ex.task] = mix.get(ex.task, 0) + 1

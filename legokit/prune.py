@@ -1,29 +1,25 @@
-"""Pruning, as score -> mask -> apply, with calibration statistics gathered by hooks.
+"""Pruning, as score -> mask -> apply.
 
 - Scores: ``magnitude_scores`` (|W|), ``wanda_scores`` (|W| * ||X_j||_2), ``obs_scores`` (SparseGPT's
-  OBS saliency w^2 / [H^-1]_jj^2); ``method_scores`` picks one by method name. ``sparsegpt_prune`` is
-  SparseGPT's OBS pruning with weight reconstruction from the calibration Hessian (Frantar & Alistarh, 2023).
-  ``output_error`` is what a pruned weight costs: its relative output error on the calibration inputs.
+  OBS saliency w^2 / [H^-1]_jj^2); ``method_scores`` picks one by method name. ``output_error`` is what a
+  pruned weight costs: its relative output error on the calibration inputs.
 - Masks: ``prune_mask(scores, sparsity, pattern)`` -> bool keep-mask (True = kept) for
   ``unstructured`` (per output row, as Wanda), ``"N:M"`` (N of every M consecutive inputs are zero, so
-  "2:4" is 50% sparse) and ``structured`` (whole output rows of one matrix). Layer-level structured
-  pruning (whole MLP channels and attention heads, GQA groups kept consistent) is
+  "2:4" is 50% sparse) and ``structured`` (whole output rows of one matrix). ``level_masks`` gives one
+  module's nested masks at several sparsities for any method (the masks of ``blocks.extract_blocks``).
+  Layer-level structured pruning (whole MLP channels and attention heads, GQA groups kept consistent) is
   ``structured_sizes`` + ``structured_select``.
-- Calibration: ``calibration_inputs`` turns texts into token windows; ``InputStats`` is the hook object
-  (removed on exit) collecting per-input norms (Wanda) and Hessians X^T X (SparseGPT);
-  ``layerwise_calibration`` runs the windows through the decoder one layer at a time, so memory is
-  bounded by one layer's statistics, either dense (``one_shot``) or through the already pruned
-  earlier layers (``sequential``).
 
-Sparsity is always the pruned fraction; masks are keep-masks in the weight's (out, in) shape.
+SparseGPT's reconstruction is ``legokit.sparsegpt``; the calibration statistics the scores need (input
+norms, Hessians) are gathered by ``legokit.calibration``. Sparsity is always the pruned fraction; masks are
+keep-masks in the weight's (out, in) shape.
 """
 
 from __future__ import annotations
 
-import copy
 import math
 import re
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -31,7 +27,7 @@ import torch
 from torch import nn
 
 from legokit.names import CALIBRATION_MODES, METHODS, NM_PATTERN, PATTERN_KINDS, PATTERNS
-from legokit.utils import LegokitError, progress_bar
+from legokit.utils import LegokitError
 
 
 # ----- validation ----------------------------------------------------------------------------------
@@ -147,7 +143,7 @@ def inverse_hessian_factor(hessian: torch.Tensor, percdamp: float = 0.01) -> Fac
 def obs_scores(weight: torch.Tensor, hessian: torch.Tensor, percdamp: float = 0.01,
                factor: Factor | None = None) -> torch.Tensor:
     """SparseGPT's OBS saliency w_ij^2 / [H^-1]_jj^2 (before any reconstruction), shape (out, in)."""
-    _check_hessian(weight, hessian)
+    check_hessian(weight, hessian)
     U, _ = factor if factor is not None else inverse_hessian_factor(hessian, percdamp)
     d = torch.diag(U)  # (in,): diagonal of the Cholesky factor, as SparseGPT's first block uses
     return weight.detach().float().square() / d.square()[None, :].to(weight.device)
@@ -180,7 +176,7 @@ def output_error(weight: torch.Tensor, pruned: torch.Tensor, hessian: torch.Tens
     the weight the SLM computes with (M ⊙ W, or SparseGPT's reconstruction), in ``weight``'s shape.
     Returns 0 for an all-zero output.
     """
-    _check_hessian(weight, hessian)
+    check_hessian(weight, hessian)
     if pruned.shape != weight.shape:
         raise LegokitError(f"pruned weight has shape {tuple(pruned.shape)}; expected {tuple(weight.shape)}")
     W = weight.detach().float()  # (out, in)
@@ -191,7 +187,8 @@ def output_error(weight: torch.Tensor, pruned: torch.Tensor, hessian: torch.Tens
     return math.sqrt(max(num, 0.0) / den) if den > 0 else 0.0
 
 
-def _check_hessian(weight: torch.Tensor, hessian: torch.Tensor) -> None:
+def check_hessian(weight: torch.Tensor, hessian: torch.Tensor) -> None:
+    """Raise unless ``hessian`` is (in, in) for a weight of shape (out, in)."""
     cols = weight.shape[1]
     if hessian.shape != (cols, cols):
         raise LegokitError(f"hessian has shape {tuple(hessian.shape)}; expected ({cols}, {cols}) for a "
@@ -258,6 +255,41 @@ def nested_masks(scores: torch.Tensor, sparsities: Sequence[float | None],
     return [torch.from_numpy(m).to(scores.device) for m in masks]
 
 
+def level_masks(method: str, weight: torch.Tensor, sparsities: Sequence[float | None],
+                pattern: str | Pattern = "unstructured", *, act_norm: torch.Tensor | None = None,
+                hessian: torch.Tensor | None = None, percdamp: float = 0.01,
+                blocksize: int = 128) -> tuple[list[torch.Tensor], list[torch.Tensor] | None]:
+    """One module's keep-masks at several sparsities, nested, as ``blocks.extract_blocks`` makes them.
+
+    Magnitude and Wanda: ``nested_masks`` of the method's scores (``act_norm`` (in,) for Wanda). SparseGPT:
+    ``sparsegpt.sparsegpt_prune`` level by level from one inverse-Hessian factor of ``hessian`` (in, in),
+    lowest sparsity first, each level inside the previous mask, reconstructing the weight. Every method
+    prunes rows independently, so modules fed the same input may be passed stacked, (out_1 + out_2, in).
+
+    Returns:
+        ``(masks, weights)``: one bool (out, in) keep-mask per entry of ``sparsities``, in that order, and
+        for SparseGPT the reconstructed (out, in) weight per entry (None for the other methods).
+    """
+    check_method(method)
+    pat = parse_pattern(pattern)
+    levels = [resolve_sparsity(s, pat) for s in sparsities]
+    if method != "sparsegpt":
+        scores = method_scores(method, weight, act_norm=act_norm, hessian=hessian, percdamp=percdamp)
+        return nested_masks(scores, levels, str(pat)), None
+    from legokit.sparsegpt import sparsegpt_prune  # here, not on top: legokit.sparsegpt imports prune (a cycle)
+
+    if hessian is None:
+        raise LegokitError("sparsegpt masks need the calibration hessian (InputStats.hessian)")
+    factor = inverse_hessian_factor(hessian, percdamp)  # shared by every level
+    done: dict[float, tuple[torch.Tensor, torch.Tensor]] = {}
+    within = None
+    for s in sorted(set(levels)):
+        new_weight, within = sparsegpt_prune(weight, hessian, s, str(pat), blocksize=blocksize,
+                                             percdamp=percdamp, within=within, factor=factor)
+        done[s] = (within, new_weight)
+    return [done[s][0] for s in levels], [done[s][1] for s in levels]
+
+
 def check_mask(weight: torch.Tensor, mask: torch.Tensor, name: str = "weight") -> None:
     """Raise unless ``mask`` is a bool tensor of ``weight``'s shape."""
     if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
@@ -289,93 +321,6 @@ def apply_masks(model: nn.Module, masks: Mapping[str, torch.Tensor]) -> None:
     for name in masks:
         w = modules[name].weight
         w.mul_(masks[name].to(w.device))
-
-
-# ----- SparseGPT ---------------------------------------------------------------------------------------
-@torch.no_grad()
-def sparsegpt_prune(weight: torch.Tensor, hessian: torch.Tensor, sparsity: float | None,
-                    pattern: str = "unstructured", blocksize: int = 128, percdamp: float = 0.01,
-                    within: torch.Tensor | None = None,
-                    factor: Factor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """SparseGPT: prune column by column and update the remaining weights to undo the error (OBS).
-
-    Args:
-        weight: (out, in) dense weight; not modified.
-        hessian: (in, in) calibration Hessian 2 X^T X / n of the layer's input.
-        sparsity: pruned fraction (``None`` for the one an N:M pattern implies).
-        pattern: ``unstructured`` (mask chosen per block of ``blocksize`` columns, exactly the same count
-            per output row as ``prune_mask``; the reference thresholds each block over all rows) or "N:M".
-        blocksize: columns whose mask is chosen together (lazy batch updates, as the paper).
-        percdamp: dampening, a fraction of the mean Hessian diagonal added to the diagonal.
-        within: optional keep-mask; the new mask is chosen inside it (its pruned weights are pruned
-            first), which makes masks of increasing sparsity nested.
-        factor: ``inverse_hessian_factor(hessian, percdamp)`` when already computed (then ``hessian``
-            only checks the shape).
-    Returns:
-        ``(new_weight, keep_mask)``: the reconstructed weight (zero where pruned), and the bool keep-mask.
-    """
-    pat = parse_pattern(pattern)
-    if pat.kind == "structured":
-        raise LegokitError("sparsegpt_prune reconstructs unstructured or N:M masks; for structured pruning "
-                           "rank channels with obs_scores and structured_select")
-    s = resolve_sparsity(sparsity, pat)
-    _check_hessian(weight, hessian)
-    if within is not None:
-        check_mask(weight, within, "within")
-    if blocksize < 1 or (pat.kind == "nm" and blocksize % pat.m):
-        raise LegokitError(f"blocksize={blocksize} must be a positive multiple of M for pattern {str(pat)!r}")
-    rows, cols = weight.shape
-    if s == 0:
-        return weight.detach().clone(), torch.ones(rows, cols, dtype=torch.bool, device=weight.device)
-    W = weight.detach().float().clone()  # (out, in), updated in place as columns are pruned
-    Hinv, dead = factor if factor is not None else inverse_hessian_factor(hessian.to(W.device), percdamp)
-    Hinv, dead = Hinv.to(W.device), dead.to(W.device)  # (in, in) upper triangular, (in,)
-    W[:, dead] = 0
-    forced = None if within is None else ~within.to(W.device)  # (out, in) pruned by a lower level
-    pruned = torch.zeros(rows, cols, dtype=torch.bool, device=W.device)
-    for i1 in range(0, cols, blocksize):
-        i2 = min(i1 + blocksize, cols)
-        W1 = W[:, i1:i2]  # (out, b), already updated by the earlier blocks
-        Hinv1 = Hinv[i1:i2, i1:i2]  # (b, b) upper triangular
-        f1 = None if forced is None else forced[:, i1:i2]
-        if pat.kind == "unstructured":
-            d = torch.diag(Hinv1)  # (b,)
-            k = n_pruned(s, i2) - n_pruned(s, i1)  # cumulative rounding: each row loses n_pruned(s, in)
-            sal = W1.square() / d.square()[None, :]  # (out, b) OBS saliency
-            if f1 is not None:
-                sal = sal.masked_fill(f1, -math.inf)  # a lower level's pruned weights go first
-            mask1 = torch.zeros_like(W1, dtype=torch.bool)  # True = pruned
-            mask1.scatter_(1, torch.argsort(sal, dim=1, stable=True)[:, :k], True)
-            Q1, Err1 = _obs_loop(W1, Hinv1, mask1)
-        else:
-            Q1, Err1, mask1 = _obs_loop(W1, Hinv1, None, pat, f1)
-        W[:, i1:i2] = Q1
-        pruned[:, i1:i2] = mask1
-        W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]  # lazy update of the columns after the block
-    return W.to(weight.dtype), ~pruned
-
-
-def _obs_loop(W1: torch.Tensor, Hinv1: torch.Tensor, mask1: torch.Tensor | None, pat: Pattern | None = None,
-              forced: torch.Tensor | None = None):
-    """One block, column by column, as the SparseGPT paper. N:M picks its mask every M columns from the
-    updated weights. Returns (pruned block, scaled errors[, mask])."""
-    W1 = W1.clone()  # (out, b); after column i is done, W1[:, i] is final
-    Err1 = torch.zeros_like(W1)
-    choose = mask1 is None
-    mask1 = torch.zeros_like(W1, dtype=torch.bool) if choose else mask1  # True = pruned
-    d = torch.diag(Hinv1)
-    dl = d.tolist()
-    for i in range(W1.shape[1]):
-        if choose and i % pat.m == 0:
-            sal = W1[:, i:i + pat.m].square() / d[i:i + pat.m].square()[None, :]  # (out, M)
-            if forced is not None:
-                sal = sal.masked_fill(forced[:, i:i + pat.m], -math.inf)
-            mask1.scatter_(1, i + torch.argsort(sal, dim=1, stable=True)[:, :pat.n], True)
-        err = (W1[:, i] * mask1[:, i]).div_(dl[i])  # (out,) (w - q) / d: zero where kept
-        W1[:, i:].addr_(err, Hinv1[i, i:], alpha=-1)  # OBS update of this and the later columns
-        Err1[:, i] = err
-    Q1 = W1.masked_fill_(mask1, 0)  # pruned entries are now ~0: make them exactly 0
-    return (Q1, Err1, mask1) if choose else (Q1, Err1)
 
 
 # ----- structured: whole MLP channels and attention heads -------------------------------------------------
@@ -481,175 +426,3 @@ def index_mask(shape: Sequence[int], rows: torch.Tensor | None, cols: torch.Tens
     r[rows if rows is not None else slice(None)] = True
     c[cols if cols is not None else slice(None)] = True
     return r[:, None] & c[None, :]
-
-
-# ----- calibration -----------------------------------------------------------------------------------------
-def calibration_inputs(tokenizer, texts: Iterable[str], n_calib: int, seq_len: int,
-                       seed: int = 0) -> torch.Tensor:
-    """Token windows for calibration: the texts joined by EOS, cut into up to ``n_calib`` windows.
-
-    Windows are consecutive and non-overlapping, from a seeded offset. Fewer than ``n_calib`` come back
-    when the texts are short (one shorter window when they hold less than ``seq_len`` tokens).
-    Returns (windows, seq_len) int64.
-    """
-    texts = [t for t in texts if isinstance(t, str) and t.strip()]
-    if not texts:
-        raise LegokitError("no calibration text: pass a non-empty list of strings (texts=...), or prepare "
-                           "the data with `legokit setup` for legokit.data.calibration_texts")
-    if n_calib < 1 or seq_len < 2:
-        raise LegokitError(f"n_calib={n_calib} and seq_len={seq_len} must be >= 1 and >= 2")
-    eos = tokenizer.eos_token_id
-    stream: list[int] = []
-    for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]:
-        stream.extend(ids)
-        if eos is not None:
-            stream.append(eos)
-    if len(stream) < 2:
-        raise LegokitError("the calibration texts tokenize to fewer than 2 tokens: pass longer texts")
-    ids = torch.tensor(stream, dtype=torch.long)
-    if len(ids) < seq_len:
-        return ids[None, :]
-    k = min(n_calib, len(ids) // seq_len)
-    gen = torch.Generator().manual_seed(seed)
-    start = int(torch.randint(0, len(ids) - k * seq_len + 1, (1,), generator=gen))
-    return ids[start:start + k * seq_len].reshape(k, seq_len)
-
-
-class InputStats:
-    """Forward hooks that accumulate statistics of the inputs of some linear layers.
-
-    ``norms``: sum of x_j^2 per input feature (Wanda); ``hessians``: X^T X (SparseGPT). Layers fed the
-    very same input tensor (q/k/v, gate/up) share one accumulator. Use as a context manager: the
-    hooks are removed on exit.
-    """
-
-    def __init__(self, modules: Mapping[str, nn.Module], norms: bool = True, hessians: bool = False):
-        self.modules = dict(modules)
-        self.norms, self.hessians = norms, hessians
-        self.key_of: dict[str, str] = {}  # module name -> accumulator key (shared inputs share one)
-        self.sq: dict[str, torch.Tensor] = {}  # key -> (in,) sum of squares
-        self.xtx: dict[str, torch.Tensor] = {}  # key -> (in, in)
-        self.count: dict[str, int] = {}  # key -> tokens seen
-        self._handles: list = []
-        self._last: tuple[torch.Tensor, str] | None = None
-
-    def __enter__(self) -> InputStats:
-        for name, mod in self.modules.items():
-            self._handles.append(mod.register_forward_hook(self._hook(name)))
-        return self
-
-    def __exit__(self, *exc) -> bool:
-        for h in self._handles:
-            h.remove()
-        self._handles.clear()
-        self._last = None
-        return False
-
-    def _hook(self, name: str) -> Callable:
-        def hook(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
-            x = inputs[0]
-            if self._last is not None and self._last[0] is x:  # same tensor as the previous layer got
-                self.key_of.setdefault(name, self._last[1])
-                return
-            key = self.key_of.setdefault(name, name)
-            self._last = (x, key)
-            x = x.detach().reshape(-1, x.shape[-1]).float()  # (tokens, in)
-            if self.norms:
-                self.sq[key] = self.sq.get(key, 0) + x.square().sum(0)
-            if self.hessians:
-                self.xtx[key] = self.xtx.get(key, 0) + x.T @ x
-            self.count[key] = self.count.get(key, 0) + x.shape[0]
-
-        return hook
-
-    def act_norm(self, name: str) -> torch.Tensor:
-        """||X_j||_2 over every calibration token, shape (in,)."""
-        return self.sq[self.key_of[name]].sqrt()
-
-    def hessian(self, name: str) -> torch.Tensor:
-        """2 X^T X / n, SparseGPT's layer Hessian, shape (in, in)."""
-        key = self.key_of[name]
-        return self.xtx[key] * (2.0 / self.count[key])
-
-    def shared(self, name: str) -> str:
-        """The accumulator key of ``name`` (modules with the same key saw the same input)."""
-        return self.key_of[name]
-
-
-class _StopForward(Exception):
-    pass
-
-
-def _layer_out(out) -> torch.Tensor:
-    return out[0] if isinstance(out, (tuple, list)) else out
-
-
-@torch.no_grad()
-def _capture_layer0(llm: nn.Module, input_ids: torch.Tensor, batch_size: int) -> tuple[list, list]:
-    """Hidden states and keyword arguments entering decoder layer 0, one entry per batch."""
-    from legokit.models import decoder_layers
-
-    hidden, kwargs = [], []
-
-    def pre_hook(module, args, kw):
-        hidden.append(args[0] if args else kw.pop("hidden_states"))
-        kwargs.append({k: v for k, v in kw.items() if k != "hidden_states"})
-        raise _StopForward
-
-    device = next(llm.parameters()).device
-    handle = decoder_layers(llm)[0].register_forward_pre_hook(pre_hook, with_kwargs=True)
-    try:
-        for i in range(0, len(input_ids), batch_size):
-            try:
-                llm(input_ids=input_ids[i:i + batch_size].to(device), use_cache=False)
-            except _StopForward:
-                pass
-    finally:
-        handle.remove()
-    return hidden, kwargs
-
-
-LayerCallback = Callable[[int, nn.Module, InputStats], Mapping[str, torch.Tensor] | None]
-
-
-@torch.no_grad()
-def layerwise_calibration(llm: nn.Module, input_ids: torch.Tensor, on_layer: LayerCallback, *,
-                          norms: bool = True, hessians: bool = False, batch_size: int = 8,
-                          progress: bool = False, desc: str = "calibrate",
-                          layers: Iterable[int] | None = None) -> None:
-    """Feed calibration windows through the decoder one layer at a time; the LLM is never modified.
-
-    For every decoder layer: hooks (``InputStats``) record its linear layers' inputs while it runs,
-    then ``on_layer(index, layer, stats)`` scores and masks it. If it returns ``{qualified module
-    name: pruned weight}``, the next layer's inputs come from a pruned copy of this layer (the
-    ``sequential`` mode of Wanda and SparseGPT); if it returns ``None`` they come from the dense layer
-    (``one_shot``). Memory: the hidden states of the windows plus one layer's statistics.
-    ``layers``: observe only these decoder layers (``on_layer`` is called for them alone); the pass stops
-    after the last one.
-    """
-    from legokit.models import decoder_layers, linear_modules
-
-    decoder = decoder_layers(llm)
-    prefix = next(n for n, m in llm.named_modules() if m is decoder)
-    chosen = set(range(len(decoder))) if layers is None else {int(i) for i in layers}
-    if not chosen or not chosen <= set(range(len(decoder))):
-        raise LegokitError(f"layers={sorted(chosen)} must be a non-empty subset of the decoder layers "
-                           f"0..{len(decoder) - 1}")
-    hidden, kwargs = _capture_layer0(llm, input_ids, batch_size)
-    for i, layer in enumerate(progress_bar(decoder[:max(chosen) + 1], desc=desc, disable=not progress,
-                                           leave=False)):
-        if i not in chosen:  # only feeds the next layer
-            hidden = [_layer_out(layer(h, **kw)) for h, kw in zip(hidden, kwargs, strict=True)]
-            continue
-        linears = {f"{prefix}.{i}.{n}": m for n, m in linear_modules(layer).items()}
-        with InputStats(linears, norms=norms, hessians=hessians) as stats:
-            outs = [_layer_out(layer(h, **kw)) for h, kw in zip(hidden, kwargs, strict=True)]
-        new = on_layer(i, layer, stats)
-        del stats
-        if new:
-            pruned = copy.deepcopy(layer)
-            for name, w in new.items():
-                pruned.get_submodule(name[len(f"{prefix}.{i}."):]).weight.copy_(w)
-            outs = [_layer_out(pruned(h, **kw)) for h, kw in zip(hidden, kwargs, strict=True)]
-            del pruned
-        hidden = outs

@@ -7,9 +7,11 @@ import copy
 import pytest
 import torch
 
-from legokit.blocks import Block, extract_blocks, pack_mask, sparsity_report, unpack_mask
+from legokit.blocks import Block, extract_blocks, sparsity_report
+from legokit.calibration import calibration_inputs
 from legokit.models import linear_modules, load_model, tiny_llama
-from legokit.prune import apply_masks, calibration_inputs
+from legokit.prune import apply_masks
+from legokit.slm import pack_mask, unpack_mask
 from legokit.utils import LegokitError
 
 TEXTS = [f"Paragraph {i}: the river Avon flows past mill number {i * 7} towards the old stone bridge." * 3

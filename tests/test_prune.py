@@ -1,4 +1,4 @@
-"""Scores, masks, SparseGPT and calibration hooks on small tensors and tiny-llama."""
+"""Scores, masks and structured selection on small tensors and tiny-llama."""
 
 from __future__ import annotations
 
@@ -7,12 +7,10 @@ import copy
 import pytest
 import torch
 
-from legokit.models import decoder_layers, linear_modules
+from legokit.models import linear_modules
 from legokit.prune import (
-    InputStats,
     apply_masks,
-    calibration_inputs,
-    layerwise_calibration,
+    level_masks,
     magnitude_scores,
     n_pruned,
     nested_masks,
@@ -20,15 +18,12 @@ from legokit.prune import (
     parse_pattern,
     prune_mask,
     resolve_sparsity,
-    sparsegpt_prune,
     structured_select,
     structured_sizes,
     wanda_scores,
 )
+from legokit.sparsegpt import sparsegpt_prune
 from legokit.utils import LegokitError
-
-TEXTS = [f"Paragraph {i}: the river Avon flows past mill number {i * 7} towards the old stone bridge." * 3
-         for i in range(24)]
 
 
 def _gen(seed: int = 0) -> torch.Generator:
@@ -130,48 +125,23 @@ def test_apply_masks_checks_everything_before_changing_anything(tiny):
     assert (lin[names[0]].weight == 0).all()
 
 
-# ----- SparseGPT --------------------------------------------------------------------------------------------
-def _correlated_inputs(n: int, d: int, seed: int) -> torch.Tensor:
-    g = _gen(seed)
-    base = torch.randn(n, d // 4, generator=g)
-    return base @ torch.randn(d // 4, d, generator=g) + 0.1 * torch.randn(n, d, generator=g)  # (n, d)
-
-
-@pytest.mark.parametrize("pattern", ["unstructured", "2:4"])
-def test_sparsegpt_reconstruction_beats_magnitude_at_the_same_density(pattern):
-    X = _correlated_inputs(512, 64, seed=3)
-    W = torch.randn(16, 64, generator=_gen(4))
+def test_level_masks_are_the_nested_masks_of_each_method():
+    w = torch.randn(8, 32, generator=_gen(11))
+    act = torch.rand(32, generator=_gen(12))
+    masks, weights = level_masks("wanda", w, [0.5, 0.25], act_norm=act)
+    assert weights is None
+    assert all(torch.equal(m, r) for m, r in zip(masks, nested_masks(wanda_scores(w, act), [0.5, 0.25]), strict=True))
+    X = torch.randn(64, 32, generator=_gen(13))
     H = 2 * X.T @ X / X.shape[0]
-    W_new, keep = sparsegpt_prune(W, H, 0.5, pattern, blocksize=16)
-    mag = prune_mask(magnitude_scores(W), 0.5, pattern)
-    assert (~keep).sum() == (~mag).sum()  # same density
-    assert (W_new[~keep] == 0).all()
-
-    def err(w: torch.Tensor) -> float:
-        return float((X @ W.T - X @ w.T).square().sum())
-
-    assert err(W_new) < 0.5 * err(W * mag)
-    assert err(W_new) < err(W * keep)  # the reconstruction itself helps, not only the mask
-    if pattern == "2:4":
-        assert ((~keep).reshape(16, 16, 4).sum(-1) == 2).all()
-    else:
-        assert ((~keep).sum(1) == 32).all()
-
-
-def test_sparsegpt_within_makes_nested_masks_and_zero_is_identity():
-    X = _correlated_inputs(256, 32, seed=5)
-    W = torch.randn(8, 32, generator=_gen(6))
-    H = 2 * X.T @ X / X.shape[0]
-    same, all_kept = sparsegpt_prune(W, H, 0.0)
-    assert torch.equal(same, W) and all_kept.all()
-    within = None
-    masks = []
-    for s in (0.25, 0.5, 0.75):
-        _, within = sparsegpt_prune(W, H, s, blocksize=8, within=within)
-        masks.append(within)
-    assert not (masks[1] & ~masks[0]).any() and not (masks[2] & ~masks[1]).any()
-    with pytest.raises(LegokitError, match="shape"):
-        sparsegpt_prune(W, H[:4, :4], 0.5)
+    masks, weights = level_masks("sparsegpt", w, [0.75, 0.25, 0.5], hessian=H, blocksize=8)
+    m75, m25, m50 = masks
+    assert not (m75 & ~m50).any() and not (m50 & ~m25).any()  # nested, returned in the order asked
+    assert all((wt[~m] == 0).all() for wt, m in zip(weights, masks, strict=True))
+    _, k25 = sparsegpt_prune(w, H, 0.25, blocksize=8)
+    w50, k50 = sparsegpt_prune(w, H, 0.5, blocksize=8, within=k25)  # each level inside the lower one
+    assert torch.equal(m25, k25) and torch.equal(m50, k50) and torch.equal(weights[2], w50)
+    with pytest.raises(LegokitError, match="hessian"):
+        level_masks("sparsegpt", w, [0.5])
 
 
 # ----- structured -------------------------------------------------------------------------------------------
@@ -217,68 +187,3 @@ def test_structured_select_keeps_gqa_groups_consistent():
     assert torch.equal(heads // (H // G), groups.repeat_interleave(sz.heads_per_group))  # in kept groups
     if sz.kv_heads < G:
         assert 0 in groups.tolist()
-
-
-# ----- calibration ------------------------------------------------------------------------------------------
-def test_calibration_inputs_windows(tiny):
-    _, tok = tiny
-    ids = calibration_inputs(tok, TEXTS, n_calib=4, seq_len=32, seed=0)
-    assert ids.shape == (4, 32) and ids.dtype == torch.long
-    assert torch.equal(ids, calibration_inputs(tok, TEXTS, 4, 32, seed=0))
-    # the windows are consecutive, non-overlapping pieces of the texts joined by EOS
-    stream = [t for ids_ in tok(TEXTS, add_special_tokens=False)["input_ids"] for t in ids_ + [tok.eos_token_id]]
-    flat = ids.reshape(-1).tolist()
-    starts = [i for i in range(len(stream) - len(flat) + 1) if stream[i:i + len(flat)] == flat]
-    assert starts, "the windows are not one consecutive stretch of the token stream"
-    # 8 bytes and the EOS that ends each text: fewer than seq_len tokens give one shorter window, all of them
-    short = calibration_inputs(tok, ["hi there"], n_calib=4, seq_len=32)
-    assert short.tolist() == [tok("hi there", add_special_tokens=False)["input_ids"] + [tok.eos_token_id]]
-    assert short.shape == (1, 9)
-    with pytest.raises(LegokitError, match="no calibration text"):
-        calibration_inputs(tok, [], 4, 32)
-    with pytest.raises(LegokitError, match="no calibration text"):
-        calibration_inputs(tok, ["", "  "], 4, 32)
-
-
-def test_input_stats_share_inputs_and_remove_their_hooks(tiny):
-    llm, tok = tiny
-    layer = decoder_layers(llm)[0]
-    mods = linear_modules(layer)
-    x = torch.randn(2, 5, 64, generator=_gen(8))
-    seen = {}
-    handle = mods["self_attn.q_proj"].register_forward_hook(lambda m, i, o: seen.setdefault("x", i[0]))
-    with InputStats(mods, norms=True, hessians=True) as stats:
-        llm.model.layers[0](x, position_embeddings=llm.model.rotary_emb(x, torch.arange(5)[None]))
-    handle.remove()
-    assert all(not m._forward_hooks for m in mods.values())
-    assert stats.shared("self_attn.k_proj") == stats.shared("self_attn.q_proj")
-    assert stats.shared("mlp.up_proj") == stats.shared("mlp.gate_proj")
-    assert stats.shared("mlp.down_proj") != stats.shared("mlp.gate_proj")
-    xi = seen["x"].reshape(-1, 64)
-    assert torch.allclose(stats.act_norm("self_attn.v_proj"), xi.norm(dim=0), rtol=1e-5)
-    h = 2 * xi.T @ xi / xi.shape[0]
-    assert torch.allclose(stats.hessian("self_attn.q_proj"), h, rtol=1e-4, atol=1e-6)
-
-
-def test_sequential_calibration_feeds_pruned_outputs_and_leaves_the_llm_alone(tiny):
-    llm, tok = tiny
-    ids = calibration_inputs(tok, TEXTS, n_calib=2, seq_len=32)
-    before = {k: v.clone() for k, v in llm.state_dict().items()}
-    norms = {}
-
-    def on_layer(i, layer, stats):
-        names = [n for n in linear_modules(llm) if n.startswith(f"model.layers.{i}.")]
-        norms[i] = stats.act_norm(f"model.layers.{i}.mlp.gate_proj")
-        if i == 0:  # prune layer 0 to zero: layer 1 must then see the residual stream only
-            return {n: torch.zeros_like(llm.get_submodule(n).weight) for n in names}
-        return None
-
-    layerwise_calibration(llm, ids, on_layer, norms=True, batch_size=1)
-    assert all(torch.equal(before[k], v) for k, v in llm.state_dict().items())
-    # reference: a copy with layer 0's linear layers zeroed, statistics from one full forward
-    ref = copy.deepcopy(llm)
-    apply_masks(ref, {n: torch.zeros_like(m.weight, dtype=torch.bool) for n, m in linear_modules(ref).items()
-                      if n.startswith("model.layers.0.")})
-    with InputStats({"g": ref.get_submodule("model.layers.1.mlp.gate_proj")}) as st, torch.no_grad():
-        ref(ids, use_cache=False)
-    assert torch.allclose(norms[1], st.act_norm("g"), rtol=1e-4)

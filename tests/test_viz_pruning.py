@@ -13,10 +13,9 @@ from matplotlib.patches import Rectangle
 from legokit import analysis as A
 from legokit import viz
 from legokit.blocks import extract_blocks
+from legokit.calibration import calibration_inputs, layerwise_calibration
 from legokit.names import LORA_TARGETS
 from legokit.prune import (
-    calibration_inputs,
-    layerwise_calibration,
     magnitude_scores,
     method_scores,
     obs_scores,

@@ -19,6 +19,7 @@ from typing import Any
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from legokit.client import examples_per_task
 from legokit.utils import LegokitError
 
 # One process may serve many messages (the simulation engine): keep the LLM and the partitions.
@@ -92,13 +93,6 @@ def _process_age() -> float:
         return -1.0
 
 
-def _task_mix(examples: list) -> dict[str, int]:
-    mix: dict[str, int] = {}
-    for ex in examples:
-        mix[ex.task] = mix.get(ex.task, 0) + 1
-    return mix
-
-
 def client_query(node_config: Mapping[str, Any], run_config: Mapping[str, Any]) -> RecordDict:
     """Answer the server's ``query``: which client this node is, its block (if declared), its data size."""
     from legokit import __version__
@@ -111,7 +105,8 @@ def client_query(node_config: Mapping[str, Any], run_config: Mapping[str, Any]) 
     if declared:
         _block_index(blocks_dir(node_config, run_config), declared)
     return RecordDict({"info": ConfigRecord({"partition-id": k, "block-id": declared, "num-examples": len(examples),
-                                             "tasks": json.dumps(_task_mix(examples)), "legokit": __version__})})
+                                             "tasks": json.dumps(examples_per_task(examples)),
+                                             "legokit": __version__})})
 
 
 def client_train(content: RecordDict, node_config: Mapping[str, Any], run_config: Mapping[str, Any]) -> RecordDict:
@@ -148,7 +143,7 @@ def client_train(content: RecordDict, node_config: Mapping[str, Any], run_config
                             "loss-last": float(m["loss_last"]), "steps": int(m["steps"]), "tokens": int(m["tokens"]),
                             "seconds": float(m["seconds"]), "tokens-per-second": float(m["tokens_per_second"])})
     info = ConfigRecord({"client": k, "block-id": block_id, "scaling": float(res.scaling),
-                         "losses": [float(x) for x in m["losses"]], "tasks": json.dumps(_task_mix(examples))})
+                         "losses": [float(x) for x in m["losses"]], "tasks": json.dumps(examples_per_task(examples))})
     return RecordDict({"factors": factors_to_record(res.factors), "metrics": metrics, "info": info})
 
 
