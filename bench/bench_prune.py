@@ -21,7 +21,8 @@ import time
 
 import torch
 
-from legokit.blocks import block_perplexity, extract_blocks
+from legokit.blocks import extract_blocks
+from legokit.evaluate import block_perplexity
 from legokit.models import DEFAULT_MODEL, decoder_layers, load_model, param_bytes
 from legokit.utils import peak_rss_mb
 

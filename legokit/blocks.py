@@ -51,7 +51,7 @@ from legokit.block_storage import MaskMap, Overrides, load_tensors, save_tensors
 from legokit.calibration import calibration_inputs, layerwise_calibration
 from legokit.coords import CoordinateMap
 from legokit.data import calibration_texts
-from legokit.models import decoder_layers, linear_modules
+from legokit.models import decoder_layers, layer_of, linear_modules
 from legokit.prune import (
     Index,
     StructuredSizes,
@@ -414,15 +414,13 @@ def sparsity_report(block: Block) -> pd.DataFrame:
     rows = []
     elem = next(block.llm.parameters()).element_size()
     for name, shape in block.shapes.items():
-        parts = name.split(".")
-        layer = next((int(p) for p in parts if p.isdigit()), -1)
         params = shape[0] * shape[1]
         slm = block.coords.local_shape(name)
         kept = int(block.masks[name].sum())
         stored = block.masks.stored_bytes(name)
         if name in block.overrides:
             stored += block.overrides.numel(name) * elem
-        rows.append({"name": name, "layer": layer, "module": parts[-1], "shape": tuple(shape),
+        rows.append({"name": name, "layer": layer_of(name), "module": name.rsplit(".", 1)[-1], "shape": tuple(shape),
                      "params": params, "kept": kept, "sparsity": 1 - kept / params, "slm_shape": slm,
                      "slm_params": slm[0] * slm[1], "stored_bytes": stored,
                      "model_bytes": slm[0] * slm[1] * elem})

@@ -161,6 +161,11 @@ def linear_modules(model: nn.Module, targets=LORA_TARGETS) -> dict[str, nn.Linea
             if isinstance(mod, nn.Linear) and name.rsplit(".", 1)[-1] in targets}
 
 
+def layer_of(name: str) -> int:
+    """The decoder layer of a module name (``model.layers.3.mlp.up_proj`` -> 3), -1 outside the layers."""
+    return next((int(p) for p in name.split(".") if p.isdigit()), -1)
+
+
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
     """The list of decoder blocks of a Llama-style causal LM."""
     inner = getattr(model, "model", None)

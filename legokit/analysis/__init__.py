@@ -37,7 +37,6 @@ from legokit.analysis.clients import (
     response_nll,
     task_mix,
 )
-from legokit.analysis.module_names import layer_of
 from legokit.analysis.pruning import (
     CalibrationStats,
     calibration_stats,
@@ -49,6 +48,7 @@ from legokit.analysis.pruning import (
     score_sample,
     structured_kept,
 )
+from legokit.models import layer_of
 
 __all__ = [
     "AggregatedDeltas", "CalibrationStats", "LazyDeltas", "aggregation_errors", "aggregator_detail", "apply_delta",

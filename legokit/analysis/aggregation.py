@@ -21,7 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from legokit.aggregate import AGGREGATORS, ClientUpdate, coverage, get_aggregator, update_norms
-from legokit.analysis.module_names import layer_of
+from legokit.models import layer_of
 from legokit.slm import LinearView
 from legokit.utils import LegokitError, progress_bar
 

@@ -16,8 +16,8 @@ import pandas as pd
 import torch
 from torch import Tensor, nn
 
-from legokit.analysis.module_names import layer_of
 from legokit.calibration import calibration_inputs, layerwise_calibration
+from legokit.models import layer_of
 from legokit.prune import (
     check_method,
     level_masks,
