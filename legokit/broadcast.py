@@ -23,6 +23,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from legokit.adapters import load_peft_adapter, save_peft_adapter
+from legokit.blocks import Block
 from legokit.config import ExperimentConfig
 from legokit.lora import svd_refactor
 from legokit.rounds import SERVER, ClientResult, Factors, client_seed, initial_factors
@@ -104,8 +105,6 @@ class MergeBroadcast:
             block.save(directory / "blocks" / f"{i}")
 
     def load(self, directory: Path, rnd: int) -> None:
-        from legokit.blocks import Block
-
         merged = load_file(str(directory / "merged_linear.safetensors"))
         with torch.no_grad():
             for n, w in merged.items():

@@ -23,6 +23,18 @@ from legokit.models import load_model
 from legokit.utils import LegokitError
 
 
+def _peft_logits(adapter_dir, ids: torch.Tensor) -> torch.Tensor:
+    """Logits of a fresh tiny-llama with the adapter in ``adapter_dir`` loaded by peft itself."""
+    from peft import PeftModel
+
+    fresh, _ = load_model("tiny-llama", device="cpu")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pm = PeftModel.from_pretrained(fresh, adapter_dir)
+    with torch.no_grad():
+        return pm(input_ids=ids).logits
+
+
 def test_state_dict_uses_peft_naming(tiny_fresh):
     model, _ = tiny_fresh
     attach_lora(model, LoraConfig(rank=3, target_modules=["q_proj", "down_proj"]))
@@ -54,8 +66,6 @@ def test_keys_match_what_peft_itself_saves(tiny_fresh, tmp_path):
 
 
 def test_peft_round_trip_matches_manual_merge(tiny_fresh, tmp_path):
-    from peft import PeftModel
-
     model, _ = tiny_fresh
     x = token_ids()
     init = random_factors(model, lambda i: 2 if i % 3 == 0 else 4)  # mixed ranks -> rank_pattern
@@ -69,12 +79,7 @@ def test_peft_round_trip_matches_manual_merge(tiny_fresh, tmp_path):
     cfg = json.loads((tmp_path / "ad" / "adapter_config.json").read_text())
     assert cfg["peft_type"] == "LORA" and cfg["r"] == 4 and cfg["lora_alpha"] == 8
     assert cfg["rank_pattern"]["model.layers.0.self_attn.q_proj"] == 2 and len(cfg["rank_pattern"]) == 5
-    fresh, _ = load_model("tiny-llama", device="cpu")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        pm = PeftModel.from_pretrained(fresh, tmp_path / "ad")
-    with torch.no_grad():
-        torch.testing.assert_close(pm(input_ids=x).logits, merged, atol=1e-5, rtol=0)
+    torch.testing.assert_close(_peft_logits(tmp_path / "ad", x), merged, atol=1e-5, rtol=0)
     back, alpha = load_peft_adapter(tmp_path / "ad")
     assert alpha == 8 and sorted(back) == sorted(factors)
     for n in factors:
@@ -82,8 +87,6 @@ def test_peft_round_trip_matches_manual_merge(tiny_fresh, tmp_path):
 
 
 def test_peft_adapter_with_one_scaling_for_all_ranks(tiny_fresh, tmp_path):
-    from peft import PeftModel
-
     model, _ = tiny_fresh
     x = token_ids()
     init = random_factors(model, lambda i: 2 if i % 2 else 4)
@@ -92,12 +95,7 @@ def test_peft_adapter_with_one_scaling_for_all_ranks(tiny_fresh, tmp_path):
     detach_lora(model, merge=True)
     with torch.no_grad():
         merged = model(x).logits
-    fresh, _ = load_model("tiny-llama", device="cpu")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        pm = PeftModel.from_pretrained(fresh, tmp_path / "ad")
-    with torch.no_grad():
-        torch.testing.assert_close(pm(input_ids=x).logits, merged, atol=1e-5, rtol=0)
+    torch.testing.assert_close(_peft_logits(tmp_path / "ad", x), merged, atol=1e-5, rtol=0)
     back, alpha = load_peft_adapter(tmp_path / "ad")  # folded to (alpha / r_module) B A
     same, _ = load_peft_adapter(tmp_path / "ad", scaling=0.75)  # folded to 0.75 B A
     for n, (A, B) in back.items():

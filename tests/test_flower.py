@@ -15,6 +15,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from helpers import tiny_config
 
 from legokit.config import ExperimentConfig
 from legokit.utils import LegokitError
@@ -26,17 +27,7 @@ FLOWER_ENV = {"OMP_NUM_THREADS": "1", "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.2"
 
 
 def _cfg(**fed) -> ExperimentConfig:
-    return ExperimentConfig.from_dict({
-        "name": "flower-test",
-        "model": "tiny-llama",
-        "device": "cpu",
-        "prune": {"sparsities": [0.0, 0.5], "n_calib": 4, "seq_len": 32},
-        "lora": {"rank": 2, "alpha": 4.0},
-        "train": {"local_steps": 2, "batch_size": 2, "max_len": 64, "lr": 0.01},
-        "fed": {"num_clients": 2, "rounds": 2, **fed},
-        "data": {"tasks": ["boolq", "asdiv"], "train_examples": 8},
-        "eval": {"base": False, "blocks": False},
-    })
+    return tiny_config(name="flower-test", device="cpu", fed=fed, eval={"base": False, "blocks": False})
 
 
 def _have_data() -> bool:

@@ -184,7 +184,7 @@ _NUMBER = re.compile(r"^\s*(-?\d+(?:\.\d+)?(?:/\d+)?)(?:\s|$)")
 
 
 def _parse_asdiv(row: dict) -> dict | None:
-    m = _NUMBER.match(str(row.get("answer", "")))  # drops the ~6% of answers that are not numbers
+    m = _NUMBER.match(str(row.get("answer", "")))  # drops the answers that are not numbers
     if not m:
         return None
     return {"passage": clean_text(row["passage"]), "question": clean_text(row["question"]), "answer": m.group(1)}
