@@ -21,6 +21,12 @@ from legokit.strategy import LegoStrategy, build_strategy
 CALIB = ["The quick brown fox jumps over the lazy dog. " * 4, "Paris is the capital of France. " * 4] * 2
 
 
+def river_paragraphs(n: int) -> list[str]:
+    """``n`` distinct calibration paragraphs (a numbered sentence about the river Avon, three times)."""
+    return [f"Paragraph {i}: the river Avon flows past mill number {i * 7} towards the old stone bridge." * 3
+            for i in range(n)]
+
+
 def make_examples(task: str, n: int) -> list[Example]:
     """``n`` generative examples of ``task`` (``"... what is i plus i?"`` answered ``2i``), uids ``task-i``."""
     return [Example(task=task, prompt=f"{task} question {i}: what is {i} plus {i}?", response=str(2 * i),
