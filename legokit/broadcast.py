@@ -164,12 +164,12 @@ class Broadcast(Protocol):
         (e.g. the SVD's energy kept), ``{}`` when there are none.
 
         ``combine(name, previous)`` is the strategy's aggregator applied to one module (``LegoStrategy.combine``
-        over ``results``): ``name`` is the module; ``previous`` is ``{name: ΔW_g of the previous round, (out,
-        in)}``, used by ``fed.uncovered="keep"`` where no client owns a coordinate, or None (uncovered
-        coordinates become 0). It returns that module's new ΔW_g, a dense float32 ``(out, in)`` tensor in LLM
-        coordinates that the caller may keep. Call it once per module of ``modules`` (the strategy's modules,
-        possibly wrapped in a progress bar), one after another, so memory holds one module's client deltas at
-        a time. It raises ``LegokitError`` when the strategy has no aggregator (``local``): ``LocalAdapters``
+        over ``results``): ``name`` is the module; ``previous`` is ``{name: ΔW_g of the previous round, (out, in)}``
+        (what ``fed.uncovered="keep"`` keeps where no client owns a coordinate), or None (nothing to keep: uncovered
+        coordinates become 0, as under ``"zero"``). It returns that module's new ΔW_g, a dense float32 ``(out, in)``
+        tensor in LLM coordinates that the caller may keep. Call it once per module of ``modules`` (the strategy's
+        modules, possibly wrapped in a progress bar), one after another, so memory holds one module's client deltas
+        at a time. It raises ``LegokitError`` when the strategy has no aggregator (``local``): ``LocalAdapters``
         never calls it.
         """
 
