@@ -50,7 +50,7 @@ def rounds_of(run_dir: Path) -> list[dict]:
 
 
 def final_delta(run_dir: Path, rounds: int) -> dict[str, torch.Tensor]:
-    from legokit.lora import load_peft_adapter
+    from legokit.adapters import load_peft_adapter
 
     factors, alpha = load_peft_adapter(run_dir / "adapters" / f"round_{rounds:03d}")
     r = next(iter(factors.values()))[0].shape[0]

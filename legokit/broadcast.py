@@ -1,15 +1,7 @@
 """What the server sends back after a round: the three kinds of global state a LEGO round can end in.
 
-Each kind is one class with the same five methods, so the strategy never asks which one it holds:
-
-- ``start(client)``: the adapter (factors in LLM coordinates, scaling) a client trains from next round.
-- ``absorb(rnd, results, combine, modules)``: take in a round's results; ``combine(name, previous)`` is the
-  aggregator applied to one module (it returns ΔW_g, (out, in)), called once per module so memory stays at
-  one module's worth of client deltas.
-- ``adapter_for(client)``: the adapter that sits on top of the weights when the outcome is evaluated (the
-  global LLM for ``client=None``, else that client's block), or None when there is none.
-- ``save(directory)`` / ``load(directory, rnd)``: the state of one finished round (``checkpoint.Checkpoint``
-  makes writing it atomic).
+Each kind is one class with the same five methods (the ``Broadcast`` protocol below documents them), so the
+strategy never asks which one it holds:
 
 ``AdapterBroadcast`` (``fed.broadcast=adapter``): ΔW_g is re-factored by SVD to a rank-``rank`` adapter that
 every client starts from and that is applied through each block's mask (FlexLoRA: each client's own rank).
@@ -23,14 +15,17 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from legokit.adapters import load_peft_adapter, save_peft_adapter
+from legokit.blocks import Block
 from legokit.config import ExperimentConfig
-from legokit.lora import load_peft_adapter, save_peft_adapter, svd_refactor
+from legokit.lora import svd_refactor
 from legokit.rounds import SERVER, ClientResult, Factors, client_seed, initial_factors
 
 Combine = Callable[[str, dict | None], torch.Tensor]  # (module, {module: previous ΔW_g} | None) -> ΔW_g (out, in)
@@ -45,7 +40,7 @@ class AdapterBroadcast:
         self.factors: Factors = initial_factors(llm, cfg.lora, client_seed(cfg.seed, 0, SERVER))
         self.scaling = cfg.lora.scaling
 
-    def start(self, client: int) -> Adapter:
+    def starting_adapter(self, client: int) -> Adapter:
         return self.factors, self.scaling
 
     def adapter_for(self, client: int | None) -> Adapter | None:
@@ -83,7 +78,7 @@ class MergeBroadcast:
         self.factors: Factors = initial_factors(llm, cfg.lora, client_seed(cfg.seed, 0, SERVER))
         self.modules = list(self.factors)
 
-    def start(self, client: int) -> Adapter:
+    def starting_adapter(self, client: int) -> Adapter:
         return self.factors, self.cfg.lora.scaling
 
     def adapter_for(self, client: int | None) -> Adapter | None:
@@ -110,8 +105,6 @@ class MergeBroadcast:
             block.save(directory / "blocks" / f"{i}")
 
     def load(self, directory: Path, rnd: int) -> None:
-        from legokit.blocks import Block
-
         merged = load_file(str(directory / "merged_linear.safetensors"))
         with torch.no_grad():
             for n, w in merged.items():
@@ -128,7 +121,7 @@ class LocalAdapters:
         self.factors: Factors = initial_factors(llm, cfg.lora, client_seed(cfg.seed, 0, SERVER))
         self.own: dict[int, Adapter] = {}
 
-    def start(self, client: int) -> Adapter:
+    def starting_adapter(self, client: int) -> Adapter:
         return self.own.get(client, (self.factors, self.cfg.lora.scaling))
 
     def adapter_for(self, client: int | None) -> Adapter | None:
@@ -150,7 +143,42 @@ class LocalAdapters:
             self.own[int(sub.name.split("_")[1])] = load_uniform_adapter(sub)
 
 
-Broadcast = AdapterBroadcast | MergeBroadcast | LocalAdapters
+class Broadcast(Protocol):
+    """The global state a strategy holds between rounds (``AdapterBroadcast``, ``MergeBroadcast``,
+    ``LocalAdapters``), and what it sends to the clients.
+
+    An adapter here is ``(factors, scaling)``: ``{module: (A (r, in), B (out, r))}`` in LLM coordinates, whose
+    update is ``scaling · B @ A``.
+    """
+
+    def starting_adapter(self, client: int) -> Adapter:
+        """The adapter ``client`` trains from in the next round (``LegoStrategy.configure`` puts it in its task)."""
+
+    def adapter_for(self, client: int | None) -> Adapter | None:
+        """The adapter that sits on top of the weights when the outcome is evaluated: the global LLM's for
+        ``client=None``, else that client's block's; None when there is none (the update is in the weights, or
+        the client never trained)."""
+
+    def absorb(self, rnd: int, results: Sequence[ClientResult], combine: Combine, modules: Iterable[str]) -> dict:
+        """Take in round ``rnd``'s valid results and become the new global state; returns round metrics to record
+        (e.g. the SVD's energy kept), ``{}`` when there are none.
+
+        ``combine(name, previous)`` is the strategy's aggregator applied to one module (``LegoStrategy.combine``
+        over ``results``): ``name`` is the module; ``previous`` is ``{name: ΔW_g of the previous round, (out, in)}``
+        (what ``fed.uncovered="keep"`` keeps where no client owns a coordinate), or None (nothing to keep: uncovered
+        coordinates become 0, as under ``"zero"``). It returns that module's new ΔW_g, a dense float32 ``(out, in)``
+        tensor in LLM coordinates that the caller may keep. Call it once per module of ``modules`` (the strategy's
+        modules, possibly wrapped in a progress bar), one after another, so memory holds one module's client deltas
+        at a time. It raises ``LegokitError`` when the strategy has no aggregator (``local``): ``LocalAdapters``
+        never calls it.
+        """
+
+    def save(self, directory: Path) -> None:
+        """Write the state of the last absorbed round into ``directory``, which does not exist yet
+        (``checkpoint.Checkpoint`` makes it atomic: it renames that folder once it is complete)."""
+
+    def load(self, directory: Path, rnd: int) -> None:
+        """Restore the state ``save`` wrote after round ``rnd`` (``rnd`` seeds what is drawn fresh per round)."""
 
 
 def load_uniform_adapter(adapter_dir: Path) -> Adapter:

@@ -292,7 +292,7 @@ def _read_json(path: Path) -> dict:
 
 
 def _check_adapter(d: Path) -> None:
-    """A peft adapter as ``lora.save_peft_adapter`` writes it: a LoRA config and intact tensors."""
+    """A peft adapter as ``adapters.save_peft_adapter`` writes it: a LoRA config and intact tensors."""
     config = _read_json(d / "adapter_config.json")
     r, alpha = config.get("r"), config.get("lora_alpha")
     if (config.get("peft_type") != "LORA" or isinstance(r, bool) or not isinstance(r, int) or r < 1

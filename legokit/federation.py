@@ -245,6 +245,13 @@ def block_model(strategy: LegoStrategy, block_index: int, client: int | None = N
 
 
 class _Attached:
+    """A context manager that puts an adapter on a model for the ``with`` block and takes it off afterwards.
+
+    ``adapter`` is ``(factors, scaling)`` in ``model``'s own coordinates, or None (the model as it is);
+    ``masks`` confine the update to a block's kept weights (None: unmasked, the global LLM). On exit the
+    adapter is detached and ``release`` (a ``blocks.Block``), when given, drops its built SLM (``Block.release``).
+    """
+
     def __init__(self, model, cfg, adapter, masks, release=None):
         self.model, self.cfg, self.adapter, self.masks, self.release = model, cfg, adapter, masks, release
 

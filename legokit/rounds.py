@@ -1,4 +1,5 @@
-"""What crosses between the server and a client in one LEGO round, and how every draw in a round is seeded.
+"""The messages of one LEGO round (``Task`` out to a client, ``ClientResult`` back) and the round's seeds
+(``client_seed``, ``initial_factors``).
 
 - ``Task``: what the server asks of one client in round ``r`` (its block, the factors it starts from, in LLM
   coordinates, and optionally a number of local steps). A Flower ``train`` message carries the same fields.

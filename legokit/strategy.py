@@ -157,13 +157,13 @@ class LegoStrategy:
         self.last_results = []
         tasks = []
         for k in sample_clients(self.cfg.seed, rnd, self.clients, self.cfg.fed.sample_fraction):
-            factors, scaling = self.broadcast.start(k)
+            factors, scaling = self.broadcast.starting_adapter(k)
             tasks.append(Task(rnd, k, self._assignment[k], factors, scaling, self.local_steps))
         return tasks
 
     def start_state(self, client: int) -> tuple[dict, float]:
         """The (factors, scaling) ``client`` would start its next round from, in LLM coordinates."""
-        return self.broadcast.start(client)
+        return self.broadcast.starting_adapter(client)
 
     # ----- aggregate ----------------------------------------------------------------------------------
     def validate(self, result: ClientResult) -> None:

@@ -9,12 +9,17 @@ Which one to take:
 - ``tiny_varied``: like ``tiny``, with every weight perturbed by N(0, 0.5²) (seeded), so that
   outputs differ visibly between tokens and prompts (the random tiny-llama's std-0.02 init gives near-uniform
   next-token distributions). Read-only as well, and checked the same way.
+- ``setup_llm``: ``tiny`` and its Wanda blocks at 0 and 50% (``helpers.extract_tiny_blocks``), per test module.
+  Read-only as well: adapter-mode runs only (merge mode changes the LLM: take ``helpers.fresh_setup()``).
+
+Plain helpers (calibration texts, examples, the tiny config, the tiny federation) are in ``tests/helpers.py``.
 """
 
 from __future__ import annotations
 
 import pytest
 import torch
+from helpers import extract_tiny_blocks
 
 from legokit.models import load_model
 
@@ -58,3 +63,10 @@ def tiny_varied():
     before = _snapshot(model)
     yield model, tok
     _assert_untouched(model, before, "tiny_varied")
+
+
+@pytest.fixture(scope="module")
+def setup_llm(tiny):
+    """The module's shared tiny-llama (read-only: adapter-mode runs only) and its blocks at 0 and 50%."""
+    llm, tok = tiny
+    return llm, tok, extract_tiny_blocks(llm, tok)

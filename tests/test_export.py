@@ -14,33 +14,22 @@ import sys
 
 import pytest
 import torch
+from helpers import CALIB, PARTS, tiny_config
 from transformers import AutoModelForCausalLM
 
 from legokit.blocks import extract_blocks
 from legokit.cli import main
 from legokit.config import ExperimentConfig
-from legokit.data import Example
 from legokit.federation import block_model, global_model, run_federation
 from legokit.lmeval import export_checkpoint
 from legokit.models import load_model
 from legokit.utils import LegokitError, atomic_write_json
 
-CALIB = ["The quick brown fox jumps over the lazy dog. " * 4, "Paris is the capital of France. " * 4] * 2
-PARTS = [[Example(task=t, prompt=f"{t} question {i}: what is {i} plus {i}?", response=str(2 * i), uid=f"{t}-{i}")
-          for i in range(4)] for t in ("boolq", "asdiv")]
 IDS = torch.tensor([[5, 17, 42, 99, 3, 250, 7, 61], [120, 8, 8, 33, 200, 11, 90, 4]])
 
 
 def _cfg(pattern: str = "unstructured", **fed) -> ExperimentConfig:
-    return ExperimentConfig.from_dict({
-        "model": "tiny-llama",
-        "prune": {"sparsities": [0.0, 0.5], "pattern": pattern, "n_calib": 4, "seq_len": 32},
-        "lora": {"rank": 2, "alpha": 4.0},
-        "train": {"local_steps": 2, "batch_size": 2, "max_len": 64, "lr": 0.01},
-        "fed": {"num_clients": 2, "rounds": 1, **fed},
-        "data": {"tasks": ["boolq", "asdiv"], "train_examples": 8},
-        "eval": {"base": False},
-    })
+    return tiny_config(prune={"pattern": pattern}, fed={"rounds": 1, **fed})
 
 
 def _tiny_run(run_dir, cfg: ExperimentConfig):

@@ -15,6 +15,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from helpers import tiny_config
 
 from legokit.config import ExperimentConfig
 from legokit.utils import LegokitError
@@ -26,17 +27,7 @@ FLOWER_ENV = {"OMP_NUM_THREADS": "1", "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.2"
 
 
 def _cfg(**fed) -> ExperimentConfig:
-    return ExperimentConfig.from_dict({
-        "name": "flower-test",
-        "model": "tiny-llama",
-        "device": "cpu",
-        "prune": {"sparsities": [0.0, 0.5], "n_calib": 4, "seq_len": 32},
-        "lora": {"rank": 2, "alpha": 4.0},
-        "train": {"local_steps": 2, "batch_size": 2, "max_len": 64, "lr": 0.01},
-        "fed": {"num_clients": 2, "rounds": 2, **fed},
-        "data": {"tasks": ["boolq", "asdiv"], "train_examples": 8},
-        "eval": {"base": False, "blocks": False},
-    })
+    return tiny_config(name="flower-test", device="cpu", fed=fed, eval={"base": False, "blocks": False})
 
 
 def _have_data() -> bool:
@@ -81,7 +72,7 @@ def _reference(cfg: ExperimentConfig, blocks_from: Path, out: Path, inject_failu
 
 
 def _adapter_delta(run_dir: Path, rnd: int) -> dict:
-    from legokit.lora import load_peft_adapter
+    from legokit.adapters import load_peft_adapter
 
     factors, alpha = load_peft_adapter(run_dir / "adapters" / f"round_{rnd:03d}")
     rank = next(iter(factors.values()))[0].shape[0]
@@ -181,21 +172,22 @@ def test_server_admits_supernodes_by_partition_and_block(tmp_path):
     blocks = [SimpleNamespace(id="wanda-unstructured-0"), SimpleNamespace(id="wanda-unstructured-50")]
     lego = LegoStrategy(_cfg(), blocks, [0, 1], {}, broadcast=None, aggregator="heteagg")
     strategy = FlowerStrategy(lego, Checkpoint(tmp_path, _cfg(), resume=False), FlowerOptions(), log=lambda line: None)
-    strategy._admit(11, _Reply({"partition-id": 0, "block-id": "", "num-examples": 4}))
-    strategy._admit(12, _Reply({"partition-id": 0, "block-id": "", "num-examples": 4}))  # duplicate
-    strategy._admit(13, _Reply({"partition-id": 2, "block-id": ""}))  # out of range
-    strategy._admit(14, _Reply({"partition-id": 1, "block-id": "magnitude-unstructured-90"}))  # unknown block
-    strategy._admit(15, _Reply(error="partition-id=9 is out of range"))  # the ClientApp refused itself
-    strategy._admit(16, _Reply({"partition-id": 1, "block-id": "wanda-unstructured-0", "num-examples": 3}))
-    assert strategy.clients == {0: 11, 1: 16}
+    nodes = strategy.supernodes  # the client runner: it maps SuperNodes to clients
+    nodes._admit(11, _Reply({"partition-id": 0, "block-id": "", "num-examples": 4}))
+    nodes._admit(12, _Reply({"partition-id": 0, "block-id": "", "num-examples": 4}))  # duplicate
+    nodes._admit(13, _Reply({"partition-id": 2, "block-id": ""}))  # out of range
+    nodes._admit(14, _Reply({"partition-id": 1, "block-id": "magnitude-unstructured-90"}))  # unknown block
+    nodes._admit(15, _Reply(error="partition-id=9 is out of range"))  # the ClientApp refused itself
+    nodes._admit(16, _Reply({"partition-id": 1, "block-id": "wanda-unstructured-0", "num-examples": 3}))
+    assert nodes.clients == strategy.clients == {0: 11, 1: 16}
     assert lego.assignment == (0, 0)  # client 1's device declared the dense block: its masks are used
-    assert strategy.nodes[11]["num_examples"] == 4 and strategy.nodes[16]["num_examples"] == 3
-    reasons = {n: v.get("reason", "") for n, v in strategy.nodes.items()}
+    assert nodes.nodes[11]["num_examples"] == 4 and nodes.nodes[16]["num_examples"] == 3
+    reasons = {n: v.get("reason", "") for n, v in nodes.nodes.items()}
     assert "already served by SuperNode 11" in reasons[12]
     assert "partition-id 2 is out of range 0..1" in reasons[13]
     assert "'magnitude-unstructured-90', unknown to the server" in reasons[14]
     assert reasons[15] == "CLIENT_APP_RAISED_EXCEPTION: LegokitError: partition-id=9 is out of range"
-    strategy._write_nodes()
+    nodes._write_nodes()
     assert json.loads((tmp_path / "nodes.json").read_text())["16"]["status"] == "ok"
 
 

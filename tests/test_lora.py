@@ -1,13 +1,12 @@
-"""Masked LoRA layers, attach/detach, peft format, SVD re-factoring (tiny-llama, CPU, a few seconds)."""
+"""Masked LoRA layers, attach/detach, SVD re-factoring (tiny-llama, CPU, a few seconds)."""
 
 from __future__ import annotations
 
-import json
 import math
-import warnings
 
 import pytest
 import torch
+from helpers import random_factors, token_ids
 from torch import nn
 
 from legokit.config import LoraConfig
@@ -17,23 +16,14 @@ from legokit.lora import (
     attach_lora,
     delta_weight,
     detach_lora,
-    factors_to_peft_state,
-    load_peft_adapter,
     lora_factors,
     lora_modules,
-    lora_state_dict,
-    save_peft_adapter,
     svd_refactor,
 )
 from legokit.models import linear_modules, load_model
 from legokit.slm import pack_mask
 from legokit.train import batch_loss, make_batch
 from legokit.utils import LegokitError
-
-
-def _ids(n: int = 2, length: int = 12, seed: int = 0) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    return torch.randint(3, 259, (n, length), generator=g)
 
 
 def _random_masks(model: nn.Module, keep: float = 0.5, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -47,21 +37,11 @@ def _prune(model: nn.Module, masks: dict[str, torch.Tensor]) -> None:
             m.weight.mul_(masks[n])
 
 
-def _random_factors(model: nn.Module, rank_of, seed: int = 1, std: float = 0.1):
-    g = torch.Generator().manual_seed(seed)
-    out = {}
-    for i, (n, m) in enumerate(linear_modules(model).items()):
-        r = rank_of(i)
-        out[n] = (torch.randn(r, m.in_features, generator=g) * std,
-                  torch.randn(m.out_features, r, generator=g) * std)
-    return out
-
-
 def _train_steps(model: nn.Module, steps: int = 3, lr: float = 1e-2) -> None:
     """A few AdamW steps on random sequences (loss on the second half of each)."""
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr)
-    seqs = [(ids, [-100] * 6 + ids[6:]) for ids in _ids(3, 12).tolist()]
+    seqs = [(ids, [-100] * 6 + ids[6:]) for ids in token_ids(3, 12).tolist()]
     model.train()
     for _ in range(steps):
         loss, _ = batch_loss(model, make_batch(seqs, pad_id=2))
@@ -78,7 +58,7 @@ def _effective_weight(layer: MaskedLoraLinear) -> torch.Tensor:
 # ------------------------------------------------------------------------------------------ the layer
 def test_b_zero_init_leaves_output_unchanged(tiny_fresh):
     model, _ = tiny_fresh
-    x = _ids()
+    x = token_ids()
     with torch.no_grad():
         before = model(x).logits
     masks = _random_masks(model)
@@ -114,7 +94,7 @@ def test_masked_training_keeps_pruned_weights_exactly_zero(tiny_fresh):
     _prune(model, masks)
     layers = attach_lora(model, LoraConfig(rank=4, alpha=8), masks=masks)
     _train_steps(model)
-    x = _ids(1, 9)
+    x = token_ids(1, 9)
     for name, layer in layers.items():
         w = _effective_weight(layer)
         assert torch.equal(w[~masks[name]], torch.zeros_like(w[~masks[name]])), name
@@ -168,7 +148,7 @@ def test_detach_restores_the_original_modules(tiny_fresh):
     model, _ = tiny_fresh
     originals = dict(linear_modules(model))
     weights = {n: m.weight.detach().clone() for n, m in originals.items()}
-    x = _ids()
+    x = token_ids()
     with torch.no_grad():
         before = model(x).logits
     attach_lora(model, LoraConfig(rank=4), masks=_random_masks(model))
@@ -189,7 +169,7 @@ def test_detach_with_merge_folds_the_masked_delta(tiny_fresh):
     layers = attach_lora(model, LoraConfig(rank=4), masks=masks)
     _train_steps(model, steps=2)
     expected = {n: _effective_weight(layer).detach().clone() for n, layer in layers.items()}
-    x = _ids()
+    x = token_ids()
     with torch.no_grad():
         adapted = model(x).logits
     detach_lora(model, merge=True)
@@ -241,8 +221,8 @@ def test_masks_for_non_target_modules_are_ignored(tiny_fresh):
 
 def test_init_with_another_rank_sets_rank_and_scaling(tiny_fresh):
     model, _ = tiny_fresh
-    x = _ids()
-    init = _random_factors(model, lambda i: 6)
+    x = token_ids()
+    init = random_factors(model, lambda i: 6)
     cfg = LoraConfig(rank=4, alpha=12)
     layers = attach_lora(model, cfg, init=init)
     for n, layer in layers.items():
@@ -258,109 +238,6 @@ def test_init_with_another_rank_sets_rank_and_scaling(tiny_fresh):
         for n, m in linear_modules(model).items():
             m.weight += delta_weight(*init[n], 2.0)
         torch.testing.assert_close(model(x).logits, adapted, atol=1e-5, rtol=1e-5)
-
-
-# ------------------------------------------------------------------------------------------ peft format
-def test_state_dict_uses_peft_naming(tiny_fresh):
-    model, _ = tiny_fresh
-    attach_lora(model, LoraConfig(rank=3, target_modules=["q_proj", "down_proj"]))
-    state = lora_state_dict(model)
-    assert state["base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"].shape == (3, 64)
-    assert state["base_model.model.model.layers.1.mlp.down_proj.lora_A.weight"].shape == (3, 128)
-    assert state["base_model.model.model.layers.1.mlp.down_proj.lora_B.weight"].shape == (64, 3)
-    assert len(state) == 8 and all(t.device.type == "cpu" and not t.requires_grad for t in state.values())
-
-
-def test_keys_match_what_peft_itself_saves(tiny_fresh, tmp_path):
-    from peft import LoraConfig as PeftLoraConfig
-    from peft import get_peft_model
-    from safetensors.torch import load_file
-
-    model, _ = tiny_fresh
-    targets = ["q_proj", "v_proj", "down_proj"]
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        pcfg = PeftLoraConfig(r=4, lora_alpha=8, target_modules=targets, task_type="CAUSAL_LM")
-        pm = get_peft_model(model, pcfg)
-        pm.save_pretrained(tmp_path / "peft")
-    theirs = load_file(tmp_path / "peft" / "adapter_model.safetensors")
-    model2, _ = load_model("tiny-llama", device="cpu")
-    attach_lora(model2, LoraConfig(rank=4, alpha=8, target_modules=targets))
-    ours = lora_state_dict(model2)
-    assert sorted(ours) == sorted(theirs)
-    assert all(ours[k].shape == theirs[k].shape for k in ours)
-
-
-def test_peft_round_trip_matches_manual_merge(tiny_fresh, tmp_path):
-    from peft import PeftModel
-
-    model, _ = tiny_fresh
-    x = _ids()
-    init = _random_factors(model, lambda i: 2 if i % 3 == 0 else 4)  # mixed ranks -> rank_pattern
-    attach_lora(model, LoraConfig(rank=4, alpha=8), init=init)
-    factors = lora_factors(model)
-    save_peft_adapter(tmp_path / "ad", factors, "tiny-llama", alpha=8,
-                      target_modules=list(LoraConfig().target_modules))
-    detach_lora(model, merge=True)
-    with torch.no_grad():
-        merged = model(x).logits
-    cfg = json.loads((tmp_path / "ad" / "adapter_config.json").read_text())
-    assert cfg["peft_type"] == "LORA" and cfg["r"] == 4 and cfg["lora_alpha"] == 8
-    assert cfg["rank_pattern"]["model.layers.0.self_attn.q_proj"] == 2 and len(cfg["rank_pattern"]) == 5
-    fresh, _ = load_model("tiny-llama", device="cpu")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        pm = PeftModel.from_pretrained(fresh, tmp_path / "ad")
-    with torch.no_grad():
-        torch.testing.assert_close(pm(input_ids=x).logits, merged, atol=1e-5, rtol=0)
-    back, alpha = load_peft_adapter(tmp_path / "ad")
-    assert alpha == 8 and sorted(back) == sorted(factors)
-    for n in factors:
-        assert torch.equal(back[n][0], factors[n][0]) and torch.equal(back[n][1], factors[n][1])
-
-
-def test_peft_adapter_with_one_scaling_for_all_ranks(tiny_fresh, tmp_path):
-    from peft import PeftModel
-
-    model, _ = tiny_fresh
-    x = _ids()
-    init = _random_factors(model, lambda i: 2 if i % 2 else 4)
-    attach_lora(model, LoraConfig(rank=4), init=init, scaling=0.75)
-    save_peft_adapter(tmp_path / "ad", lora_factors(model), "tiny-llama", alpha=None, scaling=0.75)
-    detach_lora(model, merge=True)
-    with torch.no_grad():
-        merged = model(x).logits
-    fresh, _ = load_model("tiny-llama", device="cpu")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        pm = PeftModel.from_pretrained(fresh, tmp_path / "ad")
-    with torch.no_grad():
-        torch.testing.assert_close(pm(input_ids=x).logits, merged, atol=1e-5, rtol=0)
-    back, alpha = load_peft_adapter(tmp_path / "ad")  # folded to (alpha / r_module) B A
-    same, _ = load_peft_adapter(tmp_path / "ad", scaling=0.75)  # folded to 0.75 B A
-    for n, (A, B) in back.items():
-        torch.testing.assert_close(delta_weight(A, B, alpha / A.shape[0]), delta_weight(*init[n], 0.75))
-        torch.testing.assert_close(delta_weight(*same[n], 0.75), delta_weight(*init[n], 0.75))
-
-
-def test_load_refuses_pickles(tmp_path):
-    (tmp_path / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 2, "lora_alpha": 4}))
-    (tmp_path / "adapter_model.bin").write_bytes(b"\x80\x04not really a pickle")
-    with pytest.raises(LegokitError, match="pickle"):
-        load_peft_adapter(tmp_path)
-
-
-def test_factors_to_peft_state_is_the_inverse_of_loading():
-    from legokit.lora import peft_state_to_factors
-
-    f = {"model.layers.0.mlp.up_proj": (torch.ones(2, 3), torch.zeros(4, 2))}
-    state = factors_to_peft_state(f)
-    assert sorted(state) == ["base_model.model.model.layers.0.mlp.up_proj.lora_A.weight",
-                             "base_model.model.model.layers.0.mlp.up_proj.lora_B.weight"]
-    back = peft_state_to_factors(state)
-    assert torch.equal(back["model.layers.0.mlp.up_proj"][0], f["model.layers.0.mlp.up_proj"][0])
-    with pytest.raises(LegokitError, match="lora_B"):
-        peft_state_to_factors({"base_model.model.x.lora_A.weight": torch.ones(1, 1)})
 
 
 # ------------------------------------------------------------------------------------------ SVD
@@ -401,4 +278,4 @@ def test_half_precision_base_trains_float32_factors():
         if layer.mask is not None:
             assert torch.count_nonzero(layer.get_delta_weight()[~masks[name]]) == 0
     with torch.no_grad():
-        assert model(_ids()).logits.dtype == torch.bfloat16
+        assert model(token_ids()).logits.dtype == torch.bfloat16

@@ -16,10 +16,17 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import torch
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from legokit.client import examples_per_task
+from legokit import __version__
+from legokit.blocks import Block
+from legokit.client import examples_per_task, local_update
+from legokit.experiment import client_partitions
+from legokit.flower.messages import factors_from_record, factors_to_record
+from legokit.flower.runconfig import from_run_config
+from legokit.models import load_model
 from legokit.utils import LegokitError
 
 # One process may serve many messages (the simulation engine): keep the LLM and the partitions.
@@ -65,8 +72,6 @@ def _block_index(directory: Path, block_id: str) -> int:
 
 
 def _partition(cfg, k: int) -> list:
-    from legokit.experiment import client_partitions
-
     key = ("partitions", cfg.to_yaml())
     if key not in _CACHE:
         _CACHE[key] = client_partitions(cfg)
@@ -74,8 +79,6 @@ def _partition(cfg, k: int) -> list:
 
 
 def _model(cfg, device: str):
-    from legokit.models import load_model
-
     key = ("model", cfg.model, device, cfg.dtype)
     if key not in _CACHE:
         _CACHE[key] = load_model(cfg.model, device=device, dtype=cfg.dtype)
@@ -86,7 +89,7 @@ def _process_age() -> float:
     """Seconds since this process started: under Flower's deployment engine each ClientApp call is a new
     process, so this is start-up (imports, model) plus the round's work."""
     try:
-        import psutil
+        import psutil  # optional dependency: without it the age is reported as -1
 
         return round(time.time() - psutil.Process().create_time(), 3)
     except Exception:  # psutil missing: report nothing rather than fail the round
@@ -95,9 +98,6 @@ def _process_age() -> float:
 
 def client_query(node_config: Mapping[str, Any], run_config: Mapping[str, Any]) -> RecordDict:
     """Answer the server's ``query``: which client this node is, its block (if declared), its data size."""
-    from legokit import __version__
-    from legokit.flower.runconfig import from_run_config
-
     cfg, _ = from_run_config(run_config)
     k = partition_id(node_config, cfg.fed.num_clients)
     examples = _partition(cfg, k)
@@ -111,13 +111,6 @@ def client_query(node_config: Mapping[str, Any], run_config: Mapping[str, Any]) 
 
 def client_train(content: RecordDict, node_config: Mapping[str, Any], run_config: Mapping[str, Any]) -> RecordDict:
     """One round of one client: the broadcast factors in, the trained factors out (LLM coordinates)."""
-    import torch
-
-    from legokit.blocks import Block
-    from legokit.client import local_update
-    from legokit.flower.messages import factors_from_record, factors_to_record
-    from legokit.flower.runconfig import from_run_config
-
     cfg, _ = from_run_config(run_config)
     k = partition_id(node_config, cfg.fed.num_clients)
     conf = content["config"]

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from flwr.app import ArrayRecord
 
-from legokit.lora import factors_to_peft_state, peft_state_to_factors
+from legokit.adapters import factors_to_peft_state, peft_state_to_factors
 from legokit.utils import LegokitError
 
 Factors = dict[str, tuple[torch.Tensor, torch.Tensor]]

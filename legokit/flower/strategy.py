@@ -1,63 +1,36 @@
 """The Flower side of LEGO: the one round loop (``legokit.federation.Federation``) with SuperNodes as clients.
 
-``FlowerStrategy`` is a Flower ``Strategy`` that only converts and delegates (as Flower's own strategies do
-with ``aggregate()``): the round loop, every decision and all algebra are ``legokit``'s.
-
-- ``configure_train``: the tasks ``LegoStrategy.configure`` gives become ``train`` messages, one per sampled
-  client that has a SuperNode.
-- ``aggregate_train``: each reply becomes an ``Outcome`` (a ``ClientResult`` or an error) and
-  ``Federation.finish`` validates, aggregates and checkpoints the round exactly as in one process.
-- ``start``: discovers the SuperNodes, then runs ``Federation.run()`` with a client runner that pushes the
-  round's messages and pulls the replies (a round deadline, a fast reply poll).
-
-Which SuperNode is which client: at start (and at every round for SuperNodes that joined since) the
-strategy sends a ``query`` message; the ClientApp answers with its ``partition-id`` (from its node config)
-and, optionally, the block id its device holds. A SuperNode with a bad partition id, a duplicate, or a block
-id the server does not know is rejected and recorded in ``nodes.json``.
-
-Failures: a reply that carries an error, a reply that is malformed, and no reply before ``round-timeout``
-are recorded in ``metrics.jsonl`` (status ``failed``); the round aggregates over the survivors. A SuperNode
-that missed a deadline or that the SuperLink reports unavailable is dropped; it rejoins by restarting
-(a restarted SuperNode has a new node id and is queried again).
+``FlowerStrategy`` is the Flower ``Strategy`` the ServerApp starts; it only converts and delegates (as Flower's
+own strategies do with ``aggregate()``): the round loop, every decision and all algebra are ``legokit``'s.
+``start`` discovers the SuperNodes, then runs ``Federation``'s rounds; ``Federation.step`` hands each round's
+tasks to its client runner, ``supernodes.SuperNodeClients`` (``train`` messages out, replies back as outcomes),
+and ``Federation.finish`` validates, aggregates and checkpoints the round exactly as in one process. That is
+the only way a round is finished: Flower's generic loop (``configure_train`` / ``aggregate_train``) is not used.
 """
 
 from __future__ import annotations
 
-import json
-import re
-import time
 from collections.abc import Callable, Iterable
 
-from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
-from flwr.common.constant import ErrorCode
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Result, Strategy
 
 from legokit.checkpoint import Checkpoint
-from legokit.federation import Exchange, Federation, Outcome, RoundRecord
-from legokit.flower.messages import factors_from_record, factors_to_record, record_nbytes
+from legokit.federation import Federation, RoundRecord
+from legokit.flower.messages import factors_to_record
 from legokit.flower.runconfig import FlowerOptions
-from legokit.rounds import ClientResult, Task
+from legokit.flower.supernodes import SuperNodeClients
 from legokit.strategy import LegoStrategy
-from legokit.utils import LegokitError, atomic_write_json
+from legokit.utils import LegokitError
 
-_GONE = (ErrorCode.NODE_UNAVAILABLE, ErrorCode.MESSAGE_UNAVAILABLE)  # the SuperNode is no longer there
-_REASON = re.compile(r"^<class '([\w.]+)'>:<'(.*)'>$", re.S)
-
-
-def error_text(msg: Message) -> str:
-    """A readable one-line reason of an error reply (Flower wraps ClientApp exceptions)."""
-    err = msg.error
-    reason = str(err.reason)
-    m = _REASON.match(reason)
-    if m:
-        reason = f"{m.group(1).rsplit('.', 1)[-1]}: {m.group(2)}"
-    names = {v: k for k, v in vars(ErrorCode).items() if isinstance(v, int)}
-    return f"{names.get(err.code, f'error {err.code}')}: {reason}"
+_GENERIC_LOOP = ("FlowerStrategy runs its rounds with start(): Federation.step sends each round's tasks through "
+                 "SuperNodeClients and finishes the round; Flower's generic loop (configure_train / "
+                 "aggregate_train) is not used")
 
 
 class FlowerStrategy(Strategy):
-    """LEGO rounds over Flower's Grid: ``Federation``'s loop, with SuperNodes as its clients.
+    """LEGO rounds over Flower's Grid: ``Federation``'s loop, with ``SuperNodeClients`` as its client runner.
 
     Args:
         lego: the legokit strategy (blocks' masks, global state, configure and aggregate).
@@ -68,154 +41,45 @@ class FlowerStrategy(Strategy):
 
     def __init__(self, lego: LegoStrategy, checkpoint: Checkpoint, options: FlowerOptions,
                  log: Callable[[str], None] = print):
-        self.lego, self.options, self.log = lego, options, log
-        self.federation = Federation(lego, self, checkpoint, log=log)  # this object is its client runner
-        self.cfg = self.lego.cfg
-        self.block_ids = [b.id for b in self.lego.blocks]
-        self.clients: dict[int, int] = {}  # client -> node id serving it
-        self.nodes: dict[int, dict] = {}  # node id -> {"status": ok | rejected | lost, "client", "reason", ...}
-        self._tasks: dict[int, Task] = {}  # client -> this round's task
-        self._records: dict[int, dict] = {}  # client -> what this round's metrics line adds (node, bytes)
-        self._sent: dict[str, int] = {}  # message id -> client, for this round's train messages
-        self._round_start = 0.0
-        self._exchanged = 0.0  # when the round's last reply arrived (or its deadline passed)
-        self._grid: Grid | None = None
+        self.lego, self.log = lego, log
+        self.cfg = lego.cfg
+        self.supernodes = SuperNodeClients(lego, options, checkpoint.path, log=log)
+        self.federation = Federation(lego, self.supernodes, checkpoint, log=log)
 
     @property
-    def run_dir(self):
-        return self.federation.checkpoint.path
+    def clients(self) -> dict[int, int]:
+        """``{client: node id}`` of the SuperNodes serving clients (``SuperNodeClients.clients``)."""
+        return self.supernodes.clients
 
-    # ----- which SuperNode is which client ------------------------------------------------------------
-    def discover(self, grid: Grid, wait: float) -> None:
-        """Query SuperNodes not seen before; wait up to ``wait`` s until every client has one."""
-        n = self.cfg.fed.num_clients
-        deadline = time.time() + wait
-        announced = False
-        while True:
-            new = sorted(set(grid.get_node_ids()) - set(self.nodes))
-            if new:
-                msgs = [Message(RecordDict({"config": ConfigRecord({})}), dst_node_id=node,
-                                message_type=MessageType.QUERY) for node in new]
-                replies, sent = self._exchange(grid, msgs, self.options.round_timeout)
-                for reply in replies:
-                    self._admit(sent[reply.metadata.reply_to_message_id].metadata.dst_node_id, reply)
-                for node in set(new) - set(self.nodes):
-                    self.nodes[node] = {"status": "lost", "client": None,
-                                        "reason": f"no answer to the query within {self.options.round_timeout} s"}
-                self._write_nodes()
-            if len(self.clients) == n or time.time() >= deadline:
-                break
-            if not announced:
-                self.log(f"waiting up to {wait:.0f} s for a SuperNode per client ({len(self.clients)}/{n} so far)")
-                announced = True
-            time.sleep(min(1.0, max(0.05, deadline - time.time())))
-        missing = sorted(set(range(n)) - set(self.clients))
-        if wait and missing:
-            self.log(f"no SuperNode serves clients {missing}; they are recorded as failed in every round")
+    # ----- the round loop -----------------------------------------------------------------------------
+    def start(self, grid: Grid, initial_arrays: ArrayRecord | None = None, num_rounds: int | None = None,
+              timeout: float | None = None, train_config: ConfigRecord | None = None,
+              evaluate_config: ConfigRecord | None = None, evaluate_fn: Callable | None = None) -> Result:
+        """Discover the SuperNodes, then run the remaining rounds of ``Federation``'s loop over the Grid.
 
-    def _admit(self, node: int, reply: Message) -> None:
-        """Map a SuperNode to its client from its query reply, or reject it with a reason."""
-        n = self.cfg.fed.num_clients
-        entry: dict = {"status": "rejected", "client": None}
-        self.nodes[node] = entry
-        if reply.has_error():
-            entry["reason"] = error_text(reply)
-            self.log(f"SuperNode {node} rejected: {entry['reason']}")
-            return
-        info = reply.content["info"]
-        k, declared = info.get("partition-id"), str(info.get("block-id", ""))
-        entry.update(client=k, declared_block=declared or None, num_examples=info.get("num-examples"))
-        if not isinstance(k, int) or not 0 <= k < n:
-            entry["reason"] = f"partition-id {k!r} is out of range 0..{n - 1} (fed.num_clients={n})"
-        elif k in self.clients and self.nodes[self.clients[k]]["status"] == "ok":
-            entry["reason"] = f"client {k} is already served by SuperNode {self.clients[k]}"
-        elif declared and declared not in self.block_ids:
-            entry["reason"] = (f"its device holds block {declared!r}, unknown to the server "
-                               f"(known blocks: {self.block_ids})")
-        if "reason" in entry:
-            self.log(f"SuperNode {node} rejected: {entry['reason']}")
-            return
-        if declared and declared != self.lego.block_of(k).id:
-            self.log(f"client {k} holds block {declared} (assigned: {self.lego.block_of(k).id}); "
-                     "using its block's masks")
-            self.lego.assign(k, self.block_ids.index(declared))
-        entry["status"] = "ok"
-        self.clients[k] = node
-        self.log(f"SuperNode {node} serves client {k} (block {self.lego.block_of(k).id})")
-
-    def _drop(self, client: int, reason: str) -> None:
-        node = self.clients.pop(client, None)
-        if node is not None:
-            self.nodes[node].update(status="lost", reason=reason)
-            self._write_nodes()
-
-    def _write_nodes(self) -> None:
-        atomic_write_json(self.run_dir / "nodes.json", {str(k): v for k, v in sorted(self.nodes.items())})
-
-    # ----- Flower's Strategy interface ----------------------------------------------------------------
-    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
-                        grid: Grid) -> Iterable[Message]:
-        """One ``train`` message per task of ``LegoStrategy.configure`` (``arrays`` is unused: the global state
-        lives in the legokit strategy, and in ``local`` mode each client starts from its own adapter)."""
-        return self._messages(self.lego.configure(server_round))
-
-    def aggregate_train(self, server_round: int,
-                        replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """The replies as outcomes, finished by ``Federation.finish`` (validate, aggregate, checkpoint)."""
-        return self._to_flower(self.federation.finish(server_round, self._collect(replies), self._round_start))
-
-    def _messages(self, tasks: list[Task]) -> list[Message]:
-        """The round's tasks as ``train`` messages; a task whose client has no SuperNode fails at once."""
-        self._tasks, self._records, self._round_start = {t.client: t for t in tasks}, {}, time.time()
-        msgs, records = [], {}
-        for t in tasks:
-            node = self.clients.get(t.client)
-            self._records[t.client] = {}
-            if node is None:
-                continue
-            if id(t.factors) not in records:  # the same global adapter is converted once per round
-                records[id(t.factors)] = factors_to_record(t.factors)
-            init = records[id(t.factors)]
-            content = RecordDict({"init": init, "config": ConfigRecord(
-                {"round": t.round, "client": t.client, "block-id": self.block_ids[t.block],
-                 "scaling": float(t.scaling)})})
-            msgs.append(Message(content, dst_node_id=node, message_type=MessageType.TRAIN, group_id=str(t.round)))
-            self._records[t.client].update(node=node, bytes_down=record_nbytes(init))
-        return msgs
-
-    def _collect(self, replies: Iterable[Message]) -> Exchange:
-        """Every task's outcome from the replies; a task without a (timely) reply fails with the reason."""
-        outcomes: dict[int, Outcome] = {}
-        for reply in replies:
-            k = self._sent.get(reply.metadata.reply_to_message_id)
-            if k is None or k not in self._tasks:
-                continue  # a late reply to an earlier round
-            out = outcomes[k] = Outcome(self._tasks[k], record=self._records[k])
-            try:
-                out.result = self._result(k, reply)
-                out.record["bytes_up"] = record_nbytes(reply.content["factors"])
-            except LegokitError as err:
-                out.error = str(err)
-                if reply.has_error() and reply.error.code in _GONE:
-                    self._drop(k, f"unavailable in round {out.task.round}")
-        accepted = set(self._sent.values())
-        for k, task in self._tasks.items():
-            if k in outcomes:
-                continue
-            if k not in self.clients and k not in accepted:
-                error = f"no SuperNode serves client {k} (node config partition-id={k})"
-            elif k not in accepted:
-                error = "the SuperLink did not accept the train message"
-            else:
-                error = f"no reply within round-timeout={self.options.round_timeout} s"
-                self.log(f"round {task.round}: client {k} sent no reply in time; its SuperNode is dropped")
-                self._drop(k, f"no reply in round {task.round}")
-            outcomes[k] = Outcome(task, error=error, record=self._records[k])
-        record = {"bytes_down": sum(r.get("bytes_down", 0) for r in self._records.values()),
-                  "bytes_up": sum(r.get("bytes_up", 0) for r in self._records.values())}
-        if self._exchanged:  # configure + messages out + clients' work + replies in; the rest is aggregation
-            record["seconds_exchange"] = round(self._exchanged - self._round_start, 3)
-        return Exchange(list(outcomes.values()), record)
+        Replaces Flower's generic loop to add what LEGO needs: SuperNode discovery, a round deadline that
+        aggregates over the survivors, a faster reply poll, and checkpoint / resume through the run directory.
+        ``initial_arrays`` and ``num_rounds`` are accepted for interface compatibility (the legokit strategy
+        holds the initial state, ``fed.rounds`` the number of rounds); ``timeout``, when given, is the round
+        deadline instead of ``round-timeout``.
+        """
+        nodes = self.supernodes
+        if timeout is not None:
+            nodes.options = FlowerOptions(**{**vars(nodes.options), "round_timeout": float(timeout)})
+        nodes.grid = grid
+        self.summary()
+        nodes.discover(grid, nodes.options.nodes_timeout)
+        if not nodes.clients:
+            raise LegokitError(f"no usable SuperNode joined within nodes-timeout={nodes.options.nodes_timeout} s "
+                               f"(see {nodes.run_dir / 'nodes.json'}): start one per client with "
+                               "`flower-supernode ... --node-config 'partition-id=K'`")
+        result = Result()
+        while not self.federation.done:
+            arrays, metrics = self._to_flower(self.federation.step())
+            if arrays is not None:
+                result.arrays = arrays
+            result.train_metrics_clientapp[self.federation.round] = metrics
+        return result
 
     def _to_flower(self, done: RoundRecord) -> tuple[ArrayRecord | None, MetricRecord]:
         """A finished round as Flower reports it: the global adapter (when there is one) and round metrics."""
@@ -231,34 +95,16 @@ class FlowerStrategy(Strategy):
         adapter = self.lego.broadcast.adapter_for(None)
         return (None if adapter is None else factors_to_record(adapter[0])), MetricRecord(metrics)
 
-    def _result(self, k: int, reply: Message) -> ClientResult:
-        """A reply -> ``ClientResult``; an error reply or malformed content raises ``LegokitError``."""
-        if reply.has_error():
-            raise LegokitError(error_text(reply))
-        content = reply.content
-        for key in ("factors", "metrics", "info"):
-            if key not in content:
-                raise LegokitError(f"client {k} sent a reply without {key!r}")
-        info, m = content["info"], content["metrics"]
-        expected = self.lego.block_of(k).id
-        block_id = str(info.get("block-id", ""))
-        if block_id not in self.block_ids:
-            raise LegokitError(f"client {k} trained block {block_id!r}, unknown to the server "
-                               f"(known blocks: {self.block_ids}); update rejected")
-        if block_id != expected:
-            raise LegokitError(f"client {k} trained block {block_id!r} but the server holds it on {expected!r}; "
-                               "update rejected (its mask would be wrong)")
-        if info.get("client") != k:
-            raise LegokitError(f"reply from client {k}'s SuperNode says client {info.get('client')!r}")
-        factors = factors_from_record(content["factors"], f"client {k}")
-        metrics = {"loss_first": float(m["loss-first"]), "loss_last": float(m["loss-last"]),
-                   "losses": [float(x) for x in info.get("losses", [])], "steps": int(m["steps"]),
-                   "tokens": int(m["tokens"]), "seconds": float(m["seconds"]),
-                   "tokens_per_second": float(m["tokens-per-second"]),
-                   "tasks": json.loads(str(info.get("tasks", "{}")))}
-        if "process-seconds" in m:
-            metrics["clientapp_process_seconds"] = float(m["process-seconds"])
-        return ClientResult(k, factors, float(info["scaling"]), int(m["num-examples"]), metrics)
+    # ----- Flower's Strategy interface ----------------------------------------------------------------
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                        grid: Grid) -> Iterable[Message]:
+        """Not used: ``start`` runs the rounds (``SuperNodeClients`` builds the ``train`` messages)."""
+        raise LegokitError(_GENERIC_LOOP)
+
+    def aggregate_train(self, server_round: int,
+                        replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Not used: ``start`` runs the rounds (``Federation.finish`` aggregates them)."""
+        raise LegokitError(_GENERIC_LOOP)
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                            grid: Grid) -> Iterable[Message]:
@@ -273,65 +119,5 @@ class FlowerStrategy(Strategy):
         """Log the strategy's setup."""
         fed = self.cfg.fed
         self.log(f"FlowerStrategy: {fed.num_clients} clients, {fed.rounds} rounds, aggregator {fed.aggregator}, "
-                 f"broadcast {fed.broadcast}, blocks {self.block_ids}, round-timeout {self.options.round_timeout} s")
-
-    # ----- the round loop -----------------------------------------------------------------------------
-    def start(self, grid: Grid, initial_arrays: ArrayRecord | None = None, num_rounds: int | None = None,
-              timeout: float | None = None, train_config: ConfigRecord | None = None,
-              evaluate_config: ConfigRecord | None = None, evaluate_fn: Callable | None = None) -> Result:
-        """Discover the SuperNodes, then run the remaining rounds of ``Federation``'s loop over the Grid.
-
-        Replaces Flower's generic loop to add what LEGO needs: SuperNode discovery, a round deadline that
-        aggregates over the survivors, a faster reply poll, and checkpoint / resume through the run directory.
-        ``initial_arrays`` and ``num_rounds`` are accepted for interface compatibility (the legokit strategy
-        holds the initial state, ``fed.rounds`` the number of rounds); ``timeout``, when given, is the round
-        deadline instead of ``round-timeout``.
-        """
-        if timeout is not None:
-            self.options = FlowerOptions(**{**vars(self.options), "round_timeout": float(timeout)})
-        self._grid = grid
-        self.summary()
-        self.discover(grid, self.options.nodes_timeout)
-        if not self.clients:
-            raise LegokitError(f"no usable SuperNode joined within nodes-timeout={self.options.nodes_timeout} s "
-                               f"(see {self.run_dir / 'nodes.json'}): start one per client with "
-                               "`flower-supernode ... --node-config 'partition-id=K'`")
-        result = Result()
-        while not self.federation.done:
-            arrays, metrics = self._to_flower(self.federation.step())
-            if arrays is not None:
-                result.arrays = arrays
-            result.train_metrics_clientapp[self.federation.round] = metrics
-        return result
-
-    def __call__(self, tasks: list[Task]) -> Exchange:
-        """The client runner of ``Federation``: one round's tasks out to the SuperNodes, their replies back."""
-        self.discover(self._grid, 0.0)  # SuperNodes that joined or restarted since
-        msgs = self._messages(tasks)
-        replies, sent = self._exchange(self._grid, msgs, self.options.round_timeout)
-        self._exchanged = time.time()
-        self._sent = {mid: int(m.content["config"]["client"]) for mid, m in sent.items()}
-        return self._collect(replies)
-
-    def _exchange(self, grid: Grid, msgs: list[Message], timeout: float) -> tuple[list[Message], dict[str, Message]]:
-        """Push ``msgs``, pull replies until all arrived or ``timeout`` s passed.
-
-        Returns:
-            (replies, {message id: message} of the messages the SuperLink accepted).
-        """
-        if not msgs:
-            return [], {}
-        accepted = {i for i in grid.push_messages(msgs) if i}
-        sent = {m.metadata.message_id: m for m in msgs if m.metadata.message_id in accepted}
-        waiting, replies = set(sent), []
-        deadline = time.time() + timeout
-        while waiting:
-            for reply in grid.pull_messages(list(waiting)):
-                mid = reply.metadata.reply_to_message_id
-                if mid in waiting:
-                    waiting.discard(mid)
-                    replies.append(reply)
-            if not waiting or time.time() >= deadline:
-                break
-            time.sleep(self.options.poll_interval)
-        return replies, sent
+                 f"broadcast {fed.broadcast}, blocks {self.supernodes.block_ids}, "
+                 f"round-timeout {self.supernodes.options.round_timeout} s")
