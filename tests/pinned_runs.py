@@ -11,22 +11,17 @@ import json
 import tempfile
 from pathlib import Path
 
+from helpers import CALIB, make_examples
+
 from legokit.blocks import extract_blocks
 from legokit.config import ExperimentConfig, load_config
-from legokit.data import Example
 from legokit.federation import run_federation
 from legokit.models import load_model
 
 DATA = Path(__file__).parent / "data"
 TINY_CONDITIONS = ["heteagg-adapter", "heteagg-merge", "local-adapter", "centralized-adapter", "flexlora-adapter"]
-CALIB = ["The quick brown fox jumps over the lazy dog. " * 4, "Paris is the capital of France. " * 4] * 2
 
 Losses = list[list]  # [[round, client, [loss per local step]], ...] in metrics.jsonl order
-
-
-def _examples(task: str, n: int) -> list[Example]:
-    return [Example(task=task, prompt=f"{task} question {i}: what is {i} plus {i}?", response=str(2 * i),
-                    uid=f"{task}-{i}") for i in range(n)]
 
 
 def _read_losses(run_dir: Path) -> Losses:
@@ -47,7 +42,8 @@ def tiny_losses(condition: str, run_dir: Path, overrides: dict | None = None) ->
     llm, tok = load_model("tiny-llama", device="cpu")
     blocks = extract_blocks(llm, tok, sparsities=(0.0, 0.5, 0.75), method="wanda", pattern="unstructured",
                             calibration="one_shot", n_calib=4, seq_len=32, seed=0, texts=CALIB)
-    parts = [_examples("boolq", 4), _examples("asdiv", 4), _examples("boolq", 2) + _examples("asdiv", 2)]
+    parts = [make_examples("boolq", 4), make_examples("asdiv", 4),
+             make_examples("boolq", 2) + make_examples("asdiv", 2)]
     run_federation(cfg, llm, tok, blocks, parts, run_dir, progress=False)
     return _read_losses(run_dir)
 

@@ -6,6 +6,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from helpers import CALIB, make_examples
 
 from legokit import widgets
 from legokit.aggregate import AGGREGATORS
@@ -41,7 +42,6 @@ from legokit.slm import materialize
 from legokit.strategy import build_strategy
 from legokit.utils import LegokitError
 
-CALIB = ["The quick brown fox jumps over the lazy dog. " * 4, "Paris is the capital of France. " * 4] * 2
 SPARSITIES = (0.0, 0.5, 0.75)
 
 
@@ -54,11 +54,6 @@ def _cfg(sparsities=SPARSITIES, **fed) -> ExperimentConfig:
         "fed": {"num_clients": len(sparsities), "rounds": 1, "client_sparsities": list(sparsities), **fed},
         "data": {"tasks": ["boolq", "asdiv"], "train_examples": 8},
     })
-
-
-def _examples(task: str, n: int) -> list[Example]:
-    return [Example(task=task, prompt=f"{task} question {i}: what is {i} plus {i}?", response=str(2 * i),
-                    uid=f"{task}-{i}") for i in range(n)]
 
 
 @pytest.fixture(scope="module")
@@ -181,7 +176,8 @@ def test_update_norm_table_is_masked(tiny_blocks):
 
 def test_client_table_costs_shrink_with_sparsity(tiny_blocks):
     llm, _, blocks = tiny_blocks
-    parts = [_examples("boolq", 3), _examples("asdiv", 2) + _examples("boolq", 1), _examples("asdiv", 1)]
+    parts = [make_examples("boolq", 3), make_examples("asdiv", 2) + make_examples("boolq", 1),
+             make_examples("asdiv", 1)]
     table = client_table(llm, blocks, [0, 1, 2], parts, devices=["server", "laptop", "phone"], context=16)
     assert table["block"].tolist() == [b.id for b in blocks]
     assert table["main_task"].tolist() == ["boolq", "asdiv", "asdiv"]
@@ -192,10 +188,10 @@ def test_client_table_costs_shrink_with_sparsity(tiny_blocks):
 
 
 def test_task_mix_and_main_task():
-    parts = [_examples("boolq", 2) + _examples("asdiv", 1), _examples("asdiv", 3)]
+    parts = [make_examples("boolq", 2) + make_examples("asdiv", 1), make_examples("asdiv", 3)]
     mix = task_mix(parts, ["boolq", "asdiv", "piqa"])
     assert mix.values.tolist() == [[2, 1, 0], [0, 3, 0]]
-    assert main_task(_examples("b", 1) + _examples("a", 1)) == "a"  # ties: first by name
+    assert main_task(make_examples("b", 1) + make_examples("a", 1)) == "a"  # ties: first by name
     with pytest.raises(LegokitError):
         main_task([])
 
@@ -203,7 +199,7 @@ def test_task_mix_and_main_task():
 def test_a_real_round_feeds_metrics_and_reaggregation(tiny_blocks, tmp_path):
     llm, tok, blocks = tiny_blocks
     cfg = _cfg()
-    parts = [_examples("boolq", 4), _examples("asdiv", 4), _examples("boolq", 2)]
+    parts = [make_examples("boolq", 4), make_examples("asdiv", 4), make_examples("boolq", 2)]
     server = run_federation(cfg, llm, tok, blocks, parts, tmp_path, progress=False).strategy
     metrics = read_metrics(tmp_path)
     assert len(metrics) == 3 * cfg.train.local_steps

@@ -6,6 +6,7 @@ import copy
 
 import pytest
 import torch
+from helpers import river_paragraphs
 
 from legokit.blocks import Block, extract_blocks, sparsity_report
 from legokit.calibration import calibration_inputs
@@ -14,8 +15,7 @@ from legokit.prune import apply_masks
 from legokit.slm import pack_mask, unpack_mask
 from legokit.utils import LegokitError
 
-TEXTS = [f"Paragraph {i}: the river Avon flows past mill number {i * 7} towards the old stone bridge." * 3
-         for i in range(24)]
+TEXTS = river_paragraphs(24)
 LEVELS = (0, 0.25, 0.5, 0.75)
 KW = dict(n_calib=4, seq_len=32, texts=TEXTS, progress=False)
 

@@ -7,13 +7,13 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from helpers import river_paragraphs
 
 from legokit import viz
 from legokit.aggregate import ClientUpdate, coverage, heteagg
 from legokit.blocks import extract_blocks, sparsity_report
 
-TEXTS = [f"Paragraph {i}: the river Avon flows past mill number {i * 7} towards the old stone bridge." * 3
-         for i in range(8)]
+TEXTS = river_paragraphs(8)
 KW = dict(n_calib=2, seq_len=32, texts=TEXTS, progress=False)
 
 
