@@ -24,7 +24,8 @@ def _cmd_setup(args: argparse.Namespace) -> None:
 def _cmd_eval(args: argparse.Namespace) -> None:
     """Zero-shot evaluation of one model on every task plus corpus perplexity."""
     from legokit.config import EvalConfig, ExperimentConfig
-    from legokit.experiment import results_table, score_model
+    from legokit.evaluate import score_model
+    from legokit.experiment import results_table
     from legokit.models import load_model
     from legokit.utils import atomic_write_json, seed_everything
 

@@ -37,7 +37,7 @@ from typing import Any
 
 import pandas as pd
 
-from legokit.collect import collect, param_columns, sweep_meta
+from legokit.collect import collect
 from legokit.grid import (
     RESERVED,
     SweepPoint,
@@ -49,6 +49,7 @@ from legokit.grid import (
     summary_spec,
     validate_points,
 )
+from legokit.sweepdir import param_columns, sweep_meta
 from legokit.utils import LegokitError, atomic_write_text, progress_bar, progress_write
 
 
