@@ -1,6 +1,10 @@
 """The whole LEGO pipeline behind ``legokit run`` and the experiment notebook.
 
 config -> LLM -> building blocks -> client data -> rounds (``federation``) -> evaluation -> run directory.
+
+The conditions it runs are named once, in ``names.CONDITIONS`` (also importable from here as ``CONDITIONS``); a
+model is scored by ``evaluate.score_model`` (importable from here too, as are ``primary_metric`` and the rest the
+notebooks take from this module).
 """
 
 from __future__ import annotations
@@ -380,7 +384,7 @@ def run_conditions(cfg, conditions: Sequence[str], run_dir: str | Path, *,
 
     Args:
         cfg: the experiment's ``ExperimentConfig``.
-        conditions: names from ``experiment.CONDITIONS``.
+        conditions: names from ``CONDITIONS``.
         run_dir: the parent directory; a condition whose ``results.json`` exists is loaded, not rerun.
         block_conditions: conditions whose blocks are scored too (None: all). C2 needs ``local`` and ``lego``.
         progress: progress bars.
