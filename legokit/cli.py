@@ -11,6 +11,9 @@ from pathlib import Path
 from legokit.names import DEFAULT_MODEL
 from legokit.utils import LegokitError, lean_heap
 
+# Each command imports the legokit modules it runs inside its own function, so that `legokit --help`, a mistyped
+# command and the light commands answer without loading torch and transformers.
+
 
 def _cmd_setup(args: argparse.Namespace) -> None:
     from legokit.assets import setup

@@ -4,10 +4,11 @@ A verdict on seed means says nothing about noise. With per-item records (``evalu
 every margin a claim uses is a paired difference over the same test items (and seeds), with a 95% bootstrap
 interval (``legokit.stats``), read three ways: held, not held, or inconclusive when the interval straddles the
 threshold. Each claim is judged on the primary metric (points) and on gold-response NLL (nats per token).
-``legokit.claims`` re-exports the public names (the experiment notebook calls them as ``claims.*``).
+``legokit.claims`` hands on ``evidence``, ``evidence_table`` and ``claim_verdicts`` (the experiment notebook calls
+them as ``claims.*``).
 
-Input everywhere: ``runs = {condition: results}`` (``claims.Runs``): one results dict per condition, or a list of
-them, one per seed.
+Input everywhere: ``runs = {condition: results}`` (``Runs``, as ``claims`` takes them): one results dict per
+condition, or a list of them, one per seed.
 """
 
 from __future__ import annotations
