@@ -17,8 +17,8 @@ import time
 import torch
 from machine import gemm_gflops
 
-from legokit.data import choice_ids, load_task, tokenize_example
-from legokit.evaluate import _layout, harness_requests, score_requests
+from legokit.data import choice_ids, harness_requests, load_task, tokenize_example
+from legokit.likelihood import _layout, score_requests
 from legokit.models import load_model
 
 

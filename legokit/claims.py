@@ -1,6 +1,6 @@
 """The claims of the LEGO experiment, read off the conditions' results: tables and verdicts.
 
-LEGO (arXiv 2410.18287) claims, and this module tests, with the conditions of ``experiment.CONDITIONS``:
+LEGO (arXiv 2410.18287) claims, and this module tests, with the conditions of ``names.CONDITIONS``:
 
 - **C1 model heterogeneity**: clients holding SLMs of different sparsity, aggregated with HeteAgg (``lego``),
   give a global LLM close to what homogeneous dense clients reach (``fedavg_dense``), and better than
@@ -27,7 +27,18 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from legokit.names import THRESHOLDS
+from legokit.data import load_task
+from legokit.evidence import (
+    Runs,
+    claim_verdicts,
+    evidence,
+    evidence_table,  # noqa: F401 (the experiment notebook calls it as claims.evidence_table)
+    run_items,
+    seed_results,
+)
+from legokit.learning import gain, gate
+from legokit.names import CONDITIONS, THRESHOLDS
+from legokit.sweepdir import is_seed, sweep_points
 from legokit.utils import LegokitError
 
 CLAIMS = {
@@ -37,11 +48,6 @@ CLAIMS = {
 }
 
 _EPS = 1e-9  # thresholds are inclusive: +5.0% is within +5% despite float rounding
-
-# The experiment's condition order (tables and plots follow it; other names go last).
-ORDER = ("base", "local", "fedavg_dense", "fedavg", "lego", "centralized")
-
-Runs = Mapping[str, "dict | Sequence[dict]"]
 
 
 # ----- loading ---------------------------------------------------------------------------------------
@@ -65,22 +71,15 @@ def load_sweep(sweep_dir: str | Path, where: Mapping[str, Any] | None = None,
     ``{"PARTITION": "task"}``) to pick one setting from a sweep that varies more. A (condition, seed) met twice
     is kept once.
     """
-    sweep_dir = Path(sweep_dir)
-    meta_file = sweep_dir / "sweep.json"
-    if not meta_file.is_file():
-        raise LegokitError(f"{sweep_dir} is not a sweep directory (no sweep.json): run `legokit sweep` first")
-    meta = json.loads(meta_file.read_text())
-    defaults = meta.get("defaults", {})
     where = dict(where or {})
     chosen, settings = [], {}
-    for p in meta["points"]:
-        params = {**defaults, **p["params"]}
-        if any(params.get(k) != v for k, v in where.items()):
+    for p in sweep_points(sweep_dir):
+        if any(p.params.get(k) != v for k, v in where.items()):
             continue
-        if not (sweep_dir / "points" / p["name"] / "results.json").is_file():
+        if p.status != "done":
             continue  # unfinished or failed point
-        chosen.append(p["name"])
-        setting = {k: v for k, v in params.items() if "seed" not in k.lower() and k not in ("CONDITIONS", "RUN_DIR")}
+        chosen.append(p)
+        setting = {k: v for k, v in p.params.items() if not is_seed(k) and k not in ("CONDITIONS", "RUN_DIR")}
         settings[json.dumps(setting, sort_keys=True, default=str)] = setting
     if not chosen:
         raise LegokitError(f"no finished point of {sweep_dir} matches {where or 'anything'}")
@@ -91,8 +90,8 @@ def load_sweep(sweep_dir: str | Path, where: Mapping[str, Any] | None = None,
                            f"value for each (e.g. {{{keys[0]!r}: {a.get(keys[0])!r}}})")
     pooled: dict[str, list[dict]] = {}
     seen = set()
-    for name in chosen:
-        for res_file in sorted((sweep_dir / "points" / name).glob("*/results.json")):
+    for p in chosen:
+        for res_file in sorted(p.dir.glob("*/results.json")):
             cond = res_file.parent.name
             if conditions is not None and cond not in conditions:
                 continue
@@ -105,16 +104,9 @@ def load_sweep(sweep_dir: str | Path, where: Mapping[str, Any] | None = None,
 
 
 def _ordered(d: dict) -> dict:
-    rank = {c: i for i, c in enumerate(ORDER)}
-    return dict(sorted(d.items(), key=lambda kv: rank.get(kv[0], len(ORDER))))
-
-
-def _seeds(runs: Runs) -> list[tuple[str, dict]]:
-    out = []
-    for cond, res in runs.items():
-        for r in ([res] if isinstance(res, Mapping) else list(res)):
-            out.append((cond, r))
-    return out
+    """``d`` with its conditions in the experiment's order (``CONDITIONS``); other names go last."""
+    rank = {c: i for i, c in enumerate(CONDITIONS)}
+    return dict(sorted(d.items(), key=lambda kv: rank.get(kv[0], len(CONDITIONS))))
 
 
 # ----- tables ----------------------------------------------------------------------------------------------------
@@ -122,7 +114,7 @@ def global_table(runs: Runs) -> pd.DataFrame:
     """One row per (condition, seed) with a global LLM: ``condition, seed, <task> (points)..., mean_score,
     perplexity``. ``local`` has no global model and no row."""
     rows = []
-    for cond, r in _seeds(runs):
+    for cond, r in seed_results(runs):
         g = r.get("global")
         if not g:
             continue
@@ -141,7 +133,7 @@ def block_table(runs: Runs) -> pd.DataFrame:
     averaged); in federated conditions clients holding the same block share its scores.
     """
     rows = []
-    for cond, r in _seeds(runs):
+    for cond, r in seed_results(runs):
         for c in r.get("clients", []):
             if "scores" not in c:
                 continue
@@ -166,7 +158,7 @@ def claims_table(runs: Runs) -> pd.DataFrame:
     ``seeds``. Scores in points; NaN where a condition has no such model (``local``: no global LLM).
     """
     g, b = global_table(runs), block_table(runs)
-    conds = list(_ordered({c: None for c, _ in _seeds(runs)}))
+    conds = list(_ordered({c: None for c, _ in seed_results(runs)}))
     table = pd.DataFrame(index=pd.Index(conds, name="condition"))
     if not g.empty:
         tasks = [c for c in g.columns if c not in ("condition", "seed", "mean_score", "perplexity")]
@@ -178,7 +170,7 @@ def claims_table(runs: Runs) -> pd.DataFrame:
             for col, short in (("own_task_score", "own"), ("other_task_score", "other")):
                 vals = {cond: per.loc[(cond, s), col] for cond in conds if (cond, s) in per.index}
                 table[f"{short}@{s}%"] = pd.Series(vals, dtype=float)
-    table["seeds"] = pd.Series({c: len({r.get("seed", 0) for c2, r in _seeds(runs) if c2 == c}) for c in conds})
+    table["seeds"] = pd.Series({c: len({r.get("seed", 0) for c2, r in seed_results(runs) if c2 == c}) for c in conds})
     return table
 
 
@@ -254,7 +246,7 @@ def verdict_c3(runs: Runs, thresholds: Mapping[str, float] = THRESHOLDS) -> dict
     lego, base = m["lego"]["perplexity"], m["base"]["perplexity"]
     rel = lego / base - 1
     held = rel <= thresholds["c3_ppl_relative"] + _EPS
-    trained = {t for _, r in _seeds(runs) for c in r.get("clients", []) for t in c.get("tasks", [])}
+    trained = {t for _, r in seed_results(runs) for c in r.get("clients", []) for t in c.get("tasks", [])}
     untouched = [t for t in m["lego"] if t not in trained and t not in ("seed", "mean_score", "perplexity")
                  and t in m["base"]]
     delta = float(np.mean([m["lego"][t] - m["base"][t] for t in untouched])) if untouched else math.nan
@@ -270,10 +262,10 @@ def verdicts(runs: Runs, thresholds: Mapping[str, float] = THRESHOLDS) -> list[d
     """The verdict of each claim: ``claim, statement, held (True | False | None), verdict ("held" | "not held"
     | "n/a"), margin, detail, numbers``; with several seeds, on the seed means plus how many seeds hold."""
     out = [verdict_c1(runs, thresholds), verdict_c2(runs, thresholds), verdict_c3(runs, thresholds)]
-    seeds = sorted({r.get("seed", 0) for _, r in _seeds(runs)})
+    seeds = sorted({r.get("seed", 0) for _, r in seed_results(runs)})
     if len(seeds) > 1:
         for v, fn in zip(out, (verdict_c1, verdict_c2, verdict_c3), strict=True):
-            per = [fn({c: [r for c2, r in _seeds(runs) if c2 == c and r.get("seed", 0) == s] for c in runs},
+            per = [fn({c: [r for c2, r in seed_results(runs) if c2 == c and r.get("seed", 0) == s] for c in runs},
                       thresholds)["held"] for s in seeds]
             known = [h for h in per if h is not None]
             v["seeds_held"] = f"{sum(known)}/{len(known)}"
@@ -295,168 +287,6 @@ def verdicts_table(vs: Sequence[dict]) -> pd.DataFrame:
     return pd.DataFrame(rows).set_index("claim")
 
 
-# ----- evidence: paired intervals over test items -----------------------------------------------------------------
-# A verdict on seed means says nothing about noise. With per-item records (``experiment.score_model`` writes them)
-# every margin a claim uses is a paired difference over the same test items (and seeds), with a 95% bootstrap
-# interval (``legokit.stats``), read three ways: held, not held, or inconclusive when the interval straddles the
-# threshold. Each claim is judged on the primary metric (points) and on gold-response NLL (nats per token).
-
-def _items(run_dir: str, name: str) -> list[dict]:
-    path = Path(run_dir) / "items" / name
-    if not path.is_file():
-        raise LegokitError(f"{path} is missing: this run was scored without per-item records (legokit before "
-                           "per-item evaluation); rerun the condition to get intervals")
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
-def _model_items(r: dict, model: str | int) -> tuple[str, list[dict]] | None:
-    """``(label, records)`` of one model of one result: ``"global"``, or the block at sparsity ``model`` (%)."""
-    if "run_dir" not in r:
-        return None
-    if model == "global":
-        g = r.get("global")
-        if not g or "items" not in g:
-            return None
-        return "global", _items(r["run_dir"], g["items"])
-    for c in r.get("clients", []):
-        if round(100 * float(c["sparsity"])) == model and "items" in c.get("scores", {}):
-            return f"block@{model}%", _items(r["run_dir"], c["scores"]["items"])
-    return None
-
-
-def item_cells(runs: Runs, condition: str, model: str | int = "global", value: str = "correct",
-               tasks: Sequence[str] | None = None) -> tuple[dict, str]:
-    """``({(seed, task): {uid: value}}, scoring)`` of one condition's model over all its seeds.
-
-    ``model``: ``"global"`` or a block's sparsity in percent. ``value``: ``"correct"`` (the item's primary metric,
-    in points) or ``"nll"``. ``tasks``: restrict to these tasks. Raises when a seed lacks per-item records.
-    """
-    cells: dict = {}
-    scorings = set()
-    for cond, r in _seeds(runs):
-        if cond != condition:
-            continue
-        got = _model_items(r, model)
-        if got is None:
-            raise LegokitError(f"condition {condition!r} (seed {r.get('seed', 0)}) has no per-item records for "
-                               f"model {model!r}: score it (eval.blocks for blocks) with this version of legokit")
-        for rec in got[1]:
-            if (tasks is not None and rec["task"] not in tasks) or (tasks is None and rec["task"] == "heldout_text"):
-                continue  # held-out text windows join only when asked for by name
-            if rec["task"] != "heldout_text":
-                scorings.add(rec.get("scoring"))
-            v = float(rec[value]) * (100.0 if value == "correct" else 1.0)
-            cells.setdefault((r.get("seed", 0), rec["task"]), {})[rec["uid"]] = v
-    if not cells:
-        raise LegokitError(f"condition {condition!r} has no items for model {model!r} and tasks {tasks}")
-    if len(scorings) > 1:
-        raise LegokitError(f"condition {condition!r} mixes scorings {sorted(map(str, scorings))}: compare runs "
-                           "evaluated the same way (eval.scoring)")
-    return cells, next(iter(scorings), None)
-
-
-def _paired(runs: Runs, a: str, b: str, model, value: str, tasks=None, n_boot: int = 2000):
-    from legokit import stats
-
-    x, sx = item_cells(runs, a, model, value, tasks)
-    y, sy = item_cells(runs, b, model, value, tasks)
-    if sx != sy:
-        raise LegokitError(f"{a} was scored with {sx!r} and {b} with {sy!r}: a margin needs one scoring; "
-                           "rerun one of them with the other's eval.scoring")
-    return stats.paired_difference(x, y, n_boot=n_boot), sx
-
-
-def _row(claim: str, test: str, metric: str, res, threshold: float, better: str, scoring, **extra) -> dict:
-    from legokit import stats
-
-    return {"claim": claim, "test": test, "metric": metric, "estimate": res.estimate, "low": res.low,
-            "high": res.high, "threshold": threshold, "better": better,
-            "verdict": stats.verdict(res, threshold, better), "mde": stats.min_detectable_effect(res),
-            "items": res.n_items, "seeds": res.n_seeds, "scoring": scoring, **extra}
-
-
-def _client_levels(runs: Runs, condition: str) -> dict[int, list[str]]:
-    """``{sparsity %: tasks its client trained on}`` for a condition (from its first seed)."""
-    for cond, r in _seeds(runs):
-        if cond == condition:
-            return {round(100 * float(c["sparsity"])): list(c["tasks"]) for c in r.get("clients", [])}
-    return {}
-
-
-def evidence(runs: Runs, thresholds: Mapping[str, float] = THRESHOLDS, n_boot: int = 2000) -> pd.DataFrame:
-    """Every margin the claims use, as a paired difference over test items (and seeds) with a 95% interval.
-
-    One row per test: ``claim, test, metric`` (``points`` or ``nll``), ``estimate, low, high`` (the margin and its
-    interval), ``threshold, better`` (the side where the claim holds), ``verdict`` (held / not held /
-    inconclusive), ``mde`` (the smallest true margin this design detects at 80% power), ``items, seeds, scoring``.
-    Tests whose conditions or per-item records are missing are left out.
-
-    - C1 ``lego - fedavg_dense`` >= -c1_points (points) and <= +c1_nll (NLL); ``lego - fedavg`` > 0 (points) and
-      < 0 (NLL). Global LLMs, every evaluated task, equal task weights.
-    - C2 per sparsity level: the ``lego`` block minus the ``local`` block on the tasks its client never trained
-      on, > 0 (points) and < 0 (NLL).
-    - C3 ``lego - base`` mean held-out window NLL <= log(1 + c3_ppl_relative) (a perplexity ratio within +5%);
-      the tasks no client trained on are reported (``lego - base``, points) without a threshold.
-    """
-    rows: list[dict] = []
-    have = set(runs)
-
-    def attempt(fn):
-        try:
-            rows.extend(fn())
-        except LegokitError as err:
-            if "no per-item records" not in str(err) and "missing" not in str(err):
-                raise
-
-    if {"lego", "fedavg_dense", "fedavg"} <= have:
-        def c1():
-            out = []
-            for other, thr_pts, thr_nll, name in (("fedavg_dense", -thresholds["c1_points"], thresholds["c1_nll"],
-                                                   "lego - fedavg_dense"), ("fedavg", 0.0, 0.0, "lego - fedavg")):
-                res, sc = _paired(runs, "lego", other, "global", "correct", n_boot=n_boot)
-                out.append(_row("C1", name, "points", res, thr_pts, "above", sc))
-                res, sc = _paired(runs, "lego", other, "global", "nll", n_boot=n_boot)
-                out.append(_row("C1", name, "nll", res, thr_nll, "below", sc))
-            return out
-        attempt(c1)
-    if {"lego", "local"} <= have:
-        def c2():
-            out = []
-            levels = _client_levels(runs, "lego")
-            for level, own in sorted(levels.items()):
-                x, _ = item_cells(runs, "lego", level, "correct")
-                evaluated = sorted({t for _, t in x} - {"heldout_text"})
-                other = [t for t in evaluated if t not in own]
-                if not other:
-                    continue
-                for value, metric, better in (("correct", "points", "above"), ("nll", "nll", "below")):
-                    res, sc = _paired(runs, "lego", "local", level, value, other, n_boot)
-                    out.append(_row("C2", f"lego - local, block {level}%, other tasks", metric, res, 0.0, better,
-                                    sc, sparsity=level))
-            return out
-        attempt(c2)
-    if {"lego", "base"} <= have:
-        def c3():
-            res, _ = _paired(runs, "lego", "base", "global", "nll", ["heldout_text"], n_boot)
-            out = [_row("C3", "lego - base, held-out text", "nll", res,
-                        math.log1p(thresholds["c3_ppl_relative"]), "below", None)]
-            trained = {t for _, r in _seeds(runs) for c in r.get("clients", []) for t in c.get("tasks", [])}
-            x, _ = item_cells(runs, "lego", "global", "correct")
-            untouched = sorted({t for _, t in x} - trained - {"heldout_text"})
-            if untouched:
-                res, sc = _paired(runs, "lego", "base", "global", "correct", untouched, n_boot)
-                row = _row("C3", f"lego - base, untouched tasks ({', '.join(untouched)})", "points", res,
-                           math.nan, "above", sc)
-                row["verdict"] = "reported"
-                out.append(row)
-            return out
-        attempt(c3)
-    return pd.DataFrame(rows)
-
-
-_RANK = {"not judged": -1, "not held": 0, "inconclusive": 1, "held": 2}
-
-
 # ----- the learning gate -----------------------------------------------------------------------------------------
 def learning(runs: Runs) -> dict:
     """Did the experiment learn? The claims' ``learning`` object (``legokit.learning``), over every seed loaded.
@@ -470,16 +300,13 @@ def learning(runs: Runs) -> dict:
         LegokitError: ``base`` or ``local`` is not among the conditions, or a ``local`` run kept no learning
             records (it ran without ``eval.learning``).
     """
-    from legokit.data import load_task
-    from legokit.learning import gain, gate
-
     missing = [c for c in ("base", "local") if c not in runs]
     if missing:
         raise LegokitError(f"the learning gate needs the conditions base and local; {' and '.join(missing)} "
                            f"{'is' if len(missing) == 1 else 'are'} missing from {list(runs)}: add "
                            f"{', '.join(missing)} to CONDITIONS")
     per_client: dict[int, dict] = {}
-    for cond, r in _seeds(runs):
+    for cond, r in seed_results(runs):
         if cond != "local":
             continue
         if "run_dir" not in r or not r.get("learning"):
@@ -490,7 +317,7 @@ def learning(runs: Runs) -> dict:
             row = per_client.setdefault(c["client"], {"client": c["client"], "sparsity": c["sparsity"],
                                                      "tasks": c["tasks"], "before": [], "after": []})
             for when in ("before", "after"):
-                recs = _items(r["run_dir"], f"learning-{when}-client{c['client']}.jsonl")
+                recs = run_items(r["run_dir"], f"learning-{when}-client{c['client']}.jsonl")
                 row[when] += [{**rec, "seed": seed} for rec in recs]
     examples = {t: load_task(t, "test") for c in per_client.values() for t in c["tasks"]}
     clients = []
@@ -502,9 +329,9 @@ def learning(runs: Runs) -> dict:
     trained = sorted({t for c in clients for t in c["tasks"]})
     if "lego" in runs:
         base, glob = [], []
-        for cond, r in _seeds(runs):
+        for cond, r in seed_results(runs):
             if cond in ("base", "lego") and r.get("global") and "items" in r["global"] and "run_dir" in r:
-                recs = [{**rec, "seed": r.get("seed", 0)} for rec in _items(r["run_dir"], r["global"]["items"])
+                recs = [{**rec, "seed": r.get("seed", 0)} for rec in run_items(r["run_dir"], r["global"]["items"])
                         if rec["task"] in trained]
                 (base if cond == "base" else glob).extend(recs)
         if base and glob:
@@ -566,51 +393,6 @@ def apply_gate(learn: Mapping[str, Any] | None, vs: Sequence[dict] | None = None
     return vs, ev
 
 
-def claim_verdicts(ev: pd.DataFrame) -> dict[str, dict[str, str]]:
-    """``{claim: {metric: verdict}}``: a claim holds on a metric when every one of its tests holds, is not held
-    when any test is not held, and is inconclusive otherwise."""
-    out: dict[str, dict[str, str]] = {}
-    if ev.empty:
-        return out
-    for (claim, metric), g in ev[ev["verdict"] != "reported"].groupby(["claim", "metric"], sort=True):
-        out.setdefault(claim, {})[metric] = min(g["verdict"], key=_RANK.__getitem__)
-    return out
-
-
-def evidence_table(ev: pd.DataFrame) -> pd.DataFrame:
-    """The evidence as a readable table: ``claim, test, metric, margin [95% CI], threshold, verdict, mde``."""
-    if ev.empty:
-        return ev
-
-    def fmt(v: float, metric: str) -> str:
-        return f"{v:+.1f}" if metric == "points" else f"{v:+.3f}"
-
-    rows = []
-    for _, r in ev.iterrows():
-        thr = "" if math.isnan(r["threshold"]) else ("≥ " if r["better"] == "above" else "≤ ") + fmt(
-            r["threshold"], r["metric"])
-        rows.append({"claim": r["claim"], "test": r["test"], "metric": r["metric"],
-                     "margin [95% CI]": f"{fmt(r['estimate'], r['metric'])} [{fmt(r['low'], r['metric'])}, "
-                                        f"{fmt(r['high'], r['metric'])}]",
-                     "holds if": thr, "verdict": r["verdict"], "mde": f"{r['mde']:.2f}" if r["metric"] == "points"
-                     else f"{r['mde']:.3f}", "items": int(r["items"]), "seeds": int(r["seeds"]),
-                     "scoring": r["scoring"] or "-"})
-    return pd.DataFrame(rows)
-
-
-def detectable_effect(n: int, tasks: int, seeds: int = 1, discordance: float = 0.2, power: float = 0.8) -> float:
-    """The C1 margin (points) a design can detect before it runs: paired 0/1 items disagree with probability
-    ``discordance`` (variance of a difference ~ discordance), ``n`` items per task, ``tasks`` tasks, equal weights.
-
-    Returns ``(z_{0.975} + z_power) * se`` in points, with ``se = 100 sqrt(discordance / (tasks n seeds))``.
-    """
-    from statistics import NormalDist
-
-    se = 100 * math.sqrt(discordance / (tasks * n * seeds))
-    z = NormalDist().inv_cdf
-    return (z(0.975) + z(power)) * se
-
-
 # ----- recording -------------------------------------------------------------------------------------------------
 def summary(runs: Runs, vs: Sequence[dict] | None = None) -> dict:
     """The headline numbers for ``RUN_DIR/results.json``, flat enough for ``legokit sweep`` to collect.
@@ -647,7 +429,7 @@ def summary(runs: Runs, vs: Sequence[dict] | None = None) -> dict:
                                                                                           "mde")}
                      for _, r in ev.iterrows()}
     secs = {}
-    for cond, r in _seeds(runs):
+    for cond, r in seed_results(runs):
         if isinstance(r.get("seconds"), Mapping) and "total" in r["seconds"]:
             secs.setdefault(cond, []).append(float(r["seconds"]["total"]))
     out["seconds"] = {c: round(float(np.mean(v)), 1) for c, v in secs.items()}

@@ -11,6 +11,9 @@ from pathlib import Path
 from legokit.names import DEFAULT_MODEL
 from legokit.utils import LegokitError, lean_heap
 
+# Each command imports the legokit modules it runs inside its own function, so that `legokit --help`, a mistyped
+# command and the light commands answer without loading torch and transformers.
+
 
 def _cmd_setup(args: argparse.Namespace) -> None:
     from legokit.assets import setup
@@ -24,7 +27,8 @@ def _cmd_setup(args: argparse.Namespace) -> None:
 def _cmd_eval(args: argparse.Namespace) -> None:
     """Zero-shot evaluation of one model on every task plus corpus perplexity."""
     from legokit.config import EvalConfig, ExperimentConfig
-    from legokit.experiment import results_table, score_model
+    from legokit.evaluate import score_model
+    from legokit.experiment import results_table
     from legokit.models import load_model
     from legokit.utils import atomic_write_json, seed_everything
 

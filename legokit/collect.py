@@ -1,8 +1,8 @@
 """Reading sweep and run directories back: results.csv rows, point status, and ``legokit report``'s text.
 
 Every legokit notebook writes its headline numbers as JSON to ``RUN_DIR/results.json``; nested dicts become
-dotted columns (``global.mean_score``). A sweep directory (written by :mod:`legokit.sweep`) holds ``sweep.json``
-(grid hash, notebook, points and their parameters) and ``points/<name>/results.json`` per finished point.
+dotted columns (``global.mean_score``). A sweep directory (written by :mod:`legokit.sweep`) is read through
+:mod:`legokit.sweepdir` (its points, their parameters, which are seeds).
 
 Nothing here knows what a particular notebook records: a run directory is reported as its flattened
 ``results.json``; a sweep as the mean ± std of every numeric result, grouped by the parameters that vary, over
@@ -19,6 +19,7 @@ from typing import Any
 
 import pandas as pd
 
+from legokit.sweepdir import is_seed, param_columns, sweep_meta, sweep_points
 from legokit.utils import LegokitError
 
 
@@ -36,26 +37,9 @@ def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
-def sweep_meta(out: Path) -> dict[str, Any]:
-    """The parsed ``sweep.json`` of the sweep directory ``out``; LegokitError when there is none or it is not JSON."""
-    path = out / "sweep.json"
-    if not path.is_file():
-        raise LegokitError(f"{str(out)!r} is not a sweep directory (no sweep.json)")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise LegokitError(f"{path} is not valid JSON ({err}): delete it and sweep again, or use a new --out") from err
-
-
 def point_status(out: str | Path) -> dict[str, str]:
     """{point name: "done" | "failed" | "pending"} for every point of the sweep in ``out``."""
-    out = Path(out)
-    status = {}
-    for p in sweep_meta(out)["points"]:
-        d = out / "points" / p["name"]
-        status[p["name"]] = ("done" if (d / "results.json").is_file()
-                             else "failed" if (d / "error.txt").is_file() else "pending")
-    return status
+    return {p.name: p.status for p in sweep_points(out)}
 
 
 def collect(out: str | Path) -> pd.DataFrame:
@@ -63,12 +47,11 @@ def collect(out: str | Path) -> pd.DataFrame:
 
     A result key that clashes with a parameter name is prefixed ``results.``.
     """
-    out = Path(out)
-    meta = sweep_meta(out)
-    defaults = meta.get("defaults", {})
+    meta = sweep_meta(Path(out))
+    columns = param_columns(meta)
     rows = []
-    for p in meta["points"]:
-        res_path = out / "points" / p["name"] / "results.json"
+    for p in sweep_points(out, meta):
+        res_path = p.dir / "results.json"
         if not res_path.is_file():
             continue
         try:
@@ -77,8 +60,7 @@ def collect(out: str | Path) -> pd.DataFrame:
             raise LegokitError(f"{res_path} is not valid JSON ({err}): rerun the point with --force") from err
         if not isinstance(res, dict):
             raise LegokitError(f"{res_path} must hold a JSON object (a dict of results), got {type(res).__name__}")
-        params = {k: p["params"].get(k, defaults.get(k)) for k in param_columns(meta)}
-        row = {"point": p["name"], **{k: _cell(v) for k, v in params.items()}}
+        row = {"point": p.name, **{k: _cell(p.params.get(k)) for k in columns}}
         for k, v in flatten(res).items():
             row[f"results.{k}" if k in row else k] = v
         rows.append(row)
@@ -89,22 +71,9 @@ def _cell(v: Any) -> Any:
     return json.dumps(v) if isinstance(v, (list, dict)) else v
 
 
-def param_columns(meta: Mapping[str, Any]) -> list[str]:
-    """Every parameter the grid names (base, grid, points), in first-seen order."""
-    keys: list[str] = []
-    for p in meta["points"]:
-        keys += [k for k in p["params"] if k not in keys]
-    return keys
-
-
 def varying_params(df: pd.DataFrame, params: list[str]) -> list[str]:
     """The parameters whose value differs between the rows of ``df``."""
     return [k for k in params if k in df.columns and df[k].astype(str).nunique() > 1]
-
-
-def is_seed(key: str) -> bool:
-    """A seed parameter (its name contains ``seed``): reports average over it rather than group by it."""
-    return "seed" in key.lower()
 
 
 def result_columns(df: pd.DataFrame, param_keys: list[str]) -> list[str]:

@@ -19,118 +19,39 @@ log-probability margin of the gold option over the best other one), so two model
 * ``nll``: teacher-forced mean negative log-likelihood per gold response token (the chat response, or the
   gold option's text under ``harness``), per item; the task's ``nll`` is the item mean.
 
-Likelihoods go through one scorer, ``score_requests``: requests packed without padding into rows, a tree mask so a
-prompt shared by several options is computed once, and the vocabulary projection only where a token is scored.
+Likelihoods go through one scorer, ``likelihood.score_requests``; the string metrics live in ``legokit.metrics``.
+``score_model`` scores a model the way an experiment does (``cfg.eval``) and keeps the per-item records in a JSON
+lines file (``write_items`` / ``read_items``, the one reader of those files).
 """
 
 from __future__ import annotations
 
-import collections
+import json
 import math
 import random
-import re
-import string
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from fractions import Fraction
+from pathlib import Path
 
+import numpy as np
 import torch
 
+from legokit.config import ExperimentConfig
 from legokit.data import (
     TASKS,
     Example,
     choice_ids,
+    eval_texts,
     harness_requests,
     load_task,
     prompt_ids,
     render,
     tokenize_example,
 )
+from legokit.likelihood import score_requests, target_logprobs
+from legokit.metrics import exact_match, number_match, rouge_l, token_f1
 from legokit.names import SCORINGS
-from legokit.utils import LegokitError, progress_bar
-
-# ---------------------------------------------------------------- string metrics
-
-_PUNCT = frozenset(string.punctuation)
-
-
-def normalize_answer(text: str) -> str:
-    """SQuAD normalisation: lowercase, drop punctuation and articles, squeeze whitespace."""
-    text = "".join(ch for ch in text.lower() if ch not in _PUNCT)
-    text = re.sub(r"\b(a|an|the)\b", " ", text)
-    return " ".join(text.split())
-
-
-def _golds(golds: str | Sequence[str]) -> list[str]:
-    return [golds] if isinstance(golds, str) else list(golds)
-
-
-def exact_match(prediction: str, golds: str | Sequence[str]) -> float:
-    """1.0 when the normalised prediction equals any normalised gold answer, else 0.0."""
-    pred = normalize_answer(prediction)
-    return float(any(pred == normalize_answer(g) for g in _golds(golds)))
-
-
-def token_f1(prediction: str, golds: str | Sequence[str]) -> float:
-    """SQuAD token F1 against the best-matching gold answer."""
-    pred = normalize_answer(prediction).split()
-    best = 0.0
-    for gold in _golds(golds):
-        ref = normalize_answer(gold).split()
-        if not pred or not ref:
-            best = max(best, float(pred == ref))
-            continue
-        common = sum((collections.Counter(pred) & collections.Counter(ref)).values())
-        if common:
-            p, r = common / len(pred), common / len(ref)
-            best = max(best, 2 * p * r / (p + r))
-    return best
-
-
-_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?(?:/\d+)?")
-_WORDS = ("zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen "
-          "fifteen sixteen seventeen eighteen nineteen twenty").split()
-
-
-def first_number(text: str) -> Fraction | None:
-    """The first number in ``text`` (digits, decimals, fractions, or a word zero..twenty), exactly."""
-    m = _NUMBER.search(text)
-    words = re.search(r"\b(" + "|".join(_WORDS) + r")\b", text.lower())
-    if words and (m is None or words.start() < m.start()):
-        return Fraction(_WORDS.index(words.group(1)))
-    if m is None:
-        return None
-    try:
-        return Fraction(m.group(0).replace(",", ""))
-    except (ValueError, ZeroDivisionError):
-        return None
-
-
-def number_match(prediction: str, golds: str | Sequence[str]) -> float:
-    """1.0 when the first number of the prediction equals a gold number exactly."""
-    pred = first_number(prediction)
-    return float(pred is not None and any(pred == first_number(g) for g in _golds(golds)))
-
-
-def _lcs(a: Sequence[str], b: Sequence[str]) -> int:
-    prev = [0] * (len(b) + 1)
-    for x in a:
-        cur = [0]
-        for j, y in enumerate(b):
-            cur.append(prev[j] + 1 if x == y else max(prev[j + 1], cur[j]))
-        prev = cur
-    return prev[-1]
-
-
-def rouge_l(prediction: str, reference: str) -> float:
-    """ROUGE-L F1 over lowercase alphanumeric tokens (as ``rouge_score`` without stemming)."""
-    pred, ref = re.findall(r"[a-z0-9]+", prediction.lower()), re.findall(r"[a-z0-9]+", reference.lower())
-    lcs = _lcs(pred, ref) if pred and ref else 0
-    if lcs == 0:
-        return 0.0
-    p, r = lcs / len(pred), lcs / len(ref)
-    return 2 * p * r / (p + r)
-
+from legokit.utils import LegokitError, atomic_write_text, progress_bar
 
 # ---------------------------------------------------------------- model helpers
 
@@ -168,122 +89,6 @@ def _left_pad(seqs: Sequence[Sequence[int]], pad: int, device) -> tuple[torch.Te
     return ids.to(device), mask.to(device)
 
 
-# ---------------------------------------------------------------- the scorer
-
-# A scoring request: one prefix and the continuations scored after it, ``(prefix_ids, [continuation_ids])``.
-Request = tuple[list[int], list[list[int]]]
-
-
-def _layout(req: Request) -> tuple[list[int], list[int], list[int], list[tuple[int, int, int]]]:
-    """One request as a token tree: ``(ids, branch, depth, targets)``.
-
-    The prefix is laid out once, then each continuation's tokens but its last (nothing is predicted after the
-    last one). ``branch`` is 0 on the prefix and ``j + 1`` on continuation ``j``; ``depth`` is the position id
-    (a continuation token sits right after the prefix, whatever continuations come before it in the layout).
-    ``targets`` lists ``(continuation j, token t, layout index of the hidden state that predicts it)``.
-    """
-    prefix, conts = req
-    ids, branch, depth = list(prefix), [0] * len(prefix), list(range(len(prefix)))
-    targets = []
-    for j, cont in enumerate(conts):
-        at = len(prefix) - 1  # the first token is predicted by the prefix's last state
-        for t, tok in enumerate(cont):
-            targets.append((j, t, at))
-            if t < len(cont) - 1:
-                at = len(ids)
-                ids.append(tok)
-                branch.append(j + 1)
-                depth.append(len(prefix) + t)
-    return ids, branch, depth, targets
-
-
-def _pack(lengths: Sequence[int], capacity: int) -> list[list[int]]:
-    """First-fit-decreasing bin packing of request lengths into rows of ``capacity`` tokens (index lists)."""
-    rows: list[list[int]] = []
-    free: list[int] = []
-    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
-        for r, room in enumerate(free):
-            if lengths[i] <= room:
-                rows[r].append(i)
-                free[r] -= lengths[i]
-                break
-        else:
-            rows.append([i])
-            free.append(max(capacity, lengths[i]) - lengths[i])
-    return rows
-
-
-def score_requests(model, requests: Sequence[Request], *, row_tokens: int = 384, batch_tokens: int = 3072,
-                   bar=None) -> list[list[float]]:
-    """Summed log-probability of every continuation after its prefix: ``[[log p(cont_j | prefix)]]``.
-
-    The fast path of every likelihood score. Requests are packed without padding into rows of about
-    ``row_tokens`` tokens (first-fit decreasing; a longer request gets a row of its own), rows into forwards of
-    about ``batch_tokens`` tokens. Inside a row a block-diagonal tree mask lets each continuation attend to its
-    own prefix and its own earlier tokens, so a prefix shared by several options is computed once and one
-    option never sees another. The vocabulary projection runs only on the hidden states that predict a
-    continuation token. Exact up to float rounding: every token sees exactly the context it would see alone.
-    """
-    if any(not p for p, _ in requests):
-        raise LegokitError("a scoring request has an empty prefix; start it with a BOS/EOS token")
-    layouts = [_layout(r) for r in requests]
-    rows = _pack([len(lay[0]) for lay in layouts], row_tokens)
-    rows.sort(key=lambda r: -sum(len(layouts[i][0]) for i in r))  # similar widths share a forward
-    decoder, head = model.get_decoder(), model.get_output_embeddings()
-    device = _device(model)
-    out: list[list[float]] = [[0.0] * len(r[1]) for r in requests]
-    b = 0
-    while b < len(rows):
-        width = sum(len(layouts[i][0]) for i in rows[b])
-        n_rows = max(1, min(len(rows) - b, batch_tokens // max(width, 1)))
-        batch = rows[b: b + n_rows]
-        b += n_rows
-        ids = torch.zeros((len(batch), width), dtype=torch.long)
-        pos = torch.zeros((len(batch), width), dtype=torch.long)
-        seg = torch.full((len(batch), width), -1, dtype=torch.long)  # which request a token belongs to
-        br = torch.zeros((len(batch), width), dtype=torch.long)
-        where: list[tuple[int, int, int, int, int]] = []  # (request, cont j, token t, row, column)
-        for r, members in enumerate(batch):
-            col = 0
-            for i in members:
-                tok_ids, branch, depth, targets = layouts[i]
-                n = len(tok_ids)
-                ids[r, col: col + n] = torch.tensor(tok_ids)
-                pos[r, col: col + n] = torch.tensor(depth)
-                seg[r, col: col + n] = i
-                br[r, col: col + n] = torch.tensor(branch)
-                where += [(i, j, t, r, col + at) for j, t, at in targets]
-                col += n
-        # (B, T, T): same request, causal in layout order, and the key is on the prefix or on the query's branch
-        idx = torch.arange(width)
-        mask = (seg[:, :, None] == seg[:, None, :]) & (idx[None, :, None] >= idx[None, None, :])
-        mask &= (br[:, None, :] == 0) | (br[:, None, :] == br[:, :, None])
-        mask |= torch.eye(width, dtype=torch.bool)[None]  # padding attends to itself: no empty softmax row
-        hidden = decoder(input_ids=ids.to(device), attention_mask=mask[:, None].to(device),
-                         position_ids=pos.to(device)).last_hidden_state  # (B, T, D)
-        rows_t = torch.tensor([w[3] for w in where], device=device)
-        cols_t = torch.tensor([w[4] for w in where], device=device)
-        tgt = torch.tensor([requests[i][1][j][t] for i, j, t, _, _ in where], device=device)
-        picked = _target_logprobs(head, hidden[rows_t, cols_t], tgt).tolist()  # K = scored tokens
-        for (i, j, _, _, _), v in zip(where, picked, strict=True):
-            out[i][j] += v
-        if bar is not None:
-            bar.update(len({i for r in batch for i in r}))
-    return out
-
-
-LOGIT_CHUNK = 256  # hidden states projected onto the vocabulary at once: (256, V) floats, ~50 MB at V = 49k
-
-
-def _target_logprobs(head, hidden: torch.Tensor, targets: torch.Tensor, chunk: int = LOGIT_CHUNK) -> torch.Tensor:
-    """``log p(target_k | hidden_k)`` for ``hidden`` (K, D) and ``targets`` (K,), projecting ``chunk`` rows at a
-    time so no (K, vocabulary) tensor is ever held (K is thousands of tokens in a batch of long windows)."""
-    out = torch.empty(targets.shape[0], dtype=torch.float32, device=hidden.device)
-    for a in range(0, targets.shape[0], chunk):
-        logp = torch.log_softmax(head(hidden[a: a + chunk]).float(), dim=-1)  # (chunk, V)
-        out[a: a + chunk] = logp.gather(-1, targets[a: a + chunk, None])[:, 0]
-    return out
-
 
 def generate(model, tokenizer, examples: Sequence[Example], max_new_tokens: int = 16,
              batch_size: int = 8, progress: bool = True) -> list[str]:
@@ -320,13 +125,18 @@ def _generate(model, tokenizer, prompts: Sequence[list[int]], max_new_tokens: in
 # ---------------------------------------------------------------- public entry points
 
 
-def perplexity(model, tokenizer, texts: Sequence[str], seq_len: int = 256, batch_size: int = 8) -> float:
+def perplexity(model, tokenizer, texts: Sequence[str], seq_len: int = 256, batch_size: int = 8, *,
+               progress: bool = True) -> float:
     """exp(mean NLL per predicted token) over ``texts`` joined by EOS and cut into ``seq_len`` windows.
 
     The windows do not overlap; the first token of each has no context and is not scored; a final
-    shorter window is kept when it has at least two tokens.
+    shorter window is kept when it has at least two tokens. ``progress``: a progress bar over the windows.
     """
-    windows = window_nlls(model, tokenizer, texts, seq_len, batch_size)
+    return windows_perplexity(window_nlls(model, tokenizer, texts, seq_len, batch_size, progress=progress))
+
+
+def windows_perplexity(windows: Sequence[tuple[float, int]]) -> float:
+    """The perplexity of ``window_nlls``' windows: exp(summed NLL / predicted tokens), every token weighing the same."""
     return float(math.exp(sum(s for s, _ in windows) / sum(n for _, n in windows)))
 
 
@@ -367,7 +177,7 @@ def window_nlls(model, tokenizer, texts: Sequence[str], seq_len: int = 256,
                 ids = torch.tensor(group, device=device)  # (B, T)
                 hidden = decoder(input_ids=ids).last_hidden_state  # (B, T, D); never (B, T, V) logits
                 for row in range(ids.shape[0]):
-                    logp = _target_logprobs(head, hidden[row, :-1], ids[row, 1:])  # (T-1,)
+                    logp = target_logprobs(head, hidden[row, :-1], ids[row, 1:])  # (T-1,)
                     out.append((-logp.double().sum().item(), ids.shape[1] - 1))
     return out
 
@@ -550,3 +360,64 @@ def evaluate_tasks(model, tokenizer, tasks: str | Sequence[str] | Mapping[str, S
     """
     records = score_tasks(model, tokenizer, tasks, *args, **kwargs)
     return {task: summarize(task, recs) for task, recs in records.items()}
+
+
+# ---------------------------------------------------------------- a model scored as an experiment scores it
+
+# The task name of held-out-text windows in per-item files (``score_model``).
+HELDOUT = "heldout_text"
+
+
+def primary_metric(task: str) -> str:
+    """The headline metric of a task (the one averaged into ``mean_score``)."""
+    return TASKS[task].primary
+
+
+def score_model(model, tokenizer, cfg: ExperimentConfig, progress: bool = True, *, n: int | None = None,
+                items_file: str | Path | None = None) -> dict:
+    """Task scores, their mean over primary metrics, and held-out corpus perplexity.
+
+    Args:
+        n: test items per task (default ``cfg.eval.n``); drawn per seed when ``cfg.eval.items == "per_seed"``.
+        items_file: where to write the per-item records (``write_items``: one per test item, ``task`` and ``uid``
+            included), so two models can be compared item by item; its name is recorded under ``items``.
+    Returns:
+        ``{"tasks": {task: metrics}, "primary": {task: value}, "mean_score", "perplexity", "scoring", "n",
+        "items"}``.
+    """
+    tasks = cfg.eval.tasks or list(TASKS)
+    n = cfg.eval.n if n is None else n
+    draw = cfg.seed if cfg.eval.items == "per_seed" else None
+    records = score_tasks(model, tokenizer, tasks, split="test", n=n, batch_size=cfg.eval.batch_size,
+                          seed=cfg.seed, scoring=cfg.eval.scoring, draw_seed=draw)
+    scores = {t: summarize(t, recs) for t, recs in records.items()}
+    windows = window_nlls(model, tokenizer, eval_texts(cfg.eval.ppl_texts, seed=cfg.seed), seq_len=cfg.eval.seq_len,
+                          batch_size=cfg.eval.batch_size)
+    # held-out text as items too: a window's mean NLL (C3 compares perplexities window by window)
+    records[HELDOUT] = [{"uid": f"window-{i:03d}", "task": HELDOUT, "nll": s / k, "tokens": k}
+                        for i, (s, k) in enumerate(windows)]
+    primary = {t: scores[t][primary_metric(t)] for t in tasks}
+    out = {"tasks": scores, "primary": primary, "mean_score": float(np.mean(list(primary.values()))),
+           "perplexity": windows_perplexity(windows), "scoring": cfg.eval.scoring, "n": n}
+    if items_file is not None:
+        write_items(items_file, [r for recs in records.values() for r in recs])
+        out["items"] = Path(items_file).name
+    return out
+
+
+def write_items(path: str | Path, records: Sequence[dict]) -> None:
+    """Per-item records as JSON lines (one record a line), written atomically."""
+    atomic_write_text(Path(path), "".join(json.dumps(r) + "\n" for r in records))
+
+
+def read_items(path: str | Path) -> list[dict]:
+    """The per-item records ``write_items`` wrote.
+
+    Raises:
+        LegokitError: there is no such file (a run scored before legokit kept per-item records).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise LegokitError(f"{path} is missing: this run was scored without per-item records (legokit before "
+                           "per-item evaluation); rerun the condition to get intervals")
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

@@ -1,6 +1,10 @@
 """The whole LEGO pipeline behind ``legokit run`` and the experiment notebook.
 
 config -> LLM -> building blocks -> client data -> rounds (``federation``) -> evaluation -> run directory.
+
+The conditions it runs are named once, in ``names.CONDITIONS`` (also importable from here as ``CONDITIONS``); a
+model is scored by ``evaluate.score_model`` (importable from here too, as are ``primary_metric`` and the rest the
+notebooks take from this module).
 """
 
 from __future__ import annotations
@@ -16,24 +20,29 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from legokit.blocks import Block, extract_blocks
+from legokit.checkpoint import Checkpoint, blocks_made_with, check_blocks
 from legokit.config import ExperimentConfig, first_difference
-from legokit.names import THRESHOLDS
-from legokit.utils import LegokitError, atomic_write_json, atomic_write_text, heap_mode, peak_rss_mb, seed_everything
-
-# The conditions of the LEGO experiment (issue: do heterogeneous SLM clients rebuild a robust LLM?).
-# Each maps to overrides of one base config, so every condition shares seeds, data and budget.
-CONDITIONS = {
-    "base": {},  # zero-shot: the LLM and every block before any training
-    "local": {"fed.aggregator": "local"},  # each block fine-tuned on its own client's data only
-    "fedavg_dense": {"fed.aggregator": "fedavg", "dense_clients": True},  # homogeneous dense clients
-    "fedavg": {"fed.aggregator": "fedavg"},  # heterogeneous blocks, mask-agnostic FedIT
-    "lego": {"fed.aggregator": "heteagg"},  # heterogeneous blocks, HeteAgg
-    "centralized": {"fed.aggregator": "centralized"},  # one LoRA on the pooled data
-}
+from legokit.data import balance_labels, calibration_texts, label_imbalance, load_task, partition
+from legokit.evaluate import (
+    primary_metric,  # noqa: F401 (scoring lives in evaluate; notebook 00 imports it here)
+    read_items,
+    score_model,
+    score_tasks,
+    select_items,
+    write_items,
+)
+from legokit.evidence import detectable_effect
+from legokit.federation import block_model, global_model, run_federation
+from legokit.learning import format_table, gain, gate
+from legokit.models import load_model, param_bytes
+from legokit.names import CONDITIONS, THRESHOLDS
+from legokit.strategy import aggregator_has_global, aggregator_pools_clients, assign_blocks, build_strategy
+from legokit.utils import LegokitError, atomic_write_json, heap_mode, peak_rss_mb, seed_everything
 
 
 def condition_config(cfg: ExperimentConfig, condition: str) -> ExperimentConfig:
-    """``cfg`` with the overrides of one experiment condition applied."""
+    """``cfg`` with the overrides of one experiment condition (``names.CONDITIONS``) applied."""
     if condition not in CONDITIONS:
         raise LegokitError(f"unknown condition {condition!r}: use one of {list(CONDITIONS)}")
     over = dict(CONDITIONS[condition])
@@ -43,58 +52,8 @@ def condition_config(cfg: ExperimentConfig, condition: str) -> ExperimentConfig:
     return cfg.with_overrides(over) if over else cfg
 
 
-# The task name of held-out-text windows in per-item files (``score_model``).
-HELDOUT = "heldout_text"
-
-
-def primary_metric(task: str) -> str:
-    """The headline metric of a task (the one averaged into ``mean_score``)."""
-    from legokit.data import TASKS
-
-    return TASKS[task].primary
-
-
-def score_model(model, tokenizer, cfg: ExperimentConfig, progress: bool = True, *, n: int | None = None,
-                items_file: str | Path | None = None) -> dict:
-    """Task scores, their mean over primary metrics, and held-out corpus perplexity.
-
-    Args:
-        n: test items per task (default ``cfg.eval.n``); drawn per seed when ``cfg.eval.items == "per_seed"``.
-        items_file: where to write the per-item records (JSON lines, one per test item, ``task`` and ``uid``
-            included), so two models can be compared item by item; its name is recorded under ``items``.
-    Returns:
-        ``{"tasks": {task: metrics}, "primary": {task: value}, "mean_score", "perplexity", "scoring", "n",
-        "items"}``.
-    """
-    from legokit.data import TASKS, eval_texts
-    from legokit.evaluate import score_tasks, summarize, window_nlls
-
-    tasks = cfg.eval.tasks or list(TASKS)
-    n = cfg.eval.n if n is None else n
-    draw = cfg.seed if cfg.eval.items == "per_seed" else None
-    records = score_tasks(model, tokenizer, tasks, split="test", n=n, batch_size=cfg.eval.batch_size,
-                          seed=cfg.seed, scoring=cfg.eval.scoring, draw_seed=draw)
-    scores = {t: summarize(t, recs) for t, recs in records.items()}
-    windows = window_nlls(model, tokenizer, eval_texts(cfg.eval.ppl_texts, seed=cfg.seed), seq_len=cfg.eval.seq_len,
-                          batch_size=cfg.eval.batch_size)
-    ppl = float(np.exp(sum(s for s, _ in windows) / sum(k for _, k in windows)))
-    # held-out text as items too: a window's mean NLL (C3 compares perplexities window by window)
-    records[HELDOUT] = [{"uid": f"window-{i:03d}", "task": HELDOUT, "nll": s / k, "tokens": k}
-                        for i, (s, k) in enumerate(windows)]
-    primary = {t: scores[t][primary_metric(t)] for t in tasks}
-    out = {"tasks": scores, "primary": primary, "mean_score": float(np.mean(list(primary.values()))),
-           "perplexity": ppl, "scoring": cfg.eval.scoring, "n": n}
-    if items_file is not None:
-        items_file = Path(items_file)
-        atomic_write_text(items_file, "".join(json.dumps(r) + "\n" for recs in records.values() for r in recs))
-        out["items"] = items_file.name
-    return out
-
-
 def client_partitions(cfg: ExperimentConfig) -> list[list]:
     """Draw ``data.train_examples`` training examples over the tasks and split them between clients."""
-    from legokit.data import balance_labels, label_imbalance, load_task, partition
-
     per_task = max(1, cfg.data.train_examples // len(cfg.data.tasks))
     pool = []
     for task in cfg.data.tasks:
@@ -120,10 +79,6 @@ def load_or_extract_blocks(cfg: ExperimentConfig, llm, tokenizer, run_dir: Path,
         LegokitError: ``run_dir/blocks`` holds blocks of another config, or a damaged one
             (``checkpoint.check_blocks``).
     """
-    from legokit.blocks import Block, extract_blocks
-    from legokit.checkpoint import blocks_made_with, check_blocks
-    from legokit.data import calibration_texts
-
     bdir = run_dir / "blocks"
     index = bdir / "index.json"
     if check_blocks(bdir, cfg):
@@ -163,11 +118,6 @@ def run_experiment(cfg: ExperimentConfig, out_dir: str | Path, *, resume: bool =
     A round in which no client trained leaves the global state as it was: ``results["failure"]`` then says
     so (the caller decides; ``legokit run`` exits non-zero), and ``results_table`` prints it.
     """
-    from legokit.checkpoint import Checkpoint
-    from legokit.federation import block_model, global_model, run_federation
-    from legokit.models import load_model, param_bytes
-    from legokit.strategy import build_strategy
-
     out = Path(out_dir)
     timings: dict[str, float] = {}
     t_all = t = time.time()
@@ -196,7 +146,7 @@ def run_experiment(cfg: ExperimentConfig, out_dir: str | Path, *, resume: bool =
             atomic_write_json(base_file, results["base"])
         timings["eval_base"] = time.time() - t
 
-    learn = train and cfg.eval.learning and cfg.fed.aggregator != "centralized"
+    learn = train and cfg.eval.learning and not aggregator_pools_clients(cfg.fed.aggregator)
     if learn:
         t = time.time()
         before = learning_before(cfg, tok, blocks, partitions, out)
@@ -216,7 +166,7 @@ def run_experiment(cfg: ExperimentConfig, out_dir: str | Path, *, resume: bool =
     t = time.time()
     if not train and "base" in results:
         results["global"] = results["base"]
-    elif cfg.fed.aggregator != "local":
+    elif strategy.has_global:
         with global_model(strategy, llm) as model:
             results["global"] = score_model(model, tok, cfg, progress, items_file=out / "items" / "global.jsonl")
     clients = []
@@ -226,13 +176,13 @@ def run_experiment(cfg: ExperimentConfig, out_dir: str | Path, *, resume: bool =
                         "sparsity": blocks[strategy.assignment[k]].sparsity, "num_examples": len(partitions[k]),
                         "tasks": tasks})
     results["clients"] = clients
-    if cfg.eval.blocks and cfg.fed.aggregator != "centralized":
+    if cfg.eval.blocks and not strategy.pools_clients:
         scored = {}
         for k in range(cfg.fed.num_clients):
             # Federated modes give every holder of a block the same model; `local` keeps one per client.
-            key = k if cfg.fed.aggregator == "local" else strategy.assignment[k]
+            key = strategy.assignment[k] if strategy.has_global else k
             if key not in scored:
-                client = k if cfg.fed.aggregator == "local" else None
+                client = None if strategy.has_global else k
                 label = f"block-{blocks[strategy.assignment[k]].id}" + ("" if client is None else f"-client{k}")
                 with block_model(strategy, strategy.assignment[k], client) as model:
                     scored[key] = score_model(model, tok, cfg, progress, n=cfg.eval.n_blocks,
@@ -260,25 +210,21 @@ def run_experiment(cfg: ExperimentConfig, out_dir: str | Path, *, resume: bool =
 def learning_items(cfg: ExperimentConfig, tasks: Sequence[str]) -> dict[str, list]:
     """The test items the learning gate scores per task: ``eval.n_learning`` (default ``eval.n``) drawn as
     ``score_model`` draws them, so with the default they are the global LLMs' items too."""
-    from legokit.data import load_task
-    from legokit.evaluate import select_items
-
     n = cfg.eval.n_learning or cfg.eval.n
     draw = cfg.seed if cfg.eval.items == "per_seed" else None
     return {t: select_items(load_task(t, "test"), n, draw_seed=draw) for t in tasks}
 
 
 def _score_own(model, tok, cfg: ExperimentConfig, items: dict[str, list]) -> list[dict]:
-    from legokit.evaluate import score_tasks
-
     recs = score_tasks(model, tok, items, batch_size=cfg.eval.batch_size, seed=cfg.seed, scoring=cfg.eval.scoring)
     return [r for t in items for r in recs[t]]
 
 
-def _read_items(path: Path) -> list[dict] | None:
+def _saved_items(path: Path) -> list[dict] | None:
+    """The per-item records at ``path`` (``evaluate.read_items``), or None when missing or unreadable: scored again."""
     try:
-        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    except (OSError, ValueError):
+        return read_items(path)
+    except (OSError, ValueError):  # LegokitError is a ValueError
         return None
 
 
@@ -288,15 +234,13 @@ def learning_before(cfg: ExperimentConfig, tok, blocks: list, partitions, out: s
     Call it before the first round (a ``merge`` broadcast changes the blocks). With ``out`` (a run directory) the
     records are kept in ``items/learning-before-client<k>.jsonl`` and a resumed run reuses them.
     """
-    from legokit.strategy import assign_blocks
-
     assignment = assign_blocks(cfg, blocks)
     scored: dict[tuple, list[dict]] = {}
     before = {}
     for k in range(cfg.fed.num_clients):
         tasks = sorted({ex.task for ex in partitions[k]})
         path = None if out is None else Path(out) / "items" / f"learning-before-client{k}.jsonl"
-        saved = None if path is None else _read_items(path)
+        saved = None if path is None else _saved_items(path)
         if saved is not None and sorted({r["task"] for r in saved}) == tasks:
             before[k] = saved
             continue
@@ -309,7 +253,7 @@ def learning_before(cfg: ExperimentConfig, tok, blocks: list, partitions, out: s
                 block.release()
         before[k] = scored[key]
         if path is not None:
-            atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in before[k]))
+            write_items(path, before[k])
     return before
 
 
@@ -323,20 +267,16 @@ def learning_after(cfg: ExperimentConfig, tok, strategy, partitions, before: dic
     update through its mask; in the ``local`` reference, its own adapter). With ``out``, the records are kept in
     ``items/learning-after-client<k>.jsonl``.
     """
-    from legokit.federation import block_model
-    from legokit.learning import gain, gate
-
     rows = []
     for k in range(cfg.fed.num_clients):
         tasks = sorted({ex.task for ex in partitions[k]})
         items = learning_items(cfg, tasks)
         examples = [ex for exs in items.values() for ex in exs]
-        client = k if cfg.fed.aggregator == "local" else None
+        client = None if strategy.has_global else k
         with block_model(strategy, strategy.assignment[k], client) as model:
             after = _score_own(model, tok, cfg, items)
         if out is not None:
-            atomic_write_text(Path(out) / "items" / f"learning-after-client{k}.jsonl",
-                              "".join(json.dumps(r) + "\n" for r in after))
+            write_items(Path(out) / "items" / f"learning-after-client{k}.jsonl", after)
         rows.append({"client": k, "sparsity": strategy.block_of(k).sparsity, "tasks": tasks,
                      **gain(before[k], after, examples, seed=cfg.seed)})
     verdict = gate(rows)
@@ -344,8 +284,8 @@ def learning_after(cfg: ExperimentConfig, tok, strategy, partitions, before: dic
     glob = None
     results = results or {}
     if out is not None and "base" in results and "global" in results and results["global"] is not results["base"]:
-        glob = global_gain(_read_items(Path(out) / "items" / results["base"]["items"]),
-                           _read_items(Path(out) / "items" / results["global"]["items"]), trained, cfg)
+        glob = global_gain(_saved_items(Path(out) / "items" / results["base"]["items"]),
+                           _saved_items(Path(out) / "items" / results["global"]["items"]), trained, cfg)
     return {**verdict, "scoring": cfg.eval.scoring, "format": cfg.train.format,
             "items": cfg.eval.n_learning or cfg.eval.n, "clients": rows, "global": glob}
 
@@ -353,9 +293,6 @@ def learning_after(cfg: ExperimentConfig, tok, strategy, partitions, before: dic
 def global_gain(base: list[dict] | None, glob: list[dict] | None, tasks: Sequence[str], cfg: ExperimentConfig,
                 seed: int | None = None) -> dict | None:
     """The global LLM minus ``base`` on ``tasks`` (the trained tasks), paired over the same test items."""
-    from legokit.data import load_task
-    from legokit.learning import gain
-
     if not base or not glob:
         return None
     pick = lambda recs: [r for r in recs if r["task"] in tasks]  # noqa: E731
@@ -408,7 +345,8 @@ def results_table(results: dict) -> str:
     seen = set()
     for c in results.get("clients", []):
         if "scores" in c:
-            key = c["block"] if results.get("aggregator") != "local" else f'{c["block"]} (client {c["client"]})'
+            own = not aggregator_has_global(results.get("aggregator"))  # local: one model per client
+            key = f'{c["block"]} (client {c["client"]})' if own else c["block"]
             if key not in seen:
                 seen.add(key)
                 rows.append((f"block {key}", c["scores"]))
@@ -430,8 +368,6 @@ def results_table(results: dict) -> str:
     if results.get("failure"):  # a table of untrained models must not read as a result
         lines.append(f"RUN FAILED: {results['failure']}")
     if results.get("learning"):
-        from legokit.learning import format_table
-
         lines += ["", format_table(results["learning"])]
     return "\n".join([note, *lines])
 
@@ -448,7 +384,7 @@ def run_conditions(cfg, conditions: Sequence[str], run_dir: str | Path, *,
 
     Args:
         cfg: the experiment's ``ExperimentConfig``.
-        conditions: names from ``experiment.CONDITIONS``.
+        conditions: names from ``CONDITIONS``.
         run_dir: the parent directory; a condition whose ``results.json`` exists is loaded, not rerun.
         block_conditions: conditions whose blocks are scored too (None: all). C2 needs ``local`` and ``lego``.
         progress: progress bars.
@@ -457,8 +393,6 @@ def run_conditions(cfg, conditions: Sequence[str], run_dir: str | Path, *,
     Raises:
         LegokitError: an unknown condition, or a finished condition directory written with another config.
     """
-    from legokit.claims import detectable_effect
-
     bad = [c for c in conditions if c not in CONDITIONS]
     if bad or not conditions:
         raise LegokitError(f"conditions {bad or 'none'}: use names from {list(CONDITIONS)}")

@@ -208,7 +208,7 @@ def federation(cfg: ExperimentConfig, llm: nn.Module, tokenizer, blocks: list, p
     if checkpoint is None:
         checkpoint = Checkpoint(run_dir, cfg, resume)
     strategy = build_strategy(cfg, llm, blocks, progress=progress)
-    if cfg.fed.aggregator == "centralized":  # one LoRA on the pooled data
+    if strategy.pools_clients:  # one LoRA on the pooled data
         partitions = [[ex for part in partitions for ex in part]]
     clients = InProcessClients(cfg, blocks, tokenizer, partitions, device=next(llm.parameters()).device,
                                progress=progress, inject_failures=inject_failures)

@@ -23,7 +23,15 @@ from typing import Any
 
 import numpy as np
 
-from legokit.utils import LegokitError
+from legokit.config import LoraConfig, TrainConfig
+from legokit.data import TASKS, balance_labels, load_task
+from legokit.evaluate import score_tasks, select_items
+from legokit.lora import attach_lora, detach_lora
+from legokit.models import load_model
+from legokit.names import DEFAULT_MODEL
+from legokit.stats import paired_difference
+from legokit.train import train_client
+from legokit.utils import LegokitError, seed_everything
 
 LEVEL = 0.95
 
@@ -67,8 +75,6 @@ def gain(before: Sequence[Mapping[str, Any]], after: Sequence[Mapping[str, Any]]
         ``majority`` is ``{share, answer}`` of the items' gold answers and ``beats_majority`` the interval of
         ``after`` minus a constant majority answer, item by item.
     """
-    from legokit.stats import paired_difference
-
     if not before or not after:
         raise LegokitError("a gain needs records before and after training; got none")
     x, y = _cells(after), _cells(before)
@@ -184,15 +190,6 @@ def tune(tasks: Sequence[str], *, lrs: Sequence[float] = (5e-4,), steps: Sequenc
         LegokitError: ``split`` is not ``validation`` (tuning on test items would choose hyperparameters on the
             items the claims are judged on), or an unknown task.
     """
-    from legokit.config import LoraConfig, TrainConfig
-    from legokit.data import TASKS, balance_labels, load_task
-    from legokit.evaluate import score_tasks, select_items
-    from legokit.lora import attach_lora, detach_lora
-    from legokit.models import load_model
-    from legokit.names import DEFAULT_MODEL
-    from legokit.train import train_client
-    from legokit.utils import seed_everything
-
     if split != "validation":
         raise LegokitError(f"tuning on the {split!r} split is refused: hyperparameters and tasks are chosen on the "
                            "validation split only, so the test items the claims are judged on stay unseen; "

@@ -58,6 +58,19 @@ SCORINGS = {
 }
 EVAL_ITEMS = ("per_seed", "first")  # a seeded draw of the test split per run seed | the first n
 
+# ----- the experiment
+# The conditions of the LEGO experiment (does a federation of heterogeneous SLM clients rebuild a robust LLM?), in
+# the order every table and plot shows them. Each maps to overrides of one base config, so every condition shares
+# seeds, data and budget (``experiment.condition_config``; ``dense_clients`` gives every client the dense block).
+CONDITIONS = {
+    "base": {},  # zero-shot: the LLM and every block before any training
+    "local": {"fed.aggregator": "local"},  # each block fine-tuned on its own client's data only
+    "fedavg_dense": {"fed.aggregator": "fedavg", "dense_clients": True},  # homogeneous dense clients
+    "fedavg": {"fed.aggregator": "fedavg"},  # heterogeneous blocks, mask-agnostic FedIT
+    "lego": {"fed.aggregator": "heteagg"},  # heterogeneous blocks, HeteAgg
+    "centralized": {"fed.aggregator": "centralized"},  # one LoRA on the pooled data
+}
+
 # ----- claims
 # The thresholds of the verdicts (the wording): C1 within 2 points or 5% relative of fedavg_dense,
 # C3 perplexity at most 5% above base.

@@ -16,6 +16,10 @@ an aggregator   every client on its block; ``AGGREGATORS[name]``; ``AdapterBroad
 ``centralized`` one client (index 0) on the dense block, trained on the pooled data for as many steps
                 as all clients together; HeteAgg of that one update; ``AdapterBroadcast``
 ==============  ================================================================================
+
+What sets the references apart is read off the strategy, never off the aggregator's name: ``has_global``
+(False for ``local``: there is no global model) and ``pools_clients`` (True for ``centralized``). Before a
+strategy exists, ``aggregator_has_global`` and ``aggregator_pools_clients`` answer the same from the name.
 """
 
 from __future__ import annotations
@@ -107,12 +111,15 @@ class LegoStrategy:
         aggregator: an ``AGGREGATORS`` name, or None when nothing is combined (``local``).
         clients: the clients a round samples from (default: all).
         local_steps: local steps per task, or None for ``train.local_steps``.
+        has_global: False when there is no global model (``local``: each client keeps its own adapter).
+        pools_clients: True when one client trains on every client's data pooled (``centralized``).
         progress: show a progress bar over the modules while aggregating.
     """
 
     def __init__(self, cfg: ExperimentConfig, blocks: list, assignment: list[int], shapes: dict[str, tuple[int, int]],
                  broadcast: Broadcast, aggregator: str | None, *, clients: Sequence[int] | None = None,
-                 local_steps: int | None = None, progress: bool = True):
+                 local_steps: int | None = None, has_global: bool = True, pools_clients: bool = False,
+                 progress: bool = True):
         if len(assignment) != cfg.fed.num_clients:
             raise LegokitError(f"{len(assignment)} block assignments for fed.num_clients={cfg.fed.num_clients}")
         self.cfg, self.blocks, self.broadcast = cfg, blocks, broadcast
@@ -122,6 +129,7 @@ class LegoStrategy:
         self.aggregator = aggregator
         self.clients = list(range(cfg.fed.num_clients) if clients is None else clients)
         self.local_steps = local_steps
+        self._has_global, self._pools_clients = has_global, pools_clients
         self.progress = progress
         self.round = 0
         # the last aggregated round's updates, kept for analysis (the notebooks re-aggregate them) until the next
@@ -132,6 +140,16 @@ class LegoStrategy:
     def assignment(self) -> tuple[int, ...]:
         """Index into ``blocks`` of the block each client holds (change it with ``assign``)."""
         return tuple(self._assignment)
+
+    @property
+    def has_global(self) -> bool:
+        """Whether the condition has a global model (False for ``local``: each client keeps its own adapter)."""
+        return self._has_global
+
+    @property
+    def pools_clients(self) -> bool:
+        """Whether one client trains on every client's data pooled (``centralized``)."""
+        return self._pools_clients
 
     @property
     def global_rank(self) -> int:
@@ -216,22 +234,32 @@ def global_rank(cfg: ExperimentConfig) -> int:
     return cfg.fed.global_rank or cfg.lora.rank * cfg.fed.num_clients
 
 
+def aggregator_has_global(aggregator: str | None) -> bool:
+    """``LegoStrategy.has_global`` of the condition ``fed.aggregator`` names (for a config or results, no strategy)."""
+    return aggregator != "local"
+
+
+def aggregator_pools_clients(aggregator: str | None) -> bool:
+    """``LegoStrategy.pools_clients`` of the condition ``fed.aggregator`` names (for a config, no strategy)."""
+    return aggregator == "centralized"
+
+
 def build_strategy(cfg: ExperimentConfig, llm: nn.Module, blocks: list, *, progress: bool = True) -> LegoStrategy:
     """The strategy of the condition ``cfg.fed`` describes (see the module docstring's table)."""
     fed = cfg.fed
     shapes = {n: tuple(m.weight.shape) for n, m in linear_modules(llm, cfg.lora.target_modules).items()}
-    if fed.aggregator == "local":
+    if not aggregator_has_global(fed.aggregator):
         return LegoStrategy(cfg, blocks, assign_blocks(cfg, blocks), shapes, LocalAdapters(cfg, llm), None,
-                            progress=progress)
+                            has_global=False, progress=progress)
     if fed.broadcast == "merge":
         broadcast = MergeBroadcast(cfg, llm, blocks)
     else:  # FlexLoRA sends each client back its own rank (every client trains at lora.rank)
         broadcast = AdapterBroadcast(cfg, llm, cfg.lora.rank if fed.aggregator == "flexlora" else global_rank(cfg))
-    if fed.aggregator != "centralized":
+    if not aggregator_pools_clients(fed.aggregator):
         return LegoStrategy(cfg, blocks, assign_blocks(cfg, blocks), shapes, broadcast, fed.aggregator,
                             progress=progress)
     dense = [i for i, b in enumerate(blocks) if b.sparsity == 0]
     if not dense:
         raise LegokitError("fed.aggregator='centralized' needs a dense block: add 0.0 to prune.sparsities")
     return LegoStrategy(cfg, blocks, [dense[0]] * fed.num_clients, shapes, broadcast, "heteagg", clients=[0],
-                        local_steps=cfg.train.local_steps * fed.num_clients, progress=progress)
+                        local_steps=cfg.train.local_steps * fed.num_clients, pools_clients=True, progress=progress)

@@ -37,7 +37,7 @@ from typing import Any
 
 import pandas as pd
 
-from legokit.collect import collect, param_columns, sweep_meta
+from legokit.collect import collect
 from legokit.grid import (
     RESERVED,
     SweepPoint,
@@ -49,6 +49,7 @@ from legokit.grid import (
     summary_spec,
     validate_points,
 )
+from legokit.sweepdir import param_columns, sweep_meta
 from legokit.utils import LegokitError, atomic_write_text, progress_bar, progress_write
 
 
@@ -75,7 +76,7 @@ class SweepResult:
 def _check_kernel() -> None:
     """Warn when the ``python3`` kernel would not run this interpreter (then the notebook sees another env)."""
     try:
-        from jupyter_client.kernelspec import KernelSpecManager
+        from jupyter_client.kernelspec import KernelSpecManager  # optional dependency: only a sweep needs a kernel
 
         argv0 = KernelSpecManager().get_kernel_spec("python3").argv[0]
     except Exception as err:  # no kernelspec at all: papermill will say so with its own error
@@ -166,7 +167,7 @@ def sweep(notebook: str | Path | None, grid: str | Path | Mapping[str, Any], out
 
 def run_point(notebook: Path, point: SweepPoint, run_dir: Path) -> Path | None:
     """Execute one point into ``run_dir``; return None on success, else the path of its ``error.txt``."""
-    import papermill
+    import papermill  # heavy optional dependency: only a sweep executes notebooks
 
     run_dir.mkdir(parents=True, exist_ok=True)
     # A rerun must not leave a stale verdict behind if it dies half-way.

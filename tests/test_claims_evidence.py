@@ -1,4 +1,5 @@
-"""Interval verdicts from per-item records: synthetic run directories whose answer is known by construction."""
+"""Interval verdicts from per-item records (``legokit.evidence``): synthetic run directories whose answer is known
+by construction."""
 
 import json
 import math
@@ -6,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from legokit import claims
+from legokit import evidence
 from legokit.experiment import run_conditions
 from legokit.utils import LegokitError
 
@@ -65,13 +66,13 @@ def experiment(tmp, lego=0.75, dense=0.75, fedavg=0.55, lego_other=0.7, local_ot
 
 
 def test_clear_effects_are_held_with_intervals_that_contain_the_truth(tmp_path):
-    ev = claims.evidence(experiment(tmp_path, lego=0.8, seeds=(0, 1, 2)), n_boot=500)
+    ev = evidence.evidence(experiment(tmp_path, lego=0.8, seeds=(0, 1, 2)), n_boot=500)
     c1 = ev[(ev["claim"] == "C1") & (ev["metric"] == "points")].set_index("test")
     # lego - fedavg: true +25 points; 1800 items per model: the interval is a few points wide and contains 25
     assert c1.loc["lego - fedavg", "low"] < 25 < c1.loc["lego - fedavg", "high"]
     assert c1.loc["lego - fedavg", "high"] - c1.loc["lego - fedavg", "low"] < 12
-    assert claims.claim_verdicts(ev)["C1"] == {"points": "held", "nll": "held"}
-    assert claims.claim_verdicts(ev)["C2"] == {"points": "held", "nll": "held"}
+    assert evidence.claim_verdicts(ev)["C1"] == {"points": "held", "nll": "held"}
+    assert evidence.claim_verdicts(ev)["C2"] == {"points": "held", "nll": "held"}
     c2 = ev[(ev["claim"] == "C2") & (ev["metric"] == "points")]
     assert list(c2["sparsity"]) == [0, 50] and (c2["items"] == 3 * N).all()  # piqa only: boolq is the own task
     c3 = ev[ev["claim"] == "C3"].set_index("metric")
@@ -81,37 +82,37 @@ def test_clear_effects_are_held_with_intervals_that_contain_the_truth(tmp_path):
 
 def test_a_margin_near_the_threshold_is_inconclusive_and_a_clear_miss_is_not_held(tmp_path):
     # lego 3 points below dense: the C1 threshold is -2, the interval (±~5 points on 600 items) straddles it
-    ev = claims.evidence(experiment(tmp_path / "a", lego=0.72, dense=0.75, fedavg=0.60), n_boot=500)
+    ev = evidence.evidence(experiment(tmp_path / "a", lego=0.72, dense=0.75, fedavg=0.60), n_boot=500)
     close = ev[(ev["test"] == "lego - fedavg_dense") & (ev["metric"] == "points")].iloc[0]
     assert close["low"] < -2 < close["high"] and close["verdict"] == "inconclusive"
     assert close["mde"] > 2  # the design cannot resolve a 2-point margin, and says so
-    ev = claims.evidence(experiment(tmp_path / "b", lego=0.45, dense=0.75), n_boot=500)
-    assert claims.claim_verdicts(ev)["C1"]["points"] == "not held"
-    ev = claims.evidence(experiment(tmp_path / "c", lego_other=0.3, local_other=0.5), n_boot=500)
-    assert claims.claim_verdicts(ev)["C2"]["points"] == "not held"
+    ev = evidence.evidence(experiment(tmp_path / "b", lego=0.45, dense=0.75), n_boot=500)
+    assert evidence.claim_verdicts(ev)["C1"]["points"] == "not held"
+    ev = evidence.evidence(experiment(tmp_path / "c", lego_other=0.3, local_other=0.5), n_boot=500)
+    assert evidence.claim_verdicts(ev)["C2"]["points"] == "not held"
 
 
 def test_evidence_refuses_mixed_scorings_and_names_them(tmp_path):
     with pytest.raises(LegokitError, match="lego was scored with 'harness' and fedavg with 'label'"):
-        claims.evidence(experiment(tmp_path, scoring="label"), n_boot=200)
+        evidence.evidence(experiment(tmp_path, scoring="label"), n_boot=200)
 
 
 def test_runs_without_items_give_no_rows_and_the_table_reads_well(tmp_path):
     runs = experiment(tmp_path)
     for r in runs["lego"]:
         del r["run_dir"]
-    assert claims.evidence(runs, n_boot=200).empty
-    ev = claims.evidence(experiment(tmp_path / "x"), n_boot=200)
-    table = claims.evidence_table(ev)
+    assert evidence.evidence(runs, n_boot=200).empty
+    ev = evidence.evidence(experiment(tmp_path / "x"), n_boot=200)
+    table = evidence.evidence_table(ev)
     assert {"margin [95% CI]", "holds if", "verdict", "mde", "scoring"} <= set(table.columns)
     assert table["scoring"].iloc[0] == "harness"
     assert table.loc[table["test"] == "lego - fedavg_dense", "holds if"].iloc[0] == "≥ -2.0"
 
 
 def test_detectable_effect_warns_before_a_design_too_small_for_c1():
-    assert claims.detectable_effect(16, 6) > 2 > claims.detectable_effect(2000, 6)
+    assert evidence.detectable_effect(16, 6) > 2 > evidence.detectable_effect(2000, 6)
     # the formula: 2.80 x 100 sqrt(0.2 / (6 x 100))
-    assert claims.detectable_effect(100, 6) == pytest.approx(2.8016 * 100 * math.sqrt(0.2 / 600), rel=1e-3)
+    assert evidence.detectable_effect(100, 6) == pytest.approx(2.8016 * 100 * math.sqrt(0.2 / 600), rel=1e-3)
 
 
 def test_run_conditions_warns_when_the_evaluation_cannot_resolve_c1(tmp_path, monkeypatch):

@@ -1,4 +1,4 @@
-"""Metrics on known strings; perplexity, option scoring, NLL and generation against unbatched brute force.
+"""Perplexity, option scoring, NLL and generation against unbatched brute force (string metrics: test_metrics).
 
 Unit tests use a tiny-llama whose weights are perturbed (a seeded random tiny-llama with tied embeddings
 only repeats its last token, which would hide padding bugs); the ``slow`` ones use the default LLM.
@@ -12,52 +12,22 @@ import math
 import pytest
 import torch
 
-from legokit.data import TASKS, Example, choice_ids, tokenize_example
+from legokit.config import ExperimentConfig
+from legokit.data import TASKS, Example, choice_ids, eval_texts, tokenize_example
 from legokit.evaluate import (
+    HELDOUT,
     evaluate_tasks,
-    exact_match,
-    first_number,
     generate,
-    normalize_answer,
-    number_match,
     perplexity,
-    rouge_l,
-    token_f1,
+    primary_metric,
+    read_items,
+    score_model,
+    window_nlls,
+    windows_perplexity,
+    write_items,
 )
 from legokit.models import load_model
 from legokit.utils import LegokitError
-
-# ---------------------------------------------------------------- metrics on known strings
-
-
-def test_squad_normalisation_exact_match_and_f1():
-    assert normalize_answer("The  Eiffel-Tower!") == "eiffeltower"
-    assert normalize_answer("An apple, a day") == "apple day"
-    assert exact_match("the Paris.", ["Lyon", "paris"]) == 1.0
-    assert exact_match("Paris, France", "Paris") == 0.0
-    assert token_f1("Paris France", "Paris") == pytest.approx(2 / 3)
-    assert token_f1("Paris France", ["Lyon", "France Paris"]) == 1.0  # best gold, bag of tokens
-    assert token_f1("", "Paris") == 0.0 and token_f1("Lyon", "Paris") == 0.0
-    assert token_f1("the", "a") == 1.0  # both normalise to nothing
-
-
-def test_numbers_compare_by_value():
-    assert number_match("There are 9 apples.", "9") == 1.0
-    assert number_match("0.5", "1/2") == 1.0 and number_match("1,200 people", "1200") == 1.0
-    assert number_match("nine", "9") == 1.0 and number_match("-3", "-3") == 1.0
-    assert number_match("10", "9") == 0.0 and number_match("none", "9") == 0.0
-    assert first_number("seven and 3") == 7 and first_number("3 and seven") == 3
-    assert first_number("no digits") is None
-
-
-def test_rouge_l_uses_the_longest_common_subsequence():
-    assert rouge_l("the cat sat on the mat", "the cat is on the mat") == pytest.approx(5 / 6)
-    assert rouge_l("a b c", "c b a") == pytest.approx(1 / 3)  # order matters, unlike token F1
-    assert rouge_l("A b, C!", "a b c") == 1.0
-    p, r = 2 / 2, 2 / 4
-    assert rouge_l("x y", "x q y q") == pytest.approx(2 * p * r / (p + r))
-    assert rouge_l("", "a") == 0.0 and rouge_l("a", "b") == 0.0
-
 
 # ---------------------------------------------------------------- a tiny model with varied outputs
 
@@ -205,6 +175,31 @@ def test_perplexity_is_exp_of_the_models_own_loss(tiny):
         perplexity(model, tok, texts, seq_len=1)
 
 
+def test_score_model_and_perplexity_turn_windows_into_one_perplexity(tiny, tmp_path, capsys):
+    """One function turns held-out windows into a perplexity: score_model's equals perplexity's on the same texts,
+    bit for bit, and its per-item file reads back window by window."""
+    model, tok = tiny
+    cfg = ExperimentConfig.from_dict({"model": "tiny-llama", "eval": {"tasks": ["boolq"], "n": 2, "ppl_texts": 4,
+                                                                      "seq_len": 32, "scoring": "harness"}})
+    scores = score_model(model, tok, cfg, progress=False, items_file=tmp_path / "items" / "m.jsonl")
+    texts = eval_texts(cfg.eval.ppl_texts, seed=cfg.seed)
+    windows = window_nlls(model, tok, texts, seq_len=32, batch_size=cfg.eval.batch_size, progress=False)
+    capsys.readouterr()
+    assert scores["perplexity"] == windows_perplexity(windows)
+    assert scores["perplexity"] == perplexity(model, tok, texts, seq_len=32, batch_size=cfg.eval.batch_size,
+                                              progress=False)
+    assert capsys.readouterr().err == ""  # progress=False draws no bar
+    records = read_items(tmp_path / "items" / scores["items"])
+    held = [r for r in records if r["task"] == HELDOUT]
+    assert [(r["nll"], r["tokens"]) for r in held] == [(s / k, k) for s, k in windows]
+    assert {r["task"] for r in records} == {"boolq", HELDOUT} and scores["primary"]["boolq"] == \
+        scores["tasks"]["boolq"][primary_metric("boolq")]
+    with pytest.raises(LegokitError, match="is missing: this run was scored without per-item records"):
+        read_items(tmp_path / "items" / "none.jsonl")
+    write_items(tmp_path / "again.jsonl", records)
+    assert read_items(tmp_path / "again.jsonl") == records
+
+
 def test_evaluate_errors(tiny):
     model, tok = tiny
     with pytest.raises(LegokitError, match="n=0"):
@@ -264,29 +259,7 @@ def test_default_llm_perplexity_on_held_out_wikipedia(llm):
     assert 5.0 < ppl < 80.0  # measured ~28 on 32 paragraphs
 
 
-# ---------------------------------------------------------------- the packed scorer and harness scoring
-
-
-def test_packed_scorer_matches_one_unpadded_forward_per_continuation(tiny):
-    import random
-
-    from legokit.evaluate import score_requests
-
-    model, _ = tiny
-    vocab, rng = model.config.vocab_size, random.Random(0)
-    requests = [([rng.randrange(vocab) for _ in range(rng.randrange(1, 40))],
-                 [[rng.randrange(vocab) for _ in range(rng.randrange(1, 6))] for _ in range(rng.randrange(1, 5))])
-                for _ in range(30)]
-    with torch.inference_mode():
-        # small rows and forwards: many requests share a row, several rows share a forward
-        got = score_requests(model, requests, row_tokens=64, batch_tokens=200)
-    for (prefix, conts), sums in zip(requests, got, strict=True):
-        for cont, value in zip(conts, sums, strict=True):
-            logp = _brute_logprobs(model, prefix + cont)
-            want = sum(logp[len(prefix) - 1 + t, cont[t]].item() for t in range(len(cont)))
-            assert value == pytest.approx(want, abs=1e-3)
-    with pytest.raises(LegokitError, match="empty prefix"):
-        score_requests(model, [([], [[1]])])
+# ---------------------------------------------------------------- harness scoring
 
 
 def _cloze(i: int, options: tuple[str, ...], gold: int) -> Example:
@@ -362,17 +335,3 @@ def test_bad_scoring_and_non_finite_records_are_named(tiny):
     with pytest.raises(LegokitError, match="not finite for item.*'x1'"):
         summarize("piqa", [{"uid": "x0", "correct": 1.0, "nll": 1.0, "option_logprobs": [0.0]},
                            {"uid": "x1", "correct": 0.0, "nll": math.nan, "option_logprobs": [0.0]}])
-
-
-def test_target_logprobs_in_chunks_equal_one_projection(tiny_varied):
-    """The vocabulary projection in chunks (never a (tokens x vocabulary) tensor) gives the one-shot values."""
-    from legokit.evaluate import _target_logprobs
-
-    model, _ = tiny_varied
-    head = model.get_output_embeddings()
-    gen = torch.Generator().manual_seed(0)
-    hidden = torch.randn(11, model.config.hidden_size, generator=gen)
-    targets = torch.randint(0, model.config.vocab_size, (11,), generator=gen)
-    whole = torch.log_softmax(head(hidden).float(), dim=-1).gather(-1, targets[:, None])[:, 0]
-    for chunk in (1, 3, 11, 64):
-        torch.testing.assert_close(_target_logprobs(head, hidden, targets, chunk=chunk), whole)

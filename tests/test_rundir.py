@@ -23,7 +23,7 @@ import yaml
 from rawdata import prepared_cache
 from safetensors.torch import load_file
 
-import legokit.models
+import legokit.experiment
 from legokit.cli import main
 from legokit.config import ExperimentConfig
 from legokit.experiment import results_table, run_experiment
@@ -83,13 +83,13 @@ def finished(cache, config_file, tmp_path_factory) -> Path:
 def model_loads(monkeypatch) -> list[str]:
     """The models ``legokit run`` loads in this test (recorded; they load as usual)."""
     calls: list[str] = []
-    real = legokit.models.load_model
+    real = legokit.experiment.load_model
 
     def recording(name, *args, **kwargs):
         calls.append(name)
         return real(name, *args, **kwargs)
 
-    monkeypatch.setattr(legokit.models, "load_model", recording)
+    monkeypatch.setattr(legokit.experiment, "load_model", recording)
     return calls
 
 
