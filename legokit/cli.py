@@ -137,14 +137,14 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
 
 
 def _cmd_report(args: argparse.Namespace) -> None:
-    from legokit.collect import report
+    from legokit.report import report
 
     print(_lego_report(args.path) or report(args.path))
 
 
 def _lego_report(path: str) -> str | None:
     """A LEGO run's tables (``experiment.results_table``); None for a sweep or for another notebook's results."""
-    from legokit.collect import locate, read_results
+    from legokit.report import locate, read_results
 
     kind, results_json = locate(path)
     if kind != "run":

@@ -15,7 +15,7 @@ import torch
 
 from legokit.config import ExperimentConfig
 from legokit.lora import attach_lora, detach_lora, lora_factors
-from legokit.rounds import ClientResult, Factors, client_seed
+from legokit.messages import ClientResult, Factors, client_seed
 from legokit.train import train_client
 from legokit.utils import LegokitError
 

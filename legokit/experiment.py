@@ -36,8 +36,8 @@ from legokit.evidence import detectable_effect
 from legokit.federation import block_model, global_model, run_federation
 from legokit.learning import format_table, gain, gate
 from legokit.models import load_model, param_bytes
-from legokit.names import CONDITIONS, THRESHOLDS
-from legokit.strategy import aggregator_has_global, aggregator_pools_clients, assign_blocks, build_strategy
+from legokit.names import CONDITIONS, THRESHOLDS, aggregator_has_global, aggregator_pools_clients
+from legokit.strategy import assign_blocks, build_strategy
 from legokit.utils import LegokitError, atomic_write_json, heap_mode, peak_rss_mb, seed_everything
 
 

@@ -27,7 +27,7 @@ from legokit.checkpoint import Checkpoint
 from legokit.client import examples_per_task, local_update
 from legokit.config import ExperimentConfig
 from legokit.lora import attach_lora, detach_lora
-from legokit.rounds import ClientResult, Task
+from legokit.messages import ClientResult, Task
 from legokit.strategy import LegoStrategy, build_strategy
 from legokit.utils import LegokitError, progress_write
 
@@ -186,7 +186,7 @@ class InProcessClients:
         return out
 
 
-def federation(cfg: ExperimentConfig, llm: nn.Module, tokenizer, blocks: list, partitions: Sequence[list],
+def build_federation(cfg: ExperimentConfig, llm: nn.Module, tokenizer, blocks: list, partitions: Sequence[list],
                run_dir: str | Path, *, resume: bool = False, progress: bool = True,
                inject_failures: Mapping[int, list[int]] | None = None,
                on_round: Callable[[int, dict], None] | None = None,
@@ -222,7 +222,7 @@ def run_federation(cfg: ExperimentConfig, llm: nn.Module, tokenizer, blocks: lis
     Takes ``federation``'s arguments. Returns:
         The finished ``Federation`` (``.strategy`` holds the final global state, ``.rounds`` the round lines).
     """
-    return federation(cfg, llm, tokenizer, blocks, partitions, run_dir, **kwargs).run()
+    return build_federation(cfg, llm, tokenizer, blocks, partitions, run_dir, **kwargs).run()
 
 
 # ----- the outcome as models -------------------------------------------------------------------------

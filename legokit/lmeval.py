@@ -29,7 +29,16 @@ from pathlib import Path
 
 import yaml
 
-from legokit.utils import LegokitError, atomic_write_json, atomic_write_text
+from legokit.blocks import Block
+from legokit.config import ExperimentConfig
+from legokit.data import TASKS, load_task
+from legokit.federation import block_model, global_model
+from legokit.lora import detach_lora
+from legokit.models import load_model
+from legokit.names import aggregator_has_global
+from legokit.slm import materialize
+from legokit.strategy import assign_blocks, build_strategy
+from legokit.utils import LegokitError, atomic_write_json, atomic_write_text, resolve_device
 
 DEFAULT_TASKS = ("piqa", "boolq", "commonsense_qa", "mmlu")
 TASK_PREFIX = "legokit_"
@@ -37,7 +46,6 @@ TASK_PREFIX = "legokit_"
 
 def choice_tasks() -> list[str]:
     """The tasks ``export_tasks`` accepts: legokit's choice tasks (they carry a cloze context and options)."""
-    from legokit.data import TASKS
 
     return [name for name, spec in TASKS.items() if spec.kind == "choice"]
 
@@ -73,7 +81,6 @@ def export_tasks(out_dir: str | Path, tasks: Sequence[str] = DEFAULT_TASKS, spli
     Returns:
         the YAML paths, one per task, in ``tasks`` order.
     """
-    from legokit.data import load_task
 
     valid = choice_tasks()
     tasks = [tasks] if isinstance(tasks, str) else list(tasks)
@@ -112,7 +119,6 @@ def lm_eval_command(task_dir: str | Path, tasks: Sequence[str], pretrained: str 
 
     ``device="auto"`` names CUDA when present, else the CPU (lm-eval's own default is ``cuda``).
     """
-    from legokit.utils import resolve_device
 
     names = ",".join(f"{TASK_PREFIX}{t}" for t in tasks)
     return (f"HF_DATASETS_OFFLINE=1 HF_HUB_OFFLINE=1 lm_eval run --model hf --model_args pretrained={pretrained} "
@@ -124,7 +130,6 @@ def lm_eval_command(task_dir: str | Path, tasks: Sequence[str], pretrained: str 
 def _read_run(run_dir: Path) -> tuple:
     """What a run directory says, read without loading a model: ``(config, last finished round, its adapter
     directory, block ids)``; a clear error for each way the directory can be incomplete."""
-    from legokit.config import ExperimentConfig
 
     if not (run_dir / "config.yaml").is_file():
         raise LegokitError(f"{run_dir} is not a run directory (no config.yaml); give the --out of `legokit run`")
@@ -147,9 +152,6 @@ def _read_run(run_dir: Path) -> tuple:
 def _restore_strategy(run_dir: Path, device: str, dtype: str):
     """The strategy of a run directory's last finished round, rebuilt as a resumed run does: the config, the
     LLM, the saved blocks, then that round's global state. Returns ``(strategy, llm, tokenizer, round)``."""
-    from legokit.blocks import Block
-    from legokit.models import load_model
-    from legokit.strategy import build_strategy
 
     cfg, rnd, adir, ids = _read_run(run_dir)
     llm, tok = load_model(cfg.model, device=device, dtype=dtype)
@@ -171,8 +173,6 @@ def _check_export(run: Path, out: Path, model: str, client: int | None, device: 
     """Every export argument checked against the run directory before the model is loaded and rebuilt."""
     from types import SimpleNamespace
 
-    from legokit.strategy import assign_blocks
-    from legokit.utils import resolve_device
 
     if out.exists() and not out.is_dir():
         raise LegokitError(f"--out {str(out)!r} is an existing file; the checkpoint is a directory: give a new path "
@@ -185,7 +185,7 @@ def _check_export(run: Path, out: Path, model: str, client: int | None, device: 
     # the blocks are extracted in prune.sparsities's order, so the assignment needs only their levels
     assignment = assign_blocks(cfg, [SimpleNamespace(sparsity=s) for s in cfg.prune.sparsities])
     clients = ", ".join(f"{k}: {ids[b]}" for k, b in enumerate(assignment))
-    if cfg.fed.aggregator == "local":
+    if not aggregator_has_global(cfg.fed.aggregator):
         if client is None:
             raise LegokitError(f"run {run} is a 'local' run: no global model, every client keeps its own adapter; "
                                f"choose one with --client K (client: block = {clients})")
@@ -216,15 +216,12 @@ def export_checkpoint(run_dir: str | Path, out_dir: str | Path, model: str = "gl
     Returns:
         ``out_dir``.
     """
-    from legokit.federation import block_model, global_model
-    from legokit.lora import detach_lora
-    from legokit.slm import materialize
 
     run, out = Path(run_dir), Path(out_dir)
     _check_export(run, out, model, client, device)
     strategy, llm, tok, rnd = _restore_strategy(run, device, dtype)
     cfg, blocks = strategy.cfg, strategy.blocks
-    if cfg.fed.aggregator == "local":
+    if not strategy.has_global:
         index = strategy.assignment[client]
         what = blocks[index].id
         context = block_model(strategy, index, client)

@@ -42,6 +42,18 @@ LABEL_IMBALANCE = 0.10
 AGGREGATOR_NAMES = ("heteagg", "fedavg", "fedavg_delta", "heterofl", "flora", "flexlora")  # aggregate.AGGREGATORS
 # Reference conditions that share the round loop but do not aggregate (or do not federate).
 REFERENCE_MODES = ("local", "centralized")
+
+
+def aggregator_has_global(aggregator: str | None) -> bool:
+    """``LegoStrategy.has_global`` of the condition ``fed.aggregator`` names (for a config or results, no strategy)."""
+    return aggregator != "local"
+
+
+def aggregator_pools_clients(aggregator: str | None) -> bool:
+    """``LegoStrategy.pools_clients`` of the condition ``fed.aggregator`` names (for a config, no strategy)."""
+    return aggregator == "centralized"
+
+
 BROADCAST_MODES = ("adapter", "merge")
 UNCOVERED_RULES = ("keep", "zero")
 WEIGHTINGS = ("samples", "uniform")

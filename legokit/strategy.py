@@ -33,9 +33,9 @@ from torch import nn
 from legokit.aggregate import AGGREGATORS, ClientUpdate
 from legokit.broadcast import AdapterBroadcast, Broadcast, LocalAdapters, MergeBroadcast
 from legokit.config import ExperimentConfig, sampled_count
+from legokit.messages import ClientResult, Task
 from legokit.models import linear_modules
-from legokit.names import DEVICE_PROFILES
-from legokit.rounds import ClientResult, Task
+from legokit.names import DEVICE_PROFILES, aggregator_has_global, aggregator_pools_clients
 from legokit.utils import LegokitError, progress_bar
 
 
@@ -232,16 +232,6 @@ class LegoStrategy:
 def global_rank(cfg: ExperimentConfig) -> int:
     """The global adapter's rank: ``fed.global_rank``, else the sum of the client ranks."""
     return cfg.fed.global_rank or cfg.lora.rank * cfg.fed.num_clients
-
-
-def aggregator_has_global(aggregator: str | None) -> bool:
-    """``LegoStrategy.has_global`` of the condition ``fed.aggregator`` names (for a config or results, no strategy)."""
-    return aggregator != "local"
-
-
-def aggregator_pools_clients(aggregator: str | None) -> bool:
-    """``LegoStrategy.pools_clients`` of the condition ``fed.aggregator`` names (for a config, no strategy)."""
-    return aggregator == "centralized"
 
 
 def build_strategy(cfg: ExperimentConfig, llm: nn.Module, blocks: list, *, progress: bool = True) -> LegoStrategy:

@@ -21,7 +21,6 @@ import time
 import traceback
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, is_dataclass
-from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -30,14 +29,14 @@ import torch
 
 from legokit.aggregate import AGGREGATORS, coverage
 from legokit.analysis import read_metrics
-from legokit.collect import flatten
 from legokit.config import ExperimentConfig, notebook_config
 from legokit.data import TASKS, eval_texts
 from legokit.evaluate import perplexity
 from legokit.experiment import client_partitions, load_or_extract_blocks
-from legokit.federation import federation, global_model
+from legokit.federation import build_federation, global_model
 from legokit.models import linear_modules, load_model
 from legokit.names import BROADCAST_MODES
+from legokit.report import flatten
 from legokit.utils import LegokitError
 
 NOTEBOOK = "05_studio"
@@ -110,21 +109,14 @@ class StudioRun:
 
 @dataclass
 class Comparison:
-    """Two runs side by side: the runs (what the figure draws), the per-round losses, the config differences and
-    the scores. ``figure`` draws it (``legokit.viz.studio.plot_compare``) on first use."""
+    """Two runs side by side: the runs (their loss curves), the per-round losses, the config differences and the
+    scores. Data only: ``legokit.viz.plot_compare(comparison)`` draws it."""
 
     a: StudioRun
     b: StudioRun
     rounds: pd.DataFrame
     differences: pd.DataFrame
     scores: pd.DataFrame
-
-    @cached_property
-    def figure(self):
-        """The comparison's Figure (``viz.studio.plot_compare``), drawn once."""
-        from legokit.viz.studio import plot_compare  # matplotlib: heavy optional dependency, only when shown
-
-        return plot_compare(self)
 
     def _repr_html_(self) -> str:
         return (f"<b>per-round mean loss</b>{self.rounds.to_html(index=False, float_format='%.4f')}"
@@ -359,7 +351,7 @@ class Studio:
             saved = ({n: m.weight.detach().clone() for n, m in linear_modules(llm, cfg.lora.target_modules).items()}
                      if merge else None)  # the LLM's weights, restored after a merge run
             try:
-                fed = federation(cfg, llm, tok, blocks, run.partitions, run.run_dir, progress=self.progress,
+                fed = build_federation(cfg, llm, tok, blocks, run.partitions, run.run_dir, progress=self.progress,
                                  inject_failures=inject_failures)
                 run.module = self.module or _default_module(fed.strategy.modules)
                 while not fed.done:
@@ -394,14 +386,14 @@ class Studio:
     def _base_score(self, llm, tok, cfg: ExperimentConfig) -> float:
         key = (cfg.model, cfg.eval.ppl_texts, cfg.eval.seq_len, cfg.seed)
         if key not in self._base_ppl:
-            self._base_ppl[key] = _perplexity(llm, tok, cfg)
+            self._base_ppl[key] = _perplexity(llm, tok, cfg, self.progress)
         return self._base_ppl[key]
 
     def _global_score(self, strategy, llm, tok, cfg: ExperimentConfig) -> float | None:
-        if cfg.fed.aggregator == "local":  # no global model
+        if not strategy.has_global:  # the local reference
             return None
         with global_model(strategy, llm) as model:
-            return _perplexity(model, tok, cfg)
+            return _perplexity(model, tok, cfg, self.progress)
 
     # ----- comparing ----------------------------------------------------------------------------------
     def get(self, run: int | StudioRun) -> StudioRun:
@@ -414,8 +406,8 @@ class Studio:
         raise LegokitError(f"no run {run!r}: the Studio has runs {[r.index for r in self.runs]}")
 
     def compare(self, a: int | StudioRun, b: int | StudioRun) -> Comparison:
-        """Two ended runs side by side: the runs (for their loss curves, ``Comparison.figure``), the per-round mean
-        loss, the config differences, and the held-out perplexity of each global LLM when measured."""
+        """Two ended runs side by side: the runs (for their loss curves; ``viz.plot_compare`` draws them), the
+        per-round mean loss, the config differences, and the held-out perplexity of each global LLM when measured."""
         ra, rb = self.get(a), self.get(b)
         if ra is rb:  # the widget's two menus can name the same run; the table below needs two columns
             others = [r.index for r in self.runs if r is not ra and r.done]
@@ -456,10 +448,10 @@ def _restore(llm, saved: Mapping[str, torch.Tensor]) -> None:
         llm.get_submodule(n).weight.copy_(w)
 
 
-def _perplexity(model, tok, cfg: ExperimentConfig) -> float:
+def _perplexity(model, tok, cfg: ExperimentConfig, progress: bool) -> float:
     """Held-out perplexity on ``eval.ppl_texts`` Wikipedia paragraphs (``evaluate.perplexity``)."""
     return perplexity(model, tok, eval_texts(cfg.eval.ppl_texts, seed=cfg.seed), seq_len=cfg.eval.seq_len,
-                      batch_size=cfg.eval.batch_size)
+                      batch_size=cfg.eval.batch_size, progress=progress)
 
 
 def _round_message(run: StudioRun, record, total: int) -> str:
@@ -483,7 +475,7 @@ def _end_message(run: StudioRun) -> str:
 
 
 def config_differences(a: ExperimentConfig, b: ExperimentConfig) -> pd.DataFrame:
-    """Every config key (``collect.flatten``'s) whose value differs between ``a`` and ``b``, the run names left
+    """Every config key (``report.flatten``'s) whose value differs between ``a`` and ``b``, the run names left
     out: ``key, a, b``."""
     da, db = a.to_dict(), b.to_dict()
     rows = [{"key": k, "a": _value_at(da, k), "b": _value_at(db, k)}

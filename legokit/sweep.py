@@ -1,7 +1,7 @@
 """``legokit sweep``: run a parameterized notebook once per grid point with papermill, resume, record failures.
 
 A sweep executes one notebook once per point of a grid (:mod:`legokit.grid`), keeps every executed notebook,
-skips points that already finished, and collects the recorded results (:mod:`legokit.collect`) into
+skips points that already finished, and collects the recorded results (:mod:`legokit.report`) into
 ``results.csv`` and ``summary.png`` (:func:`legokit.viz.plot_sweep_summary`).
 
 Notebook convention (every legokit notebook): one cell tagged ``parameters`` of plain literals (among them
@@ -37,7 +37,6 @@ from typing import Any
 
 import pandas as pd
 
-from legokit.collect import collect
 from legokit.grid import (
     RESERVED,
     SweepPoint,
@@ -49,6 +48,7 @@ from legokit.grid import (
     summary_spec,
     validate_points,
 )
+from legokit.report import collect
 from legokit.sweepdir import param_columns, sweep_meta
 from legokit.utils import LegokitError, atomic_write_text, progress_bar, progress_write
 
@@ -204,7 +204,7 @@ def summary_figure(df: pd.DataFrame, path: Path, summary: Mapping[str, Any] | No
     """Write :func:`legokit.viz.plot_sweep_summary`'s figure to ``path``; None (nothing written) if nothing to plot.
 
     Args:
-        df: :func:`legokit.collect.collect`'s table.
+        df: :func:`legokit.report.collect`'s table.
         path: where to write the PNG.
         summary: the grid's ``summary`` section ({x, y, hue}), or None for the defaults.
         params: the parameter columns of ``df`` (every other numeric column is a result).

@@ -2,7 +2,7 @@
 
 A sweep directory (written by :mod:`legokit.sweep`) holds ``sweep.json`` (grid hash, notebook, the points and their
 parameters, the notebook's defaults) and ``points/<name>/`` per point: its ``RUN_DIR``, finished when it holds a
-``results.json``. This module is the one reader of that layout: :mod:`legokit.collect` (``results.csv``, ``legokit
+``results.json``. This module is the one reader of that layout: :mod:`legokit.report` (``results.csv``, ``legokit
 report``) and ``claims.load_sweep`` (LEGO's conditions pooled over seeds) both read through it.
 """
 

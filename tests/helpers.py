@@ -13,8 +13,8 @@ from legokit.blocks import extract_blocks
 from legokit.config import ExperimentConfig
 from legokit.data import Example
 from legokit.federation import run_federation
+from legokit.messages import ClientResult
 from legokit.models import linear_modules, load_model
-from legokit.rounds import ClientResult
 from legokit.strategy import LegoStrategy, build_strategy
 
 # Calibration texts short enough for tiny-llama's 32-token sequences (two distinct paragraphs, twice).

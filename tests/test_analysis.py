@@ -36,8 +36,8 @@ from legokit.data import Example, tokenize_example
 from legokit.evaluate import evaluate_examples
 from legokit.federation import block_model, run_federation
 from legokit.lora import svd_refactor
+from legokit.messages import ClientResult
 from legokit.models import linear_modules
-from legokit.rounds import ClientResult
 from legokit.slm import materialize
 from legokit.strategy import build_strategy
 from legokit.utils import LegokitError

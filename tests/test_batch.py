@@ -16,8 +16,8 @@ import pytest
 import yaml
 
 from legokit import cli
-from legokit.collect import collect, flatten, point_status, report
 from legokit.grid import expand_points, grid_hash, notebook_parameters, validate_points
+from legokit.report import collect, flatten, point_status, report
 from legokit.sweep import SweepResult, _check_kernel, summary_figure, sweep
 from legokit.utils import LegokitError, atomic_write_json
 from legokit.viz import plot_sweep_summary

@@ -125,7 +125,7 @@ def test_seeds_are_averaged_and_counted():
 
 
 def test_summary_is_flat_json_for_sweep_collection():
-    from legokit.collect import flatten
+    from legokit.report import flatten
 
     s = claims.summary(experiment())
     flat = flatten(json.loads(json.dumps(s)))

@@ -9,7 +9,7 @@ from helpers import CALIB, PARTS, global_delta, random_results, run_tiny, tiny_c
 
 from legokit.blocks import extract_blocks
 from legokit.broadcast import load_uniform_adapter
-from legokit.federation import federation, run_federation
+from legokit.federation import build_federation, run_federation
 from legokit.utils import LegokitError
 
 
@@ -59,7 +59,7 @@ def test_a_structured_block_client_trains_in_the_loop_and_its_update_stays_in_it
 def test_stepping_the_loop_round_by_round_equals_running_it(setup_llm, tmp_path):
     llm, tok, blocks = setup_llm
     whole = run_tiny(tiny_config(), llm, tok, blocks, PARTS, tmp_path / "run")
-    fed = federation(tiny_config(), llm, tok, blocks, PARTS, tmp_path / "step", progress=False)
+    fed = build_federation(tiny_config(), llm, tok, blocks, PARTS, tmp_path / "step", progress=False)
     first = fed.step()
     assert (first.round, fed.round, [r.client for r in first.results]) == (1, 1, [0, 1])
     assert [ln["round"] for ln in first.lines] == [1, 1] and "energy_kept_mean" in first.metrics
@@ -75,7 +75,7 @@ def test_an_update_that_does_not_fit_the_llm_is_recorded_as_failed(setup_llm, tm
     from legokit.federation import Exchange, Outcome
 
     llm, tok, blocks = setup_llm
-    fed = federation(tiny_config(fed={"rounds": 1}), llm, tok, blocks, PARTS, tmp_path, progress=False)
+    fed = build_federation(tiny_config(fed={"rounds": 1}), llm, tok, blocks, PARTS, tmp_path, progress=False)
     tasks = fed.strategy.configure(1)
     good, bad = random_results(llm, (4, 4))
     name = next(iter(bad.factors))

@@ -77,9 +77,7 @@ def _calls(fn: ast.AST) -> set[str]:
     return out
 
 
-# Functions outside evaluate that may still compute a perplexity of their own while their move to evaluate lands
-# (issue 22: the studio calls evaluate.perplexity instead); drop the entry once it has.
-PENDING_PERPLEXITY = {"studio._perplexity": "the studio calls evaluate.perplexity instead"}
+
 
 
 def test_scoring_is_defined_once():
@@ -88,7 +86,7 @@ def test_scoring_is_defined_once():
     functions = {f"{name}.{fn.name}": _calls(fn) for name, tree in _modules().items() for fn in ast.walk(tree)
                  if isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef))}
     own = sorted(f for f, calls in functions.items() if {"window_nlls", "exp"} <= calls)
-    assert set(own) <= set(PENDING_PERPLEXITY), f"a perplexity computed outside evaluate.windows_perplexity: {own}"
+    assert not own, f"a perplexity computed outside evaluate.windows_perplexity: {own}"
     assert [f for f, calls in functions.items() if "windows_perplexity" in calls] == [
         "evaluate.perplexity", "evaluate.score_model"]
     assert "exp" in functions["evaluate.windows_perplexity"]
@@ -108,9 +106,7 @@ PRESENTATION = ("matplotlib", "seaborn", "ipywidgets", "legokit.viz", "legokit.w
 FRONT = re.compile(r"^(viz|widgets|cli)(\.|$)|plots")
 # Modules that draw on purpose although they are not presentation, and why.
 DRAWS = {"sweep": "a sweep writes summary.png beside results.csv (viz.plot_sweep_summary)"}
-# Modules whose presentation is being moved out (issue 22): each must still import it, so the entry is removed
-# (and the module checked) once the move lands.
-PENDING = {"studio": "its plots and ipywidgets move to the presentation layer"}
+
 
 
 def _presentation_imports(tree: ast.Module) -> list[str]:
@@ -132,9 +128,7 @@ def test_no_core_module_imports_presentation():
         if FRONT.search(name) or name in DRAWS:
             continue
         found = _presentation_imports(tree)
-        if name in PENDING:
-            assert found, f"legokit/{name}.py no longer imports presentation: remove it from PENDING"
-        elif found:
+        if found:
             offenders[name] = found
     assert not offenders, f"core modules import presentation: {offenders}"
 

@@ -19,6 +19,7 @@ from legokit.federation import run_federation
 from legokit.strategy import LegoStrategy
 from legokit.studio import Comparison, Studio, StudioRun
 from legokit.utils import LegokitError
+from legokit.viz import plot_compare
 from legokit.widgets import studio_widget
 
 
@@ -123,7 +124,7 @@ def test_a_failing_round_keeps_the_finished_ones(studio, monkeypatch):
     assert "failed in round 2/3" in run.message and "round 1 kept" in run.message
     assert [r["round"] for r in run.rounds] == [1] and len(run.losses()) == 2  # 2 clients x 1 step
     cmp = st.compare(ok, run)
-    assert isinstance(cmp.figure, Figure) and list(cmp.rounds["round"]) == [1]
+    assert isinstance(plot_compare(cmp), Figure) and list(cmp.rounds["round"]) == [1]
     assert list(cmp.scores["status"]) == ["finished", "failed"]
 
 
@@ -145,7 +146,7 @@ def test_compare_two_runs_and_merge_leaves_the_llm_as_it_was(studio):
     b = studio.run(rounds=1, local_steps=1, examples=[2, 2], aggregator="fedavg", broadcast="merge")
     assert all(torch.equal(before[k], v) for k, v in llm.state_dict().items())
     cmp = studio.compare(a.index, b.index)
-    assert isinstance(cmp.figure, Figure) and len(cmp.figure.axes) == 3  # losses, per round, perplexity
+    assert len(plot_compare(cmp).axes) == 3  # losses, per round, perplexity
     assert list(cmp.rounds.columns) == ["round", f"run {a.index}", f"run {b.index}"]
     assert set(cmp.differences["key"]) == {"fed.aggregator", "fed.broadcast"}
     assert cmp.scores["held-out ppl"].notna().all()
@@ -199,11 +200,11 @@ def test_the_controller_imports_no_plotting_or_widgets():
     assert out.strip() == "[]", out
 
 
-def test_a_comparison_draws_its_figure_once_when_shown(tmp_path):
-    """``Studio.compare`` returns data; ``Comparison.figure`` is drawn by ``viz.studio.plot_compare`` on first use."""
+def test_a_comparison_is_data_and_viz_draws_it(tmp_path):
+    """``Studio.compare`` returns data (no figure on it); ``viz.plot_compare`` draws it."""
     runs = [StudioRun(i, ExperimentConfig(), [], tmp_path, status="finished") for i in (1, 2)]
     cmp = Comparison(*runs, rounds=None, differences=None, scores=None)
-    assert "figure" not in vars(cmp)  # nothing drawn yet
-    fig = cmp.figure
-    assert isinstance(fig, Figure) and len(fig.axes) == 2 and cmp.figure is fig  # unscored: no perplexity axis
+    assert not hasattr(cmp, "figure")
+    fig = plot_compare(cmp)
+    assert len(fig.axes) == 2  # unscored: no perplexity axis
     assert [ax.get_title() for ax in fig.axes] == ["loss per local step", "per round"]

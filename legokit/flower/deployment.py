@@ -36,6 +36,7 @@ from legokit.flower.processes import (
     wait_superlink,
     write_connection,
 )
+from legokit.flower.runconfig import check_supported, write_app
 from legokit.utils import LegokitError
 
 
@@ -188,7 +189,6 @@ def deploy(cfg: ExperimentConfig, run_dir: str | Path, *, clients: int | None = 
     Returns:
         ``{"run_id", "status", "flower": <flwr ls record>, "summary": <run_dir/flower.json>, "seconds"}``.
     """
-    from legokit.flower.runconfig import check_supported, write_app
 
     if clients is not None and clients != cfg.fed.num_clients:
         cfg = cfg.with_overrides({"fed.num_clients": clients})

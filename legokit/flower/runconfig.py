@@ -16,7 +16,9 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
+from legokit import __version__
 from legokit.config import SECTIONS, ExperimentConfig
+from legokit.names import aggregator_pools_clients
 from legokit.utils import LegokitError, atomic_write_text
 
 RunConfig = dict[str, bool | int | float | str]
@@ -139,7 +141,7 @@ def from_run_config(run_config: Mapping[str, Any]) -> tuple[ExperimentConfig, Fl
 
 def check_supported(cfg: ExperimentConfig) -> None:
     """Reject the modes the Flower app does not run (before any process starts)."""
-    if cfg.fed.aggregator == "centralized":
+    if aggregator_pools_clients(cfg.fed.aggregator):
         raise LegokitError("fed.aggregator='centralized' pools every client's data in one place: it is a "
                            "reference for the in-process loop (`legokit run`), not a federated run")
     if cfg.fed.broadcast == "merge":
@@ -159,7 +161,6 @@ def app_pyproject(run_config: Mapping[str, Any]) -> str:
     """
     import tomli_w
 
-    from legokit import __version__
 
     nested: dict[str, Any] = {}
     for key, value in run_config.items():

@@ -18,7 +18,13 @@ from typing import Any
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
-from legokit.utils import atomic_write_json
+from legokit.checkpoint import Checkpoint
+from legokit.experiment import load_or_extract_blocks
+from legokit.flower.runconfig import check_supported, from_run_config
+from legokit.flower.strategy import FlowerStrategy
+from legokit.models import load_model
+from legokit.strategy import build_strategy
+from legokit.utils import atomic_write_json, seed_everything
 
 logger = logging.getLogger("legokit.flower")
 
@@ -36,13 +42,6 @@ def run_server(grid: Grid, run_config: Mapping[str, Any], *, run_id: int = 0, pr
     """
     import torch
 
-    from legokit.checkpoint import Checkpoint
-    from legokit.experiment import load_or_extract_blocks
-    from legokit.flower.runconfig import check_supported, from_run_config
-    from legokit.flower.strategy import FlowerStrategy
-    from legokit.models import load_model
-    from legokit.strategy import build_strategy
-    from legokit.utils import seed_everything
 
     t0 = time.time()
     cfg, opts = from_run_config(run_config)

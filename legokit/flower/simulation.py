@@ -22,6 +22,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from legokit.config import ExperimentConfig
+from legokit.flower.client_app import make_client_app
+from legokit.flower.runconfig import check_supported, to_run_config
+from legokit.flower.server_app import make_server_app
 from legokit.utils import LegokitError
 
 # The module Flower 1.42's simulation engine imports its backend from (``RayBackend``), whatever backend it is asked
@@ -182,9 +185,6 @@ def simulate(cfg: ExperimentConfig, run_dir: str | Path, *, backend: str = "auto
 
     from flwr.simulation import run_simulation
 
-    from legokit.flower.client_app import make_client_app
-    from legokit.flower.runconfig import check_supported, to_run_config
-    from legokit.flower.server_app import make_server_app
 
     check_supported(cfg)
     run_dir = Path(run_dir).resolve()

@@ -27,7 +27,7 @@ from flwr.serverapp import Grid
 from legokit.federation import Exchange, Outcome
 from legokit.flower.messages import factors_from_record, factors_to_record, record_nbytes
 from legokit.flower.runconfig import FlowerOptions
-from legokit.rounds import ClientResult, Task
+from legokit.messages import ClientResult, Task
 from legokit.strategy import LegoStrategy
 from legokit.utils import LegokitError, atomic_write_json
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import warnings
 
-from legokit.collect import is_seed, result_columns, varying_params
 from legokit.grid import summary_spec
+from legokit.report import is_seed, result_columns, varying_params
 from legokit.viz.figure import panel_figure
 
 _MAX_SUMMARY_PANELS = 4
@@ -16,7 +16,7 @@ def plot_sweep_summary(df, summary=None, params=()):
     to plot. One axis per result column.
 
     Args:
-        df: the sweep's results table (``collect.collect``: one row per point).
+        df: the sweep's results table (``report.collect``: one row per point).
         summary: the grid's ``summary`` section ({x, y, hue}), or None for the defaults: x the first varying
             parameter that is not a seed, hue the next one, y the first few numeric results that change.
         params: the parameter columns of ``df`` (every other numeric column is a result).
