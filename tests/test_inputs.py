@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import re
 import shlex
+import sys
 from pathlib import Path
 
 import pytest
@@ -33,9 +34,12 @@ def no_work(monkeypatch):
 
     import legokit.experiment
     import legokit.flower.deployment
+    import legokit.lmeval
     import legokit.models
 
-    monkeypatch.setattr(legokit.models, "load_model", reached)
+    for module in [m for name, m in sys.modules.items() if name.startswith("legokit")]:
+        if getattr(module, "load_model", None) is legokit.models.load_model:  # every module that imported it
+            monkeypatch.setattr(module, "load_model", reached)
     monkeypatch.setattr(legokit.experiment, "run_experiment", reached)
     monkeypatch.setattr(legokit.flower.deployment, "deploy", reached)
 

@@ -145,9 +145,9 @@ def _notebook_sources() -> dict[str, str]:
                               if c["cell_type"] == "code") for p in sorted((ROOT / "notebooks").glob("*.ipynb"))}
 
 
-@pytest.mark.parametrize("module", ["claims", "collect", "evaluate", "experiment", "learning", "strategy",
-                                    "federation", "evidence"])
-def test_every_name_a_notebook_imports_from_the_experiment_layer_is_there(module):
+@pytest.mark.parametrize("module", ["claims", "report", "evaluate", "experiment", "learning", "strategy",
+                                    "federation", "evidence", "analysis", "viz", "widgets", "data", "blocks"])
+def test_every_name_a_notebook_imports_from_legokit_is_there(module):
     import importlib
 
     mod = importlib.import_module(f"legokit.{module}")

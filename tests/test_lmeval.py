@@ -104,7 +104,7 @@ def test_tiny_llama_scores_agree_with_lm_eval(tmp_path, monkeypatch):
     from legokit.evaluate import score_items
     from legokit.models import load_model
 
-    monkeypatch.setattr("legokit.data.load_task", lambda task, split: SYNTHETIC)
+    monkeypatch.setattr("legokit.lmeval.load_task", lambda task, split: SYNTHETIC)
     (path,) = export_tasks(tmp_path, tasks=["piqa"])
     assert path == (tmp_path / "piqa.yaml").resolve() and (tmp_path / "piqa.jsonl").is_file()
     model, tok = load_model("tiny-llama")
@@ -128,7 +128,7 @@ def _rouge_pairs(references: list[str]) -> list[tuple[str, str]]:
 def test_rouge_l_equals_rouge_score_without_stemming():
     from rouge_score import rouge_scorer
 
-    from legokit.evaluate import rouge_l
+    from legokit.metrics import rouge_l
 
     scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
     refs = ["The UK's biggest retailer, Tesco, said profits rose 5.3% to £1.2bn in 2016-17.",
@@ -166,7 +166,7 @@ def test_rouge_l_on_xsum_items_equals_rouge_score():
     from rouge_score import rouge_scorer
 
     from legokit.data import load_task
-    from legokit.evaluate import rouge_l
+    from legokit.metrics import rouge_l
 
     scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
     examples = load_task("xsum", "test")[:40]
