@@ -2,9 +2,8 @@
 
 config -> LLM -> building blocks -> client data -> rounds (``federation``) -> evaluation -> run directory.
 
-The conditions it runs are named once, in ``names.CONDITIONS`` (also importable from here as ``CONDITIONS``); a
-model is scored by ``evaluate.score_model`` (importable from here too, as are ``primary_metric`` and the rest the
-notebooks take from this module).
+The conditions it runs are named once, in ``names.CONDITIONS`` (also importable from here as ``CONDITIONS``, as
+notebook 04 does); a model is scored by ``evaluate.score_model``.
 """
 
 from __future__ import annotations
@@ -25,7 +24,6 @@ from legokit.checkpoint import Checkpoint, blocks_made_with, check_blocks
 from legokit.config import ExperimentConfig, first_difference
 from legokit.data import balance_labels, calibration_texts, label_imbalance, load_task, partition
 from legokit.evaluate import (
-    primary_metric,  # noqa: F401 (scoring lives in evaluate; notebook 00 imports it here)
     read_items,
     score_model,
     score_tasks,
