@@ -17,7 +17,7 @@ A ``Block`` is what a client's SLM is made of, stored as little as possible:
 
 ``extract_blocks`` makes the blocks of one method and pattern at several sparsities. In ``one_shot``
 calibration one dense pass gives the statistics of every level and the masks are nested
-(M_75 ⊆ M_50 ⊆ M_25 ⊆ dense) for every method (``prune.level_masks``): Wanda and magnitude pick the
+(M_75 ⊆ M_50 ⊆ M_25 ⊆ dense) for every method (``level_masks``): Wanda and magnitude pick the
 levels from one sort of the same scores; SparseGPT runs its OBS pass per level from the shared Hessian,
 lowest sparsity first, each level choosing its mask inside the previous one (its pruned weights pruned
 first), then reconstructs. ``sequential`` calibration (each layer fed by the already pruned earlier layers, as the
@@ -54,19 +54,21 @@ from legokit.data import calibration_texts
 from legokit.models import decoder_layers, layer_of, linear_modules
 from legokit.prune import (
     Index,
+    Pattern,
     StructuredSizes,
     check_calibration,
     check_method,
     index_mask,
     inverse_hessian_factor,
-    level_masks,
     method_scores,
+    nested_masks,
     parse_pattern,
     resolve_sparsity,
     structured_select,
     structured_sizes,
 )
 from legokit.slm import LinearView, attention_dims, build_slm, pack_mask
+from legokit.sparsegpt import sparsegpt_prune
 from legokit.utils import LegokitError, atomic_write_json, release_heap
 
 FORMAT_VERSION = 1
@@ -254,6 +256,39 @@ class Block:
 
 
 # ----- extraction -------------------------------------------------------------------------------------------
+def level_masks(method: str, weight: torch.Tensor, sparsities: Sequence[float | None],
+                pattern: str | Pattern = "unstructured", *, act_norm: torch.Tensor | None = None,
+                hessian: torch.Tensor | None = None, percdamp: float = 0.01,
+                blocksize: int = 128) -> tuple[list[torch.Tensor], list[torch.Tensor] | None]:
+    """One module's keep-masks at several sparsities, nested, as ``extract_blocks`` makes them.
+
+    Magnitude and Wanda: ``nested_masks`` of the method's scores (``act_norm`` (in,) for Wanda). SparseGPT:
+    ``sparsegpt.sparsegpt_prune`` level by level from one inverse-Hessian factor of ``hessian`` (in, in),
+    lowest sparsity first, each level inside the previous mask, reconstructing the weight. Every method
+    prunes rows independently, so modules fed the same input may be passed stacked, (out_1 + out_2, in).
+
+    Returns:
+        ``(masks, weights)``: one bool (out, in) keep-mask per entry of ``sparsities``, in that order, and
+        for SparseGPT the reconstructed (out, in) weight per entry (None for the other methods).
+    """
+    check_method(method)
+    pat = parse_pattern(pattern)
+    levels = [resolve_sparsity(s, pat) for s in sparsities]
+    if method != "sparsegpt":
+        scores = method_scores(method, weight, act_norm=act_norm, hessian=hessian, percdamp=percdamp)
+        return nested_masks(scores, levels, str(pat)), None
+    if hessian is None:
+        raise LegokitError("sparsegpt masks need the calibration hessian (InputStats.hessian)")
+    factor = inverse_hessian_factor(hessian, percdamp)  # shared by every level
+    done: dict[float, tuple[torch.Tensor, torch.Tensor]] = {}
+    within = None
+    for s in sorted(set(levels)):
+        new_weight, within = sparsegpt_prune(weight, hessian, s, str(pat), blocksize=blocksize,
+                                             percdamp=percdamp, within=within, factor=factor)
+        done[s] = (within, new_weight)
+    return [done[s][0] for s in levels], [done[s][1] for s in levels]
+
+
 class _Level:
     """What extraction accumulates for one sparsity level."""
 

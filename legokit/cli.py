@@ -29,13 +29,13 @@ def _cmd_eval(args: argparse.Namespace) -> None:
     from legokit.config import EvalConfig, ExperimentConfig
     from legokit.evaluate import score_model
     from legokit.experiment import results_table
-    from legokit.models import load_model
+    from legokit.models import load_model, warn_preflight
     from legokit.utils import atomic_write_json, seed_everything
 
     cfg = ExperimentConfig(model=args.model, device=args.device,
                            eval=EvalConfig(tasks=args.tasks, n=args.n, ppl_texts=args.ppl_texts, scoring=args.scoring,
                                            items="first"))
-    run_preflight(cfg)
+    warn_preflight(cfg)
     seed_everything(cfg.seed)
     t0 = time.time()
     model, tok = load_model(cfg.model, device=cfg.device)
@@ -53,6 +53,7 @@ def _cmd_eval(args: argparse.Namespace) -> None:
 def _cmd_run(args: argparse.Namespace) -> int:
     from legokit.config import load_config
     from legokit.experiment import results_table, run_experiment
+    from legokit.models import warn_preflight
 
     cfg = load_config(args.config, args.set)
     out = Path(args.out)
@@ -60,7 +61,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     if resume and not (out / "config.yaml").is_file():
         raise LegokitError(f"--resume: {out} holds no run (no config.yaml): drop --resume to start a new run there, "
                            "or point --out at the directory of the run to continue")
-    run_preflight(cfg)
+    warn_preflight(cfg)
     if args.lean_memory:
         lean_heap()
     results = run_experiment(cfg, args.out, resume=resume, resume_round=args.resume_round)
@@ -74,14 +75,6 @@ def _cmd_run(args: argparse.Namespace) -> int:
         print(f"legokit: error: the run failed: {results['failure']}", file=sys.stderr)
         return 1
     return 0
-
-
-def run_preflight(cfg) -> None:
-    """Device, model and shape checks before any weight is loaded; warnings go to stderr."""
-    from legokit.models import preflight
-
-    for warning in preflight(cfg):
-        print(f"legokit: warning: {warning}", file=sys.stderr, flush=True)
 
 
 def _cmd_tune(args: argparse.Namespace) -> None:

@@ -9,6 +9,7 @@ with a byte-level tokenizer built in memory, so unit tests run before any asset 
 from __future__ import annotations
 
 import re
+import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -261,6 +262,12 @@ def preflight(cfg: ExperimentConfig) -> list[str]:
                 f"it, set the global rank, e.g. --set fed.global_rank={4 * cfg.lora.rank} (fed.global_rank: "
                 f"{4 * cfg.lora.rank} in the config, as configs/clients64.yaml does)")
     return warnings
+
+
+def warn_preflight(cfg: ExperimentConfig) -> None:
+    """``preflight``'s warnings on stderr (the command line runs it before any weight is loaded)."""
+    for warning in preflight(cfg):
+        print(f"legokit: warning: {warning}", file=sys.stderr, flush=True)
 
 
 def _size(nbytes: float) -> str:

@@ -5,7 +5,7 @@
   pruned weight costs: its relative output error on the calibration inputs.
 - Masks: ``prune_mask(scores, sparsity, pattern)`` -> bool keep-mask (True = kept) for
   ``unstructured`` (per output row, as Wanda), ``"N:M"`` (N of every M consecutive inputs are zero, so
-  "2:4" is 50% sparse) and ``structured`` (whole output rows of one matrix). ``level_masks`` gives one
+  "2:4" is 50% sparse) and ``structured`` (whole output rows of one matrix). ``blocks.level_masks`` gives one
   module's nested masks at several sparsities for any method (the masks of ``blocks.extract_blocks``).
   Layer-level structured pruning (whole MLP channels and attention heads, GQA groups kept consistent) is
   ``structured_sizes`` + ``structured_select``.
@@ -253,41 +253,6 @@ def nested_masks(scores: torch.Tensor, sparsities: Sequence[float | None],
             np.put_along_axis(keep, order[:, : n_pruned(s, in_f)], False, axis=1)
             masks.append(keep)
     return [torch.from_numpy(m).to(scores.device) for m in masks]
-
-
-def level_masks(method: str, weight: torch.Tensor, sparsities: Sequence[float | None],
-                pattern: str | Pattern = "unstructured", *, act_norm: torch.Tensor | None = None,
-                hessian: torch.Tensor | None = None, percdamp: float = 0.01,
-                blocksize: int = 128) -> tuple[list[torch.Tensor], list[torch.Tensor] | None]:
-    """One module's keep-masks at several sparsities, nested, as ``blocks.extract_blocks`` makes them.
-
-    Magnitude and Wanda: ``nested_masks`` of the method's scores (``act_norm`` (in,) for Wanda). SparseGPT:
-    ``sparsegpt.sparsegpt_prune`` level by level from one inverse-Hessian factor of ``hessian`` (in, in),
-    lowest sparsity first, each level inside the previous mask, reconstructing the weight. Every method
-    prunes rows independently, so modules fed the same input may be passed stacked, (out_1 + out_2, in).
-
-    Returns:
-        ``(masks, weights)``: one bool (out, in) keep-mask per entry of ``sparsities``, in that order, and
-        for SparseGPT the reconstructed (out, in) weight per entry (None for the other methods).
-    """
-    check_method(method)
-    pat = parse_pattern(pattern)
-    levels = [resolve_sparsity(s, pat) for s in sparsities]
-    if method != "sparsegpt":
-        scores = method_scores(method, weight, act_norm=act_norm, hessian=hessian, percdamp=percdamp)
-        return nested_masks(scores, levels, str(pat)), None
-    from legokit.sparsegpt import sparsegpt_prune  # here, not on top: legokit.sparsegpt imports prune (a cycle)
-
-    if hessian is None:
-        raise LegokitError("sparsegpt masks need the calibration hessian (InputStats.hessian)")
-    factor = inverse_hessian_factor(hessian, percdamp)  # shared by every level
-    done: dict[float, tuple[torch.Tensor, torch.Tensor]] = {}
-    within = None
-    for s in sorted(set(levels)):
-        new_weight, within = sparsegpt_prune(weight, hessian, s, str(pat), blocksize=blocksize,
-                                             percdamp=percdamp, within=within, factor=factor)
-        done[s] = (within, new_weight)
-    return [done[s][0] for s in levels], [done[s][1] for s in levels]
 
 
 def check_mask(weight: torch.Tensor, mask: torch.Tensor, name: str = "weight") -> None:

@@ -3,7 +3,7 @@
 ``sparsegpt_prune`` prunes one weight column by column and updates the columns not yet pruned to undo each
 column's error, in blocks of ``blocksize`` columns with lazy batch updates, as the paper. Its score (the OBS
 saliency ``prune.obs_scores``) and the inverse-Hessian factor it works from (``prune.inverse_hessian_factor``)
-live with the other scores in ``legokit.prune``; ``prune.level_masks`` runs it at several nested levels.
+live with the other scores in ``legokit.prune``; ``blocks.level_masks`` runs it at several nested levels.
 """
 
 from __future__ import annotations

@@ -10,7 +10,6 @@ import torch
 from legokit.models import linear_modules
 from legokit.prune import (
     apply_masks,
-    level_masks,
     magnitude_scores,
     n_pruned,
     nested_masks,
@@ -22,7 +21,6 @@ from legokit.prune import (
     structured_sizes,
     wanda_scores,
 )
-from legokit.sparsegpt import sparsegpt_prune
 from legokit.utils import LegokitError
 
 
@@ -123,25 +121,6 @@ def test_apply_masks_checks_everything_before_changing_anything(tiny):
     assert all(torch.equal(before[n], m.weight) for n, m in lin.items())
     apply_masks(model, {names[0]: good})
     assert (lin[names[0]].weight == 0).all()
-
-
-def test_level_masks_are_the_nested_masks_of_each_method():
-    w = torch.randn(8, 32, generator=_gen(11))
-    act = torch.rand(32, generator=_gen(12))
-    masks, weights = level_masks("wanda", w, [0.5, 0.25], act_norm=act)
-    assert weights is None
-    assert all(torch.equal(m, r) for m, r in zip(masks, nested_masks(wanda_scores(w, act), [0.5, 0.25]), strict=True))
-    X = torch.randn(64, 32, generator=_gen(13))
-    H = 2 * X.T @ X / X.shape[0]
-    masks, weights = level_masks("sparsegpt", w, [0.75, 0.25, 0.5], hessian=H, blocksize=8)
-    m75, m25, m50 = masks
-    assert not (m75 & ~m50).any() and not (m50 & ~m25).any()  # nested, returned in the order asked
-    assert all((wt[~m] == 0).all() for wt, m in zip(weights, masks, strict=True))
-    _, k25 = sparsegpt_prune(w, H, 0.25, blocksize=8)
-    w50, k50 = sparsegpt_prune(w, H, 0.5, blocksize=8, within=k25)  # each level inside the lower one
-    assert torch.equal(m25, k25) and torch.equal(m50, k50) and torch.equal(weights[2], w50)
-    with pytest.raises(LegokitError, match="hessian"):
-        level_masks("sparsegpt", w, [0.5])
 
 
 # ----- structured -------------------------------------------------------------------------------------------

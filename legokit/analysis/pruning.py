@@ -16,11 +16,11 @@ import pandas as pd
 import torch
 from torch import Tensor, nn
 
+from legokit.blocks import level_masks
 from legokit.calibration import calibration_inputs, layerwise_calibration
 from legokit.models import layer_of
 from legokit.prune import (
     check_method,
-    level_masks,
     method_scores,
     output_error,
     parse_pattern,
@@ -109,7 +109,7 @@ def module_masks(llm: nn.Module, stats: CalibrationStats | None, name: str, meth
                  percdamp: float = 0.01, blocksize: int = 128) -> list[Tensor]:
     """Keep-masks of one module at several sparsities, as ``extract_blocks`` makes them in ``one_shot`` mode.
 
-    ``prune.level_masks`` of the module's weight and calibration statistics: magnitude and Wanda nest the
+    ``blocks.level_masks`` of the module's weight and calibration statistics: magnitude and Wanda nest the
     levels of one sort of the scores; SparseGPT prunes level by level, lowest sparsity first, each inside the
     previous mask. So the masks are nested for every method.
     Returns one bool (out, in) mask per entry of ``sparsities``, in that order.

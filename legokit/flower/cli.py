@@ -34,9 +34,9 @@ def _config(args: argparse.Namespace, preflight: bool = True):
         overrides += _clients_overrides(profile, clients, overrides)
     cfg = load_config(args.config, overrides) if args.config else ExperimentConfig().with_overrides(overrides)
     if preflight:
-        from legokit.cli import run_preflight
+        from legokit.models import warn_preflight  # the command line imports its stage when it runs
 
-        run_preflight(cfg)
+        warn_preflight(cfg)
     return cfg
 
 
