@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from legokit import aggregate, claims, config, data, evaluate, models, names, prune
+from legokit.data import partitions
 from legokit.utils import LegokitError
 
 LEGOKIT = Path(names.__file__).parent
@@ -21,7 +22,7 @@ def test_implementations_match_the_names() -> None:
 @pytest.mark.parametrize(("module", "attr"), [
     (config, "METHODS"), (prune, "METHODS"), (config, "CALIBRATION_MODES"), (prune, "CALIBRATION_MODES"),
     (prune, "PATTERNS"), (config, "UNCOVERED_RULES"), (aggregate, "UNCOVERED_RULES"), (config, "PARTITIONS"),
-    (data, "PARTITIONS"), (config, "LORA_TARGETS"), (models, "LORA_TARGETS"), (config, "DEFAULT_MODEL"),
+    (partitions, "PARTITIONS"), (config, "LORA_TARGETS"), (models, "LORA_TARGETS"), (config, "DEFAULT_MODEL"),
     (models, "DEFAULT_MODEL"), (config, "SCORINGS"), (evaluate, "SCORINGS"), (claims, "THRESHOLDS"),
     (config, "DEVICE_PROFILES"),
 ])

@@ -13,7 +13,7 @@ examples are dealt to clients. One module per concept, in the order data flows:
 Every public name is re-exported here, so ``from legokit.data import load_task, render`` works as before.
 """
 
-from legokit.data.partitions import PARTITIONS, balance_labels, label_imbalance, majority_answer, partition
+from legokit.data.partitions import balance_labels, label_imbalance, majority_answer, partition
 from legokit.data.prepared import (
     EVAL_CORPUS_SIZE,
     RAW_FILES,
@@ -31,9 +31,8 @@ from legokit.data.prepared import (
 from legokit.data.prompts import choice_ids, encode, harness_requests, prompt_ids, render, tokenize_example
 from legokit.data.tasks import DOCUMENT_CHARS, LETTERS, PASSAGE_CHARS, TASKS, Example, TaskSpec, clean_text
 
-# PARTITIONS is names.PARTITIONS, the schemes ``partition`` accepts (tests/test_names.py checks it here).
 __all__ = [
-    "DOCUMENT_CHARS", "EVAL_CORPUS_SIZE", "LETTERS", "PARTITIONS", "PASSAGE_CHARS", "RAW_FILES", "SPLITS", "TASKS",
+    "DOCUMENT_CHARS", "EVAL_CORPUS_SIZE", "LETTERS", "PASSAGE_CHARS", "RAW_FILES", "SPLITS", "TASKS",
     "TEST_MAX", "VALIDATION_MAX", "Example", "TaskSpec", "balance_labels", "calibration_texts", "choice_ids",
     "clean_text", "count_lines", "data_dir", "encode", "eval_texts", "harness_requests", "label_imbalance",
     "load_task", "majority_answer", "partition", "prepare", "prompt_ids", "render", "split_sizes",
