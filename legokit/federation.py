@@ -47,10 +47,16 @@ class Outcome:
 
 @dataclass
 class Exchange:
-    """What a client runner reports for a round: each task's outcome, and what it adds to the round's line."""
+    """What a client runner reports for a round: each task's outcome, and what it adds to the round's line.
+
+    ``combine``: set by a runner that aggregated securely (``legokit.flower.secagg``): ``combine(module, previous)``
+    is the round's ΔW_g (what ``LegoStrategy.combine`` computes from the updates); its outcomes then carry each
+    client's metrics but no factors, since the server only learns the sum.
+    """
 
     outcomes: list[Outcome]
     record: dict = field(default_factory=dict)
+    combine: Callable[[str, dict | None], torch.Tensor] | None = None
 
 
 @dataclass
@@ -113,8 +119,10 @@ class Federation:
         """Validate the outcomes, aggregate the valid results, commit the round to the checkpoint.
 
         A client whose task failed, or whose result does not fit the LLM, is recorded as failed and the
-        round aggregates over the others.
+        round aggregates over the others. A secure exchange (``Exchange.combine``) brings the aggregate itself:
+        its results have no factors to validate or measure.
         """
+        secure = exchange.combine is not None
         if rnd != self.round + 1:
             raise LegokitError(f"round {rnd} cannot follow round {self.round}")
         results, lines = [], []
@@ -123,15 +131,16 @@ class Federation:
             line = {"round": rnd, "client": o.task.client, "block": block.id, "sparsity": block.sparsity,
                     **o.record}
             error = o.error
-            if o.result is not None:
+            if o.result is not None and not secure:
                 try:
                     self.strategy.validate(o.result)
                 except LegokitError as err:
                     error = str(err)
             if error is None:
                 results.append(o.result)
-                line.update(status="ok", num_examples=o.result.num_examples, **o.result.metrics,
-                            update_norm=o.result.update_norm())
+                line.update(status="ok", num_examples=o.result.num_examples, **o.result.metrics)
+                if not secure:
+                    line["update_norm"] = o.result.update_norm()
             else:
                 line.update(status="failed", error=error)
                 if self.log is not None:
@@ -139,7 +148,7 @@ class Federation:
             lines.append(line)
         if not results and self.log is not None:
             self.log(f"round {rnd}: no client trained; the global state stays as it was")
-        metrics = self.strategy.aggregate(rnd, results)
+        metrics = self.strategy.aggregate(rnd, results, exchange.combine)
         metrics.update(exchange.record)
         metrics.update(seconds=round(time.time() - started, 3),
                        failed=[ln["client"] for ln in lines if ln["status"] != "ok"])

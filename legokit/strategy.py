@@ -188,8 +188,11 @@ class LegoStrategy:
         """Reject an update whose modules, shapes or values do not fit the LLM (``check_result``)."""
         check_result(result, self.shapes)
 
-    def aggregate(self, rnd: int, results: list[ClientResult]) -> dict:
+    def aggregate(self, rnd: int, results: list[ClientResult], combine=None) -> dict:
         """Recombine the clients' updates module by module into the new global state.
+
+        ``combine(name, previous)``: the round's ΔW_g when it was aggregated elsewhere (secure aggregation:
+        ``results`` then carry no factors); default ``self.combine`` over ``results``.
 
         Returns:
             Round metrics: ``round``, ``clients`` and what the broadcast reports (energy kept by the SVD).
@@ -200,7 +203,8 @@ class LegoStrategy:
             return {"round": rnd, "clients": 0, "note": "no surviving client; global state kept"}
         modules = progress_bar(self.modules, desc=f"round {rnd} aggregate", leave=False, disable=not self.progress)
         out = {"round": rnd, "clients": len(results)}
-        out.update(self.broadcast.absorb(rnd, results, lambda name, prev: self.combine(results, name, prev), modules))
+        combine = combine or (lambda name, prev: self.combine(results, name, prev))
+        out.update(self.broadcast.absorb(rnd, results, combine, modules))
         return out
 
     def combine(self, results: Sequence[ClientResult], name: str, previous: dict | None = None) -> torch.Tensor:

@@ -47,6 +47,17 @@ def _reference(cfg: ExperimentConfig, blocks_from: Path, out: Path, inject_failu
                threads: int | None = None) -> dict:
     """The in-process run (``legokit.federation``) on the same blocks; returns its final ΔW per module.
 
+    See ``_reference_run``.
+    """
+    fed = _reference_run(cfg, blocks_from, out, inject_failures, threads)
+    factors, scaling = fed.strategy.broadcast.adapter_for(None)
+    return {n: scaling * (b @ a) for n, (a, b) in factors.items()}
+
+
+def _reference_run(cfg: ExperimentConfig, blocks_from: Path, out: Path, inject_failures=None,
+                   threads: int | None = None):
+    """The in-process run (``legokit.federation``) on the same blocks; returns the finished ``Federation``.
+
     ``threads``: torch threads for the run, to match the Flower processes' (``FLOWER_ENV``). Bit-equality
     needs the same float summation order: with a degenerate aggregate (one survivor, global rank 4 > its
     rank 2) the SVD's spare directions are rounding noise, and Adam turns any difference there into lr-sized
@@ -67,8 +78,7 @@ def _reference(cfg: ExperimentConfig, blocks_from: Path, out: Path, inject_failu
                              inject_failures=inject_failures)
     finally:
         torch.set_num_threads(before)
-    factors, scaling = fed.strategy.broadcast.adapter_for(None)
-    return {n: scaling * (b @ a) for n, (a, b) in factors.items()}
+    return fed
 
 
 def _adapter_delta(run_dir: Path, rnd: int) -> dict:
@@ -326,26 +336,34 @@ def test_processes_are_stopped_when_the_launcher_fails(tmp_path, user_flwr_home)
     _assert_gone(pids)
 
 
-@needs_data
-@pytest.mark.flower
-def test_loopback_deployment_equals_in_process_run(tmp_path, user_flwr_home):
+def _run_two_supernodes(tmp_path: Path, app: Path, timeout: float) -> dict:
+    """A SuperLink and SuperNodes for clients 0 and 1 on loopback run ``app``; every process is gone afterwards.
+    Returns the run's status (``Deployment.wait_run``), which must be ``finished:completed``."""
     from legokit.flower.deployment import Deployment
-    from legokit.flower.runconfig import write_app
 
-    cfg = _cfg()
-    run_dir = tmp_path / "run"
-    app = write_app(tmp_path / "app", cfg, run_dir=run_dir, round_timeout=120, nodes_timeout=60)
-    t0 = time.time()
     with Deployment(tmp_path / "flower", env=FLOWER_ENV) as dep:
         dep.start_superlink()
         for k in range(2):
             dep.start_supernode({"partition-id": k, "num-partitions": 2, "threads": 1})
         dep.wait_nodes()
         run_id, stream = dep.submit(app)
-        status = dep.wait_run(run_id, stream, timeout=240)
+        status = dep.wait_run(run_id, stream, timeout=timeout)
         pids = _all_pids(dep)
     _assert_gone(pids)
     assert status["status"] == "finished:completed", (tmp_path / "flower" / "logs" / "flwr-run-0.log").read_text()
+    return status
+
+
+@needs_data
+@pytest.mark.flower
+def test_loopback_deployment_equals_in_process_run(tmp_path, user_flwr_home):
+    from legokit.flower.runconfig import write_app
+
+    cfg = _cfg()
+    run_dir = tmp_path / "run"
+    app = write_app(tmp_path / "app", cfg, run_dir=run_dir, round_timeout=120, nodes_timeout=60)
+    t0 = time.time()
+    status = _run_two_supernodes(tmp_path, app, timeout=240)
     lines = _lines(run_dir)
     assert [(m["round"], m["client"], m["status"]) for m in lines] == [(1, 0, "ok"), (1, 1, "ok"), (2, 0, "ok"),
                                                                          (2, 1, "ok")]
@@ -427,3 +445,112 @@ def test_supernode_killed_mid_round_run_finishes_over_survivors(tmp_path, user_f
     ref = _reference(cfg, run_dir, tmp_path / "ref", inject_failures={1: [1], 2: [1]}, threads=1)
     assert _max_diff(_adapter_delta(run_dir, 2), ref) <= TOL
 
+
+
+# ----- Flower's SecAgg+ ------------------------------------------------------------------------------------
+@needs_data
+@pytest.mark.flower
+@pytest.mark.slow
+def test_secagg_deployment_equals_in_process_aggregate(tmp_path, user_flwr_home):
+    """One HeteAgg round through Flower's SecAgg+ on a real loopback deployment: the server's ΔW_g (from the
+    securely summed numerator and counts) equals the in-process aggregate within the quantization bound."""
+    from safetensors.torch import load_file
+
+    from legokit.aggregate import ClientUpdate
+    from legokit.flower.runconfig import write_app
+    from legokit.flower.secagg import Quantization
+
+    cfg = _cfg(rounds=1)
+    run_dir = tmp_path / "run"
+    app = write_app(tmp_path / "app", cfg, run_dir=run_dir, round_timeout=240, nodes_timeout=60, secagg=True,
+                    secagg_save_sums=True)
+    t0 = time.time()
+    _run_two_supernodes(tmp_path, app, timeout=500)
+    lines = _lines(run_dir)
+    assert [(m["client"], m["status"]) for m in lines] == [(0, "ok"), (1, "ok")]
+    assert all("update_norm" not in m for m in lines)  # the server never holds a client's update
+    secagg = _lines(run_dir, "rounds.jsonl")[0]["secagg"]
+    assert secagg["clients"] == [0, 1] and secagg["threshold"] == 2
+    got = load_file(str(run_dir / "secagg" / "round_001.safetensors"))
+
+    fed = _reference_run(cfg, run_dir, tmp_path / "ref", threads=1)
+    strategy, results = fed.strategy, fed.strategy.last_results
+    weights = [r.num_examples for r in results]
+    quant = Quantization.for_round(2, max(weights), 1.0)
+    bound = quant.bound(min(weights))
+    assert secagg["bound"] == pytest.approx(bound) and quant.max_weight >= max(weights)
+    # The exact owner mean in float64 (the oracle), and the library's in-process aggregate (float32).
+    exact, library = {}, {}
+    for name in strategy.modules:
+        ups = [ClientUpdate(f"c{r.client}", {name: r.factors[name]}, r.scaling,
+                            {name: strategy.block_of(r.client).masks[name]}, float(r.num_examples)) for r in results]
+        num = sum(u.weight * u.masked_delta(name).double() for u in ups)
+        den = sum(u.weight * u.masks[name].double() for u in ups)
+        exact[name] = num / den  # the dense client owns every weight: den > 0 everywhere
+        library[name] = strategy.combine(results, name)
+    peak = max(float(v.abs().max()) for v in exact.values())
+    diff = _max_diff({n: v.double() for n, v in got.items()}, exact)
+    diff_library = _max_diff(got, library)
+    print(f"\nSecAgg+ loopback deployment: {time.time() - t0:.1f} s; max |ΔW_g SecAgg+ - ΔW_g exact| = {diff:.3g}, "
+          f"vs in-process HeteAgg (float32) {diff_library:.3g}; bound {bound:.3g} (Q={quant.quantization_range}, "
+          f"c={quant.clip:g}, W={quant.max_weight}, n={weights}); max |ΔW_g| {peak:.3g}")
+    assert 0 < diff <= bound + 2 ** -22 * peak  # quantized (not sent in the clear), within the bound (+ float32)
+    assert diff_library <= bound + 1e-6 * peak
+
+
+def test_secagg_settings_are_checked_before_any_process(tmp_path):
+    from legokit.flower.runconfig import FlowerOptions, check_supported, from_run_config, write_app
+
+    with pytest.raises(LegokitError, match=r"secagg-threshold=3 needs at least 3 clients per round, but a round "
+                                           r"has 2 \(fed.num_clients=2"):
+        check_supported(_cfg(), FlowerOptions(secagg=True, secagg_threshold=3))
+    with pytest.raises(LegokitError, match=r"owner means \['heteagg', 'heterofl'\], not fed.aggregator='flexlora'"):
+        check_supported(_cfg(aggregator="flexlora"), FlowerOptions(secagg=True))
+    check_supported(_cfg(aggregator="flexlora"), FlowerOptions(secagg_threshold=3))  # SecAgg+ off: nothing to check
+    with pytest.raises(LegokitError, match="secagg-threshold=1"):
+        from_run_config({"secagg-threshold": 1})
+    with pytest.raises(LegokitError, match="secagg-clip=3.0 must be a power of 2"):
+        from_run_config({"secagg-clip": 3.0})
+    with pytest.raises(LegokitError, match="secagg-threshold=3"):
+        write_app(tmp_path / "bad", _cfg(), secagg=True, secagg_threshold=3)
+    assert not (tmp_path / "bad").exists()
+    text = (write_app(tmp_path / "app", _cfg(), secagg=True) / "pyproject.toml").read_text()
+    assert 'clientapp = "legokit.flower.client_app:secagg_app"' in text
+
+
+def test_secagg_quantization_keeps_counts_exact_and_values_within_the_bound():
+    """Flower's own quantize / dequantize with legokit's choice of (c, Q, W), the masks left out (they cancel
+    modulo M): the counts come back exact and HeteAgg within ``Quantization.bound``."""
+    import numpy as np
+    from flwr.common.secure_aggregation.quantization import dequantize, quantize
+
+    from legokit.flower.secagg import Quantization, client_vectors
+
+    gen = torch.Generator().manual_seed(0)
+    weights, modules = [3, 8, 5], ["m"]
+    quant = Quantization.for_round(len(weights), max(weights), 1.0)
+    assert (quant.max_weight, quant.quantization_range) == (8, 2 ** 30)
+    masks = [torch.rand(16, 24, generator=gen) < p for p in (1.01, 0.5, 0.25)]  # the first client owns all
+    vectors, total, ratio = [], None, 0
+    for k, w in enumerate(weights):
+        factors = {"m": (torch.randn(2, 24, generator=gen) * 0.1, torch.randn(16, 2, generator=gen) * 0.1)}
+        x = client_vectors(factors, 2.0, {"m": masks[k]}, modules, w, {"clip": 1.0, "max-weight": quant.max_weight},
+                           f"client {k}")
+        vectors.append(x)
+        q_ratio = round(w / quant.max_weight * quant.quantization_range)  # what secaggplus_mod computes
+        q = quantize([a * (q_ratio / quant.quantization_range) for a in x], quant.clip, quant.quantization_range)
+        total = [a.astype(np.int64) for a in q] if total is None else [t + a for t, a in zip(total, q, strict=True)]
+        ratio += q_ratio
+    total = [t % quant.modulus_range for t in total]
+    mean = [a + -(len(weights) - 1) * quant.clip for a in dequantize(total, quant.clip, quant.quantization_range)]
+    num, den = (a * (quant.quantization_range / ratio) for a in mean)
+    w = np.array(weights, dtype=np.float64)[:, None, None]
+    exact_den = (w * np.stack([v[1] for v in vectors])).sum(0) / w.sum()
+    exact = (w * np.stack([v[0] for v in vectors])).sum(0) / (w * np.stack([v[1] for v in vectors])).sum(0)
+    assert np.allclose(den, exact_den, rtol=1e-15, atol=0)
+    err = float(np.abs(num / den - exact).max())
+    assert 0 < err <= quant.bound(min(weights))
+    with pytest.raises(LegokitError, match=r"client 9: .* > secagg-clip=1.0: SecAgg\+ would clip it; set "
+                                           r"secagg-clip=\d+"):
+        client_vectors({"m": (torch.full((2, 24), 10.0), torch.full((16, 2), 10.0))}, 2.0, {"m": masks[0]}, modules,
+                       8, {"clip": 1.0, "max-weight": 8}, "client 9")

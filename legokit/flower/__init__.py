@@ -5,6 +5,8 @@
   copy of the algebra).
 - ``client_app``: the ClientApp (``legokit.flower.client_app:app``); runs ``client.local_update`` on the
   block and data partition its SuperNode's node config names.
+- ``secagg``: rounds through Flower's own SecAgg+ (``SecAggClients``, the server sees only the sum; the
+  clients' masked numerator and counts, the quantization and its error bound).
 - ``messages``: what travels (adapter factors in peft naming; block ids, never masks).
 - ``runconfig``: Flower's flat run config <-> ``ExperimentConfig``; the app's ``pyproject.toml``.
 - ``deployment``: the deployment engine on loopback (``Deployment``: SuperLink + SuperNodes as processes,

@@ -85,6 +85,20 @@ def _print_rounds(run_dir: Path) -> None:
               f"{r.get('bytes_up', 0):>10} {r.get('seconds', 0):>8.1f}")
 
 
+def _secagg(args: argparse.Namespace) -> dict:
+    """The SecAgg+ settings of ``--secagg`` / ``--secagg-threshold`` / ``--secagg-clip`` (run config keys)."""
+    return {"secagg": args.secagg, "secagg_threshold": args.secagg_threshold, "secagg_clip": args.secagg_clip}
+
+
+def _add_secagg(s: argparse.ArgumentParser) -> None:
+    s.add_argument("--secagg", action="store_true",
+                   help="aggregate with Flower's SecAgg+: the server sees only the sum (heteagg, heterofl)")
+    s.add_argument("--secagg-threshold", type=int, default=2,
+                   help="SecAgg+ shares needed to rebuild a mask; every round needs this many clients")
+    s.add_argument("--secagg-clip", type=float, default=1.0,
+                   help="SecAgg+ clipping range (a power of 2 >= 1) for the clients' masked updates")
+
+
 def _cmd_up(args: argparse.Namespace) -> None:
     from legokit.flower.deployment import deploy
 
@@ -92,7 +106,7 @@ def _cmd_up(args: argparse.Namespace) -> None:
     cfg = _config(args)
     out = deploy(cfg, args.out, work_dir=args.work_dir, timeout=args.timeout, round_timeout=args.round_timeout,
                  resume=args.resume, threads=args.threads,
-                 env={"OMP_NUM_THREADS": str(args.threads)} if args.threads else None)
+                 env={"OMP_NUM_THREADS": str(args.threads)} if args.threads else None, options=_secagg(args))
     run_dir = Path(args.out).resolve()
     _print_rounds(run_dir)
     traffic = out["flower"].get("network-traffic", {})
@@ -117,7 +131,7 @@ def _cmd_app(args: argparse.Namespace) -> None:
 
     cfg = _config(args, preflight=False)  # the app runs on the SuperLink's machine, not this one
     flower = {"run_dir": str(Path(args.run_dir).resolve()) if args.run_dir else "",
-              "round_timeout": args.round_timeout}
+              "round_timeout": args.round_timeout, **_secagg(args)}
     d = write_app(args.out, cfg, **flower)
     print(f"wrote {d / 'pyproject.toml'}: submit it with `flwr run {d} <connection>` "
           f"or `legokit flower run --app {d} --superlink HOST:PORT`")
@@ -208,6 +222,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                         "gets cores / clients, the ServerApp all cores")
     s.add_argument("--work-dir", default=None, help="keep logs and FLWR_HOME here (default: a temporary dir; "
                                                     "logs are copied to OUT/flower-logs)")
+    _add_secagg(s)
     s.set_defaults(func=_cmd_up)
 
     s = fs.add_parser("sim", help="run in Flower's simulation engine (Ray if installed, else in-process)")
@@ -230,6 +245,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--out", required=True, help="the app directory to write")
     s.add_argument("--run-dir", default=None, help="the ServerApp's run directory on the SuperLink machine")
     s.add_argument("--round-timeout", type=float, default=3600.0)
+    _add_secagg(s)
     s.set_defaults(func=_cmd_app)
 
     def connection(s: argparse.ArgumentParser) -> None:

@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.client.mod import secaggplus_mod
 from flwr.clientapp import ClientApp
 
 from legokit import __version__
@@ -25,7 +26,8 @@ from legokit.blocks import Block
 from legokit.client import examples_per_task, local_update
 from legokit.experiment import client_partitions
 from legokit.flower.messages import factors_from_record, factors_to_record
-from legokit.flower.runconfig import from_run_config
+from legokit.flower.runconfig import client_component, from_run_config
+from legokit.flower.secagg import client_vectors, client_weight, fit_reply, fit_task
 from legokit.models import load_model
 from legokit.utils import LegokitError
 
@@ -109,11 +111,10 @@ def client_query(node_config: Mapping[str, Any], run_config: Mapping[str, Any]) 
                                              "legokit": __version__})})
 
 
-def client_train(content: RecordDict, node_config: Mapping[str, Any], run_config: Mapping[str, Any]) -> RecordDict:
-    """One round of one client: the broadcast factors in, the trained factors out (LLM coordinates)."""
+def _local_round(conf, init, node_config: Mapping[str, Any], run_config: Mapping[str, Any]):
+    """Train one round from ``init`` as the message's ``conf`` says; returns (client, block, examples, result)."""
     cfg, _ = from_run_config(run_config)
     k = partition_id(node_config, cfg.fed.num_clients)
-    conf = content["config"]
     if conf.get("client") != k:
         raise LegokitError(f"this SuperNode serves client {k} but the message is for client {conf.get('client')!r}")
     block_id, rnd, scaling = str(conf["block-id"]), int(conf["round"]), float(conf["scaling"])
@@ -127,23 +128,53 @@ def client_train(content: RecordDict, node_config: Mapping[str, Any], run_config
     bdir = blocks_dir(node_config, run_config)
     block = Block.load(bdir / str(_block_index(bdir, block_id)), llm)
     examples = _partition(cfg, k)
-    init = factors_from_record(content["init"], "the server")
-    res = local_update(cfg, block, tok, examples, init, scaling, client=k, rnd=rnd,
-                       device=next(llm.parameters()).device, progress=False)
+    res = local_update(cfg, block, tok, examples, factors_from_record(init, "the server"), scaling, client=k,
+                       rnd=rnd, device=next(llm.parameters()).device, progress=False)
+    return k, block, examples, res
+
+
+def _reply_fields(k: int, block, examples: list, res) -> tuple[dict, dict]:
+    """(metrics, info) of a trained round, as the server's ``client_metrics`` reads them."""
     m = res.metrics
-    metrics = MetricRecord({"num-examples": res.num_examples, "loss-first": float(m["loss_first"]),
-                            "process-seconds": _process_age(),
-                            "loss-last": float(m["loss_last"]), "steps": int(m["steps"]), "tokens": int(m["tokens"]),
-                            "seconds": float(m["seconds"]), "tokens-per-second": float(m["tokens_per_second"])})
-    info = ConfigRecord({"client": k, "block-id": block_id, "scaling": float(res.scaling),
-                         "losses": [float(x) for x in m["losses"]], "tasks": json.dumps(examples_per_task(examples))})
-    return RecordDict({"factors": factors_to_record(res.factors), "metrics": metrics, "info": info})
+    metrics = {"num-examples": res.num_examples, "loss-first": float(m["loss_first"]),
+               "process-seconds": _process_age(), "loss-last": float(m["loss_last"]), "steps": int(m["steps"]),
+               "tokens": int(m["tokens"]), "seconds": float(m["seconds"]),
+               "tokens-per-second": float(m["tokens_per_second"])}
+    info = {"client": k, "block-id": block.id, "scaling": float(res.scaling),
+            "losses": [float(x) for x in m["losses"]], "tasks": json.dumps(examples_per_task(examples))}
+    return metrics, info
 
 
-def make_client_app(defaults: Mapping[str, Any] | None = None) -> ClientApp:
-    """A ClientApp whose run config is ``defaults`` overridden by Flower's run config (see ``make_server_app``)."""
-    client_app = ClientApp()
+def client_train(content: RecordDict, node_config: Mapping[str, Any], run_config: Mapping[str, Any]) -> RecordDict:
+    """One round of one client: the broadcast factors in, the trained factors out (LLM coordinates)."""
+    k, block, examples, res = _local_round(content["config"], content["init"], node_config, run_config)
+    metrics, info = _reply_fields(k, block, examples, res)
+    return RecordDict({"factors": factors_to_record(res.factors), "metrics": MetricRecord(metrics),
+                       "info": ConfigRecord(info)})
+
+
+def client_train_secagg(content: RecordDict, node_config: Mapping[str, Any],
+                        run_config: Mapping[str, Any]) -> RecordDict:
+    """One SecAgg+ round of one client: train, then hand ``M_k ⊙ ΔW_k`` and ``M_k`` to ``secaggplus_mod``, which
+    quantizes and masks them (``legokit.flower.secagg``); the trained factors never leave the device."""
+    init, conf = fit_task(content)
+    k, block, examples, res = _local_round(conf, init, node_config, run_config)
+    weight = client_weight(bool(conf["weighted"]), res.num_examples)
+    vectors = client_vectors(res.factors, res.scaling, block.masks, json.loads(str(conf["modules"])), weight, conf,
+                             f"client {k}")
+    metrics, info = _reply_fields(k, block, examples, res)
+    return fit_reply(vectors, weight, {**metrics, **info, "losses": json.dumps(info["losses"])})
+
+
+def make_client_app(defaults: Mapping[str, Any] | None = None, secagg: bool | None = None) -> ClientApp:
+    """A ClientApp whose run config is ``defaults`` overridden by Flower's run config (see ``make_server_app``).
+
+    ``secagg``: answer ``train`` through Flower's ``secaggplus_mod`` (default: the ``secagg`` of ``defaults``).
+    Such a ClientApp only takes part in SecAgg+ runs, and a plain one refuses them.
+    """
     bound = dict(defaults or {})
+    secure = bool(bound.get("secagg")) if secagg is None else secagg
+    client_app = ClientApp(mods=[secaggplus_mod] if secure else None)
 
     @client_app.query()
     def query(msg: Message, context: Context) -> Message:
@@ -151,10 +182,16 @@ def make_client_app(defaults: Mapping[str, Any] | None = None) -> ClientApp:
 
     @client_app.train()
     def train(msg: Message, context: Context) -> Message:
-        reply = client_train(msg.content, context.node_config, {**bound, **dict(context.run_config)})
-        return Message(reply, reply_to=msg)
+        run_config = {**bound, **dict(context.run_config)}
+        if bool(run_config.get("secagg")) != secure:
+            raise LegokitError(f"this ClientApp runs with secagg={secure} but the run asks for "
+                               f"secagg={bool(run_config.get('secagg'))}: use the app's clientapp "
+                               f"{client_component(run_config)}")
+        work = client_train_secagg if secure else client_train
+        return Message(work(msg.content, context.node_config, run_config), reply_to=msg)
 
     return client_app
 
 
-app = make_client_app()
+app = make_client_app(secagg=False)
+secagg_app = make_client_app(secagg=True)  # behind Flower's secaggplus_mod (run config secagg=true)

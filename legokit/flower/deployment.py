@@ -36,7 +36,7 @@ from legokit.flower.processes import (
     wait_superlink,
     write_connection,
 )
-from legokit.flower.runconfig import check_supported, write_app
+from legokit.flower.runconfig import check_supported, from_run_config, to_run_config, write_app
 from legokit.utils import LegokitError
 
 
@@ -168,7 +168,8 @@ class Deployment:
 def deploy(cfg: ExperimentConfig, run_dir: str | Path, *, clients: int | None = None,
            work_dir: str | Path | None = None, timeout: float = 3600.0, round_timeout: float = 3600.0,
            resume: bool = False, task_poll_interval: float | None = 0.2, threads: int | None = None,
-           env: Mapping[str, str] | None = None, extra_nodes: list[dict] | None = None) -> dict:
+           env: Mapping[str, str] | None = None, extra_nodes: list[dict] | None = None,
+           options: Mapping[str, Any] | None = None) -> dict:
     """Start a SuperLink and one SuperNode per client on loopback, run the experiment, stop them all.
 
     Args:
@@ -186,13 +187,16 @@ def deploy(cfg: ExperimentConfig, run_dir: str | Path, *, clients: int | None = 
             OpenMP threads make small matmuls many times slower).
         env: extra environment for every Flower process (e.g. ``OMP_NUM_THREADS`` for the ServerApp too).
         extra_nodes: node configs of additional SuperNodes (tests: a SuperNode with a bad partition id).
+        options: more Flower settings of the app (``runconfig.FLOWER_DEFAULTS`` with ``_`` for ``-``), e.g.
+            ``{"secagg": True, "secagg_threshold": 2}``.
     Returns:
         ``{"run_id", "status", "flower": <flwr ls record>, "summary": <run_dir/flower.json>, "seconds"}``.
     """
 
     if clients is not None and clients != cfg.fed.num_clients:
         cfg = cfg.with_overrides({"fed.num_clients": clients})
-    check_supported(cfg)
+    options = dict(options or {})
+    check_supported(cfg, from_run_config(to_run_config(cfg, **options))[1])  # before any process starts
     run_dir = Path(run_dir).resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
     tmp = None if work_dir is not None else tempfile.mkdtemp(prefix="legokit-flower-")
@@ -203,7 +207,7 @@ def deploy(cfg: ExperimentConfig, run_dir: str | Path, *, clients: int | None = 
     t0 = time.time()
     try:
         app_dir = write_app(wdir / "app", cfg, run_dir=run_dir, round_timeout=round_timeout, resume=resume,
-                            nodes_timeout=120.0)
+                            nodes_timeout=120.0, **options)
         with Deployment(wdir, env=env) as dep:
             dep.start_superlink()
             n = cfg.fed.num_clients

@@ -11,13 +11,14 @@ a legokit key.
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
 from legokit import __version__
-from legokit.config import SECTIONS, ExperimentConfig
+from legokit.config import SECTIONS, ExperimentConfig, sampled_count
 from legokit.names import aggregator_pools_clients
 from legokit.utils import LegokitError, atomic_write_text
 
@@ -31,6 +32,11 @@ FLOWER_DEFAULTS: RunConfig = {
     "nodes-timeout": 300.0,  # seconds the ServerApp waits at start for a SuperNode per client
     "poll-interval": 0.2,  # seconds between two pulls of replies from the SuperLink
     "blocks-dir": "",  # where ClientApps read blocks unless their node config says; "" = <run-dir>/blocks
+    # Flower's SecAgg+ (legokit.flower.secagg): the server sees only the sum of the clients' masked updates
+    "secagg": False,  # aggregate every round with SecAggPlusWorkflow / secaggplus_mod
+    "secagg-threshold": 2,  # shares needed to rebuild a dropped client's mask; a round needs this many clients
+    "secagg-clip": 1.0,  # SecAgg+ clipping range c (a power of 2, >= 1): |M_k ⊙ ΔW_k| must stay below it
+    "secagg-save-sums": False,  # also write each round's securely aggregated ΔW_g to <run-dir>/secagg/
 }
 
 #: Node config keys a SuperNode may set (``--node-config "partition-id=0 ..."``).
@@ -54,6 +60,10 @@ class FlowerOptions:
     nodes_timeout: float = 300.0
     poll_interval: float = 0.2
     blocks_dir: str = ""
+    secagg: bool = False
+    secagg_threshold: int = 2
+    secagg_clip: float = 1.0
+    secagg_save_sums: bool = False
 
     def __post_init__(self):
         if self.round_timeout <= 0:
@@ -62,6 +72,13 @@ class FlowerOptions:
             raise LegokitError(f"nodes-timeout={self.nodes_timeout} must be >= 0 seconds")
         if not 0 < self.poll_interval <= 10:
             raise LegokitError(f"poll-interval={self.poll_interval} must be in (0, 10] seconds")
+        if self.secagg_threshold < 2:
+            raise LegokitError(f"secagg-threshold={self.secagg_threshold}: SecAgg+ needs at least 2 shares to "
+                               "rebuild a mask (one share would let any single client unmask another)")
+        c = self.secagg_clip
+        if not (c >= 1 and math.log2(c).is_integer()):
+            raise LegokitError(f"secagg-clip={c} must be a power of 2 >= 1 (1, 2, 4, ...): the counts n_k M_k / W "
+                               "reach 1 and must be quantized exactly (see legokit.flower.secagg)")
 
 
 def _json_encoded(annotation: Any) -> bool:
@@ -131,7 +148,10 @@ def from_run_config(run_config: Mapping[str, Any]) -> tuple[ExperimentConfig, Fl
         options = FlowerOptions(run_dir=str(opts["run-dir"]), resume=bool(opts["resume"]),
                                 round_timeout=float(opts["round-timeout"]),
                                 nodes_timeout=float(opts["nodes-timeout"]),
-                                poll_interval=float(opts["poll-interval"]), blocks_dir=str(opts["blocks-dir"]))
+                                poll_interval=float(opts["poll-interval"]), blocks_dir=str(opts["blocks-dir"]),
+                                secagg=bool(opts["secagg"]), secagg_threshold=int(opts["secagg-threshold"]),
+                                secagg_clip=float(opts["secagg-clip"]),
+                                secagg_save_sums=bool(opts["secagg-save-sums"]))
     except (TypeError, ValueError) as err:
         if isinstance(err, LegokitError):
             raise
@@ -139,8 +159,22 @@ def from_run_config(run_config: Mapping[str, Any]) -> tuple[ExperimentConfig, Fl
     return cfg, options
 
 
-def check_supported(cfg: ExperimentConfig) -> None:
+#: Aggregators whose round SecAgg+ can carry: owner means, a ratio of two sums (``legokit.flower.secagg``).
+SECAGG_AGGREGATORS = ("heteagg", "heterofl")
+
+
+def check_supported(cfg: ExperimentConfig, options: FlowerOptions | None = None) -> None:
     """Reject the modes the Flower app does not run (before any process starts)."""
+    if options is not None and options.secagg:
+        if cfg.fed.aggregator not in SECAGG_AGGREGATORS:
+            raise LegokitError(f"secagg=true sums the clients' masked updates and counts, which carries the owner "
+                               f"means {list(SECAGG_AGGREGATORS)}, not fed.aggregator={cfg.fed.aggregator!r}")
+        per_round = sampled_count(cfg.fed.sample_fraction, cfg.fed.num_clients)
+        if per_round < options.secagg_threshold:
+            raise LegokitError(f"SecAgg+ with secagg-threshold={options.secagg_threshold} needs at least "
+                               f"{options.secagg_threshold} clients per round, but a round has {per_round} "
+                               f"(fed.num_clients={cfg.fed.num_clients}, fed.sample_fraction="
+                               f"{cfg.fed.sample_fraction}): add clients or lower secagg-threshold (>= 2)")
     if aggregator_pools_clients(cfg.fed.aggregator):
         raise LegokitError("fed.aggregator='centralized' pools every client's data in one place: it is a "
                            "reference for the in-process loop (`legokit run`), not a federated run")
@@ -151,6 +185,15 @@ def check_supported(cfg: ExperimentConfig) -> None:
 
 
 APP_NAME = "legokit-lego"
+
+
+def client_component(run_config: Mapping[str, Any]) -> str:
+    """The ClientApp of a run: ``secagg_app`` (behind Flower's ``secaggplus_mod``) when the run uses SecAgg+.
+
+    A device's ClientApp either always or never takes part in SecAgg+, so a server cannot ask a SecAgg+ client
+    for its update in the clear.
+    """
+    return "legokit.flower.client_app:" + ("secagg_app" if bool(run_config.get("secagg")) else "app")
 
 
 def app_pyproject(run_config: Mapping[str, Any]) -> str:
@@ -176,7 +219,7 @@ def app_pyproject(run_config: Mapping[str, Any]) -> str:
                     "license": "Apache-2.0", "dependencies": []},
         "tool": {"flwr": {"app": {"publisher": "legokit",
                                   "components": {"serverapp": "legokit.flower.server_app:app",
-                                                 "clientapp": "legokit.flower.client_app:app"},
+                                                 "clientapp": client_component(run_config)},
                                   "config": nested}}},
     }
     header = ("# A Flower app running legokit's LEGO rounds. Generated by `legokit flower app`; the run config\n"
@@ -187,7 +230,9 @@ def app_pyproject(run_config: Mapping[str, Any]) -> str:
 
 def write_app(directory: str | Path, cfg: ExperimentConfig | None = None, **flower: Any) -> Path:
     """Write a Flower app directory (only ``pyproject.toml``) for ``cfg`` (default: the defaults)."""
+    run_config = to_run_config(cfg or ExperimentConfig(), **flower)
+    check_supported(cfg or ExperimentConfig(), from_run_config(run_config)[1])
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(d / "pyproject.toml", app_pyproject(to_run_config(cfg or ExperimentConfig(), **flower)))
+    atomic_write_text(d / "pyproject.toml", app_pyproject(run_config))
     return d

@@ -45,7 +45,7 @@ def run_server(grid: Grid, run_config: Mapping[str, Any], *, run_id: int = 0, pr
 
     t0 = time.time()
     cfg, opts = from_run_config(run_config)
-    check_supported(cfg)
+    check_supported(cfg, opts)
     run_dir = Path(opts.run_dir or f"runs/flower-{run_id}").resolve()
     seed_everything(cfg.seed)
     torch.use_deterministic_algorithms(False)
@@ -67,6 +67,7 @@ def run_server(grid: Grid, run_config: Mapping[str, Any], *, run_id: int = 0, pr
         "seconds_per_round": [r.get("seconds") for r in rounds],
         "seconds": round(time.time() - t0, 3),
         "final_adapter": str(run_dir / "adapters" / f"round_{cfg.fed.rounds:03d}"),
+        "secagg": [r["secagg"] for r in rounds if "secagg" in r] if opts.secagg else None,
     }
     atomic_write_json(run_dir / "flower.json", summary)
     _log(f"done: {len(rounds)} rounds in {summary['seconds']} s; summary in {run_dir / 'flower.json'}")

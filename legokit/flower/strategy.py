@@ -20,6 +20,7 @@ from legokit.checkpoint import Checkpoint
 from legokit.federation import Federation, RoundRecord
 from legokit.flower.messages import factors_to_record
 from legokit.flower.runconfig import FlowerOptions
+from legokit.flower.secagg import SecAggClients
 from legokit.flower.supernodes import SuperNodeClients
 from legokit.strategy import LegoStrategy
 from legokit.utils import LegokitError
@@ -43,7 +44,8 @@ class FlowerStrategy(Strategy):
                  log: Callable[[str], None] = print):
         self.lego, self.log = lego, log
         self.cfg = lego.cfg
-        self.supernodes = SuperNodeClients(lego, options, checkpoint.path, log=log)
+        runner = SecAggClients if options.secagg else SuperNodeClients  # SecAgg+: the server sees only the sum
+        self.supernodes = runner(lego, options, checkpoint.path, log=log)
         self.federation = Federation(lego, self.supernodes, checkpoint, log=log)
 
     @property
@@ -120,4 +122,6 @@ class FlowerStrategy(Strategy):
         fed = self.cfg.fed
         self.log(f"FlowerStrategy: {fed.num_clients} clients, {fed.rounds} rounds, aggregator {fed.aggregator}, "
                  f"broadcast {fed.broadcast}, blocks {self.supernodes.block_ids}, "
-                 f"round-timeout {self.supernodes.options.round_timeout} s")
+                 f"round-timeout {self.supernodes.options.round_timeout} s"
+                 + (f", SecAgg+ (threshold {self.supernodes.options.secagg_threshold})"
+                    if self.supernodes.options.secagg else ""))

@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import re
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 
 from flwr.app import ConfigRecord, Message, MessageType, RecordDict
@@ -233,22 +233,32 @@ class SuperNodeClients:
             if key not in content:
                 raise LegokitError(f"client {k} sent a reply without {key!r}")
         info, m = content["info"], content["metrics"]
-        expected = self.lego.block_of(k).id
-        block_id = str(info.get("block-id", ""))
-        if block_id not in self.block_ids:
-            raise LegokitError(f"client {k} trained block {block_id!r}, unknown to the server "
-                               f"(known blocks: {self.block_ids}); update rejected")
-        if block_id != expected:
-            raise LegokitError(f"client {k} trained block {block_id!r} but the server holds it on {expected!r}; "
-                               "update rejected (its mask would be wrong)")
-        if info.get("client") != k:
-            raise LegokitError(f"reply from client {k}'s SuperNode says client {info.get('client')!r}")
+        check_reply_info(k, info, self.block_ids, self.lego.block_of(k).id)
         factors = factors_from_record(content["factors"], f"client {k}")
-        metrics = {"loss_first": float(m["loss-first"]), "loss_last": float(m["loss-last"]),
-                   "losses": [float(x) for x in info.get("losses", [])], "steps": int(m["steps"]),
-                   "tokens": int(m["tokens"]), "seconds": float(m["seconds"]),
-                   "tokens_per_second": float(m["tokens-per-second"]),
-                   "tasks": json.loads(str(info.get("tasks", "{}")))}
-        if "process-seconds" in m:
-            metrics["clientapp_process_seconds"] = float(m["process-seconds"])
+        metrics = client_metrics(m, info)
         return ClientResult(k, factors, float(info["scaling"]), int(m["num-examples"]), metrics)
+
+
+def check_reply_info(k: int, info: Mapping, block_ids: Sequence[str], expected: str) -> None:
+    """A reply's ``block-id`` and ``client`` against the server's view; raises ``LegokitError`` naming the problem."""
+    block_id = str(info.get("block-id", ""))
+    if block_id not in block_ids:
+        raise LegokitError(f"client {k} trained block {block_id!r}, unknown to the server "
+                           f"(known blocks: {list(block_ids)}); update rejected")
+    if block_id != expected:
+        raise LegokitError(f"client {k} trained block {block_id!r} but the server holds it on {expected!r}; "
+                           "update rejected (its mask would be wrong)")
+    if info.get("client") != k:
+        raise LegokitError(f"reply from client {k}'s SuperNode says client {info.get('client')!r}")
+
+
+def client_metrics(m: Mapping, info: Mapping) -> dict:
+    """A client's metrics line from its reply's metrics and info (lists travel as JSON strings)."""
+    losses = info.get("losses", [])
+    metrics = {"loss_first": float(m["loss-first"]), "loss_last": float(m["loss-last"]),
+               "losses": [float(x) for x in (json.loads(losses) if isinstance(losses, str) else losses)],
+               "steps": int(m["steps"]), "tokens": int(m["tokens"]), "seconds": float(m["seconds"]),
+               "tokens_per_second": float(m["tokens-per-second"]), "tasks": json.loads(str(info.get("tasks", "{}")))}
+    if "process-seconds" in m:
+        metrics["clientapp_process_seconds"] = float(m["process-seconds"])
+    return metrics
