@@ -65,19 +65,30 @@ def family_of(model: nn.Module) -> Family | None:
     return next((f for f in FAMILIES.values() if f.model_type == model_type), None)
 
 
+def _projections(layer: nn.Module) -> dict[str, nn.Module]:
+    """The linear layers directly under a decoder layer's blocks (``self_attn.q_proj``, ``mlp.gate_up_proj``), by
+    short name; a LoRA wrapper counts as its ``base_layer`` (its own ``lora_A`` / ``lora_B`` sit one level deeper)."""
+    out = {}
+    for name, mod in layer.named_modules():
+        base = getattr(mod, "base_layer", mod)
+        if name.count(".") == 1 and isinstance(base, nn.Linear):
+            out[name.rsplit(".", 1)[-1]] = base
+    return out
+
+
 def fused_projections(model: nn.Module) -> list[str]:
-    """Short names of the linear layers inside the decoder layers that are none of the seven projections
+    """Short names of the linear layers of the decoder layers that are none of the seven projections
     (``qkv_proj``, ``gate_up_proj`` on Phi-3), sorted; empty for a supported layout."""
     layers = getattr(getattr(model, "model", None), "layers", None)
     if layers is None:
         return []
-    return sorted({n.rsplit(".", 1)[-1] for n, m in layers.named_modules()
-                   if isinstance(m, nn.Linear) and n.rsplit(".", 1)[-1] not in LORA_TARGETS})
+    return sorted({n for layer in layers for n in _projections(layer) if n not in LORA_TARGETS})
 
 
 def check_model(model: nn.Module) -> Family:
     """Return ``model``'s family, or raise ``LegokitError`` naming its type, its fused projections (if any) and
-    the supported families. Reads module names only: works on a ``meta`` skeleton before any weight is loaded.
+    the supported families. Reads module names only: works on a ``meta`` skeleton before any weight is loaded,
+    and on a model with LoRA attached.
     """
     kind = f"{type(model).__name__} (model_type {getattr(getattr(model, 'config', None), 'model_type', None)!r})"
     fused = fused_projections(model)
@@ -89,12 +100,11 @@ def check_model(model: nn.Module) -> Family:
     if family is None:
         raise LegokitError(f"{kind} is not a supported architecture. Supported: {supported()}")
     layers = getattr(getattr(model, "model", None), "layers", None)
-    missing = [] if layers is None else [t for t in LORA_TARGETS if not any(
-        n.rsplit(".", 1)[-1] == t and isinstance(m, nn.Linear) for n, m in layers[0].named_modules())]
-    if layers is None or missing:
+    missing = [t for t in LORA_TARGETS if layers is None or t not in _projections(layers[0])]
+    if missing:
         raise LegokitError(f"{kind} has not the {family.name} layout legokit expects (`.model.layers` with "
-                           f"{list(LORA_TARGETS)} as linear layers; missing {missing or '.model.layers'}): is "
-                           "it a modified model? Supported: " + supported())
+                           f"{list(LORA_TARGETS)} as linear layers; missing {missing}): is it a modified model? "
+                           f"Supported: {supported()}")
     return family
 
 

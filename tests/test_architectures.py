@@ -114,6 +114,7 @@ def test_masked_lora_trains_the_family_s_view_and_merged_weights_stay_zero_where
     lora = LoraConfig(rank=2, alpha=4.0)
     got = lora_forward_backward(view, ids, block.local_masks, lora)
     want = lora_forward_backward(copied, ids, block.local_masks, lora)
+    assert check_model(view) == check_model(llm)  # a model with LoRA attached passes the check
     torch.testing.assert_close(got[0], want[0], rtol=1e-6, atol=1e-6)
     assert set(got[2]) == set(want[2]) and len(got[2]) == 2 * len(block.shapes)  # every factor has a gradient
     for n in got[2]:
@@ -203,3 +204,7 @@ def test_an_unknown_architecture_is_refused_naming_its_type_and_the_supported_fa
         load_model(str(tmp_path / "t5"))
     with pytest.raises(LegokitError, match=r"unknown tiny model 'tiny-phi3': use one of \['tiny-llama'"):
         tiny_model("tiny-phi3")
+    modified = tiny_model("tiny-llama")[0]
+    modified.model.layers[0].mlp.up_proj = torch.nn.Identity()  # a supported type whose layout was changed
+    with pytest.raises(LegokitError, match=r"has not the Llama layout .* missing \['up_proj'\]"):
+        check_model(modified)
