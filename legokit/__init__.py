@@ -7,7 +7,8 @@ package itself has no side effects.
 
 The layout, in the order a run uses it (README.md's "Layout" has the same map):
 
-- names (every allowed name, the conditions), config, models, utils, assets (the offline model and data)
+- names (every allowed name, the conditions), config, architectures (the supported decoder families), models,
+  utils, assets (the offline model and data)
 - data/ (tasks, prepared splits, prompts and tokens, partitions)
 - prune (scores, masks), sparsegpt, calibration; blocks (+ block_storage), coords, slm (an SLM as views)
 - lora (the masked layer), adapters (peft format), train

@@ -25,7 +25,7 @@ Wanda and SparseGPT references) runs one pass per level, and its masks are not n
 
 Structured blocks rank MLP channels and attention heads by the method's per-weight scores summed over
 each channel's / head's weights (SparseGPT: its OBS saliency, without reconstruction). Every layer keeps
-the same counts, so one smaller Llama config describes the SLM; its masks are whole rows / columns in
+the same counts, so one smaller config of the LLM's family describes the SLM; its masks are whole rows / columns in
 LLM coordinates, and ``block.coords`` (``legokit.coords.CoordinateMap``) maps tensors between the two
 coordinate systems.
 
@@ -307,7 +307,7 @@ def extract_blocks(llm: nn.Module, tokenizer, sparsities: Sequence[float] = (0, 
     """Prune ``llm`` into building blocks, one per sparsity; the LLM itself is not modified.
 
     Args:
-        llm, tokenizer: a Llama-style causal LM and its tokenizer.
+        llm, tokenizer: a causal LM of a supported family (``legokit.architectures``) and its tokenizer.
         sparsities: pruned fractions in [0, 1); 0 gives the dense block. An N:M pattern allows 0 and N/M.
         method: ``magnitude`` | ``wanda`` | ``sparsegpt``.
         pattern: ``unstructured`` | ``structured`` | ``"N:M"`` (N of every M weights zero).

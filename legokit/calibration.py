@@ -3,7 +3,8 @@
 ``calibration_inputs`` turns texts into token windows; ``InputStats`` is the hook object (removed on exit)
 collecting per-input norms (Wanda) and Hessians X^T X (SparseGPT); ``layerwise_calibration`` runs the
 windows through the decoder one layer at a time, so memory is bounded by one layer's statistics, either
-dense (``one_shot``) or through the already pruned earlier layers (``sequential``).
+dense (``one_shot``) or through the already pruned earlier layers (``sequential``). Each layer runs with the
+arguments the model itself hands it (a sliding-window layer its own mask and rotary table, as Gemma 3's).
 """
 
 from __future__ import annotations
@@ -118,26 +119,45 @@ def _layer_out(out) -> torch.Tensor:
     return out[0] if isinstance(out, (tuple, list)) else out
 
 
+class _Recorder(nn.Module):
+    """Stands in for decoder layer ``index`` during the capture pass: records the keyword arguments the model
+    hands that layer (its attention mask and rotary table: sliding-window and full layers get different ones)
+    and passes the hidden states through; the last one stops the forward pass."""
+
+    def __init__(self, index: int, last: bool, hidden: list, kwargs: list[list]):
+        super().__init__()
+        self.index, self.last, self.hidden, self.kwargs = index, last, hidden, kwargs
+
+    def forward(self, hidden_states, **kw):
+        if self.index == 0:
+            self.hidden.append(hidden_states)
+        self.kwargs[self.index].append(kw)
+        if self.last:
+            raise _StopForward
+        return hidden_states
+
+
 @torch.no_grad()
-def _capture_layer0(llm: nn.Module, input_ids: torch.Tensor, batch_size: int) -> tuple[list, list]:
-    """Hidden states and keyword arguments entering decoder layer 0, one entry per batch."""
-    hidden, kwargs = [], []
-
-    def pre_hook(module, args, kw):
-        hidden.append(args[0] if args else kw.pop("hidden_states"))
-        kwargs.append({k: v for k, v in kw.items() if k != "hidden_states"})
-        raise _StopForward
-
+def _capture_inputs(llm: nn.Module, input_ids: torch.Tensor, batch_size: int,
+                    upto: int) -> tuple[list, list[list[dict]]]:
+    """The hidden states entering decoder layer 0, one entry per batch, and the keyword arguments each decoder
+    layer up to ``upto`` gets, ``kwargs[layer][batch]``. No decoder layer runs: recorders stand in for them."""
+    decoder = decoder_layers(llm)
+    hidden: list = []
+    kwargs: list[list[dict]] = [[] for _ in range(upto + 1)]
     device = next(llm.parameters()).device
-    handle = decoder_layers(llm)[0].register_forward_pre_hook(pre_hook, with_kwargs=True)
+    originals = list(decoder)
     try:
+        for i in range(upto + 1):
+            decoder[i] = _Recorder(i, i == upto, hidden, kwargs)
         for i in range(0, len(input_ids), batch_size):
             try:
                 llm(input_ids=input_ids[i:i + batch_size].to(device), use_cache=False)
             except _StopForward:
                 pass
     finally:
-        handle.remove()
+        for i, layer in enumerate(originals[:upto + 1]):
+            decoder[i] = layer
     return hidden, kwargs
 
 
@@ -165,9 +185,10 @@ def layerwise_calibration(llm: nn.Module, input_ids: torch.Tensor, on_layer: Lay
     if not chosen or not chosen <= set(range(len(decoder))):
         raise LegokitError(f"layers={sorted(chosen)} must be a non-empty subset of the decoder layers "
                            f"0..{len(decoder) - 1}")
-    hidden, kwargs = _capture_layer0(llm, input_ids, batch_size)
+    hidden, layer_kwargs = _capture_inputs(llm, input_ids, batch_size, max(chosen))
     for i, layer in enumerate(progress_bar(decoder[:max(chosen) + 1], desc=desc, disable=not progress,
                                            leave=False)):
+        kwargs = layer_kwargs[i]
         if i not in chosen:  # only feeds the next layer
             hidden = [_layer_out(layer(h, **kw)) for h, kw in zip(hidden, kwargs, strict=True)]
             continue

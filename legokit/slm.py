@@ -72,7 +72,7 @@ def slm_weight(block, name: str, w_llm: torch.Tensor | None = None) -> torch.Ten
 
 
 def attention_dims(llm: nn.Module) -> dict[str, int]:
-    """``num_heads``, ``num_kv_heads`` and ``head_dim`` of a Llama-style config."""
+    """``num_heads``, ``num_kv_heads`` and ``head_dim`` of a decoder config (Gemma 3 sets ``head_dim`` itself)."""
     c = llm.config
     return {"num_heads": c.num_attention_heads, "num_kv_heads": getattr(c, "num_key_value_heads", None)
             or c.num_attention_heads,

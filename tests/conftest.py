@@ -9,6 +9,9 @@ Which one to take:
 - ``tiny_varied``: like ``tiny``, with every weight perturbed by N(0, 0.5²) (seeded), so that
   outputs differ visibly between tokens and prompts (the random tiny-llama's std-0.02 init gives near-uniform
   next-token distributions). Read-only as well, and checked the same way.
+- ``tiny_family``: each supported family's tiny model in turn (``models.TINY_MODELS``: tiny-llama, tiny-qwen2,
+  tiny-mistral, tiny-gemma3), a module-scoped parametrized fixture: a test that takes it runs once per family.
+  Read-only as well, and checked the same way.
 - ``setup_llm``: ``tiny`` and its Wanda blocks at 0 and 50% (``helpers.extract_tiny_blocks``), per test module.
   Read-only as well: adapter-mode runs only (merge mode changes the LLM: take ``helpers.fresh_setup()``).
 
@@ -21,7 +24,7 @@ import pytest
 import torch
 from helpers import extract_tiny_blocks
 
-from legokit.models import load_model
+from legokit.models import TINY_MODELS, load_model
 
 
 def _snapshot(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -63,6 +66,15 @@ def tiny_varied():
     before = _snapshot(model)
     yield model, tok
     _assert_untouched(model, before, "tiny_varied")
+
+
+@pytest.fixture(scope="module", params=TINY_MODELS)
+def tiny_family(request):
+    """One supported family's seeded random tiny model ``(model, tokenizer)`` per parameter: do not mutate."""
+    model, tok = load_model(request.param, device="cpu")
+    before = _snapshot(model)
+    yield model, tok
+    _assert_untouched(model, before, "tiny_family")
 
 
 @pytest.fixture(scope="module")

@@ -1,5 +1,6 @@
 """Helpers shared by the unit tests: calibration texts, an example factory, the tiny experiment config, random
-token ids and LoRA factors, and the tiny federation (its blocks, runs and hand-made client results).
+token ids and LoRA factors, a masked-LoRA forward and backward, and the tiny federation (its blocks, runs and
+hand-made client results).
 
 Plain functions and constants, no fixtures (those are in ``conftest.py``): ``from helpers import ...``.
 """
@@ -10,9 +11,10 @@ import torch
 from torch import nn
 
 from legokit.blocks import extract_blocks
-from legokit.config import ExperimentConfig
+from legokit.config import ExperimentConfig, LoraConfig
 from legokit.data import Example
 from legokit.federation import run_federation
+from legokit.lora import attach_lora, lora_modules
 from legokit.messages import ClientResult
 from legokit.models import linear_modules, load_model
 from legokit.strategy import LegoStrategy, build_strategy
@@ -69,6 +71,19 @@ def random_factors(model: nn.Module, rank_of, seed: int = 1, std: float = 0.1) -
         out[n] = (torch.randn(r, m.in_features, generator=g) * std,
                   torch.randn(m.out_features, r, generator=g) * std)
     return out
+
+
+def lora_forward_backward(model: nn.Module, ids: torch.Tensor, masks, lora_cfg: LoraConfig) -> tuple:
+    """Attach seeded masked LoRA (B random, so the adapter takes part), run forward and backward on ``ids``.
+
+    Returns ``(logits, loss, {parameter: gradient})`` (the gradients of the LoRA factors)."""
+    attach_lora(model, lora_cfg, masks=masks, seed=3)
+    for layer in lora_modules(model).values():
+        torch.nn.init.normal_(layer.lora_B.weight, std=0.02, generator=torch.Generator().manual_seed(4))
+    out = model(ids, labels=ids)
+    out.loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return out.logits.detach(), out.loss.detach(), grads
 
 
 # ----- the tiny federation: blocks, runs, hand-made results ---------------------------------------------------

@@ -3,7 +3,7 @@ masks the views and masked LoRA share, and what a built view refuses."""
 
 import pytest
 import torch
-from helpers import river_paragraphs, token_ids
+from helpers import lora_forward_backward, river_paragraphs, token_ids
 
 from legokit.analysis import apply_delta
 from legokit.blocks import extract_blocks
@@ -28,17 +28,6 @@ def test_pack_mask_round_trip():
 
 
 # ----- views: a block computes with the LLM's weights ------------------------------------------------------
-def _forward_backward(model, ids, masks, lora_cfg):
-
-    attach_lora(model, lora_cfg, masks=masks, seed=3)
-    for layer in lora_modules(model).values():  # B != 0, so the adapter takes part in forward and backward
-        torch.nn.init.normal_(layer.lora_B.weight, std=0.02, generator=torch.Generator().manual_seed(4))
-    out = model(ids, labels=ids)
-    out.loss.backward()
-    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-    return out.logits.detach(), out.loss.detach(), grads
-
-
 @pytest.mark.parametrize("method,pattern", [("wanda", "unstructured"), ("magnitude", "2:4"),
                                             ("sparsegpt", "unstructured"), ("wanda", "structured"),
                                             ("wanda", "unstructured-dense")])
@@ -55,8 +44,8 @@ def test_a_view_block_computes_what_the_copied_block_computes(tiny, ids, method,
     if not b.structured:  # the view stores no weight of its own: the SLM's state has none of the linear layers
         assert f"{name}.weight" not in view.state_dict() and f"{name}.weight" in copied.state_dict()
     lora_cfg = LoraConfig(rank=2, alpha=4.0)
-    got = _forward_backward(view, ids, b.local_masks, lora_cfg)
-    want = _forward_backward(copied, ids, b.local_masks, lora_cfg)
+    got = lora_forward_backward(view, ids, b.local_masks, lora_cfg)
+    want = lora_forward_backward(copied, ids, b.local_masks, lora_cfg)
     torch.testing.assert_close(got[0], want[0], rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(got[1], want[1], rtol=1e-6, atol=1e-6)
     assert set(got[2]) == set(want[2]) and len(got[2]) == 2 * len(b.shapes)  # every LoRA factor has a gradient
@@ -117,9 +106,9 @@ def test_masked_lora_on_a_view_shares_its_mask_and_folds_the_weights_exactly(tin
     b = extract_blocks(llm, tok, (0.5,), method="wanda", **KW)[0]
     cfg = LoraConfig(rank=2, alpha=4.0)
     view = build_slm(b, view=True)
-    folded = _forward_backward(view, ids, b.local_masks, cfg)
+    folded = lora_forward_backward(view, ids, b.local_masks, cfg)
     assert all(layer.bits is layer.base_layer.bits for layer in lora_modules(view).values())  # shared, folded
-    plain = _forward_backward(build_slm(b, view=False), ids, b.local_masks, cfg)
+    plain = lora_forward_backward(build_slm(b, view=False), ids, b.local_masks, cfg)
     assert torch.equal(folded[0], plain[0]) and torch.equal(folded[1], plain[1])
     assert set(folded[2]) == set(plain[2])
     for n in folded[2]:
