@@ -222,8 +222,8 @@ class LegoStrategy:
             raise LegokitError("this condition combines no updates (local): there is no ΔW_g")
         if self.privacy is not None:
             prev = None if previous is None else previous.get(name)
-            return self.privacy.combine(self.updates(results, [name]), name, self._bases(results[0].client, [name])[name],
-                                        prev, self.cfg.fed.uncovered)
+            base = self._bases(results[0].client, [name])[name]
+            return self.privacy.combine(self.updates(results, [name]), name, base, prev, self.cfg.fed.uncovered)
         return AGGREGATORS[self.aggregator](self.updates(results, [name]), previous, self.cfg.fed.uncovered)[name]
 
     def updates(self, results: Sequence[ClientResult], names: Sequence[str] | None = None) -> list[ClientUpdate]:

@@ -22,7 +22,6 @@ from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 
 from opacus.accountants import create_accountant
-from opacus.accountants.analysis import rdp as rdp_analysis
 from opacus.accountants.utils import MAX_SIGMA, get_noise_multiplier
 
 from legokit.config import ExperimentConfig, sampled_count
@@ -53,15 +52,15 @@ def privacy_spent(history: Sequence[Step], delta: float, accountant: str = "rdp"
         raise LegokitError("RDP orders only apply to accountant='rdp'")
     acc = create_accountant(accountant)
     acc.history = [(float(s), float(q), int(n)) for s, q, n in history]
-    return max(float(acc.get_epsilon(delta=delta)), 0.0), None
+    with warnings.catch_warnings():  # PRV takes log(1 - q), -inf at q = 1, where it handles it
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return max(float(acc.get_epsilon(delta=delta)), 0.0), None
 
 
 def smallest_epsilon(delta: float, sample_rate: float, steps: int, accountant: str = "rdp") -> float:
     """The smallest epsilon the accountant can certify for ``steps`` steps at ``delta``: its value at opacus'
     largest noise multiplier (RDP's conversion to (epsilon, delta) has a floor set by its largest order)."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)  # PRV's log(1 - q) at q = 1
-        return privacy_spent([(MAX_SIGMA, sample_rate, steps)], delta, accountant)[0]
+    return privacy_spent([(MAX_SIGMA, sample_rate, steps)], delta, accountant)[0]
 
 
 def noise_for_epsilon(target_epsilon: float, delta: float, sample_rate: float, steps: int,

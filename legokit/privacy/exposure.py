@@ -70,7 +70,8 @@ def exposure(masks: Sequence[Mapping[str, Tensor]], clients: Sequence[str],
         single = count == 1
         sole = [int((single & m[name].to(single.device)).sum()) for m in masks]
         n = count.numel()
-        modules[name] = {"owners": owner_shares(count, K), "sole": {c: s / n for c, s in zip(clients, sole, strict=True)}}
+        modules[name] = {"owners": owner_shares(count, K),
+                         "sole": {c: s / n for c, s in zip(clients, sole, strict=True)}}
         total_hist += _histogram(count, K)
         total_sole = [a + b for a, b in zip(total_sole, sole, strict=True)]
         total += n

@@ -125,7 +125,8 @@ class PrivateOwnerMean:
         if self.plan.mode == "local":  # each client noises the owned released weights of its own update
             for k, u in enumerate(updates):
                 own = u.masks[name].to(U.device) & R.to(U.device)
-                noise = torch.randn(U.shape[1:], generator=_generator(self.seed, self.round, index, zlib.crc32(u.client.encode()), 1), dtype=torch.float32)
+                gen = _generator(self.seed, self.round, index, zlib.crc32(u.client.encode()), 1)
+                noise = torch.randn(U.shape[1:], generator=gen, dtype=torch.float32)
                 U[k] += noise.to(U.device).mul_(std).masked_fill_(~own, 0.0)
             owners = torch.stack([u.masks[name] for u in updates]).to(U.device).sum(0)  # (out, in) this round's
             denom, total = owners.to(torch.float32), U.sum(0)
@@ -160,6 +161,6 @@ def privacy_lines(results: Mapping) -> list[str]:
         eps = "inf (no noise)" if p["epsilon"] is None else f"{p['epsilon']:.2f}"
         lines.append(f"privacy: {p['mode']} DP, epsilon spent {eps} at delta {p['delta']:g} ({p['accountant']} "
                      f"accountant, {p['steps']} rounds, sampling rate {p['sample_rate']:g}); noise multiplier "
-                     f"{p['noise_multiplier']:.3f}, clip {p['clip']:g}; weights released {100 * p['released_share']:.1f}% "
-                     f"(owned by >= {p['min_owners']} clients)")
+                     f"{p['noise_multiplier']:.3f}, clip {p['clip']:g}; weights released "
+                     f"{100 * p['released_share']:.1f}% (owned by >= {p['min_owners']} clients)")
     return lines

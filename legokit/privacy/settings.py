@@ -87,7 +87,6 @@ def check_privacy(cfg) -> None:
            f"privacy.mode={p.mode!r} does not support fed.aggregator={fed.aggregator!r}: it protects the owner-mean "
            f"sums of {list(DP_AGGREGATORS)} (the factor-based baselines and the references have no such sum); set "
            "fed.aggregator to one of them or privacy.mode=none")
-    _check(fed.broadcast in ("adapter", "merge"), f"privacy needs fed.broadcast adapter or merge, got {fed.broadcast!r}")
     _check(p.delta < 1 / fed.num_clients,
            f"privacy.delta={p.delta:g} must be below 1/num_clients = {1 / fed.num_clients:g} (client-level DP: a delta "
            "that large allows releasing one client's update outright); use e.g. 1e-5")
