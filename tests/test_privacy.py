@@ -188,3 +188,18 @@ def test_a_dp_round_runs_in_the_loop_and_records_its_clipping(setup_llm, tmp_pat
     run_tiny(cfg, llm, tok, blocks, PARTS, tmp_path)
     rnd = json.loads((tmp_path / "rounds.jsonl").read_text().splitlines()[0])
     assert len(rnd["dp_norms"]) == 2 and rnd["dp_noise_std"] == pytest.approx(privacy_plan(cfg).noise_std)
+
+
+def test_the_exposure_picture_draws_each_kind_and_each_client(setup_llm):
+    from legokit import viz
+
+    _, _, blocks = setup_llm
+    ex = exposure([b.masks for b in blocks], ["client-0", "client-1"])
+    fig = viz.plot_exposure(ex)
+    ax, ax_sole = fig.axes[:2]
+    kinds = {n.rsplit(".", 1)[-1] for n in ex["modules"]}
+    assert [t.get_text() for t in ax.get_yticklabels()] == [*dict.fromkeys(n.rsplit(".", 1)[-1]
+                                                                           for n in ex["modules"]), "all"]
+    assert len(kinds) >= 2 and len(ax.patches) == 3 * (len(kinds) + 1)  # owner counts 0, 1, 2 per row
+    widths = [p.get_width() for p in ax_sole.patches]
+    assert widths == pytest.approx([100 * ex["sole"]["client-0"], 0.0]) and widths[0] > 0  # dense owns alone

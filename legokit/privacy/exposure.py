@@ -54,7 +54,7 @@ def exposure(masks: Sequence[Mapping[str, Tensor]], clients: Sequence[str],
         names: the modules to read (default: the first client's).
     Returns:
         ``{"clients": [...], "weights": N, "owners": [share owned by 0..K clients], "sole": {client: share of all
-        weights only it owns}, "modules": {module: {"owners": [...], "sole": {...}}}}``; the top-level shares are
+        weights only it owns}, "modules": {module: {"weights": n, "owners": [...], "sole": {...}}}}``; the top-level shares are
         over all modules' weights together. A client's ``sole`` share is the part of the model where its own
         update is what every block holding that weight receives.
     """
@@ -70,7 +70,7 @@ def exposure(masks: Sequence[Mapping[str, Tensor]], clients: Sequence[str],
         single = count == 1
         sole = [int((single & m[name].to(single.device)).sum()) for m in masks]
         n = count.numel()
-        modules[name] = {"owners": owner_shares(count, K),
+        modules[name] = {"weights": n, "owners": owner_shares(count, K),
                          "sole": {c: s / n for c, s in zip(clients, sole, strict=True)}}
         total_hist += _histogram(count, K)
         total_sole = [a + b for a, b in zip(total_sole, sole, strict=True)]
