@@ -54,9 +54,9 @@ def exposure(masks: Sequence[Mapping[str, Tensor]], clients: Sequence[str],
         names: the modules to read (default: the first client's).
     Returns:
         ``{"clients": [...], "weights": N, "owners": [share owned by 0..K clients], "sole": {client: share of all
-        weights only it owns}, "modules": {module: {"weights": n, "owners": [...], "sole": {...}}}}``; the top-level shares are
-        over all modules' weights together. A client's ``sole`` share is the part of the model where its own
-        update is what every block holding that weight receives.
+        weights only it owns}, "modules": {module: {"weights": n, "owners": [...], "sole": {...}}}}``; the
+        top-level shares are over all modules' weights together. A client's ``sole`` share is the part of the
+        model where its own update is what every block holding that weight receives.
     """
     if len(masks) != len(clients):
         raise LegokitError(f"{len(masks)} mask mappings for {len(clients)} client labels: give one label per client")

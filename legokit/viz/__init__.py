@@ -1,8 +1,8 @@
 """Every plot the notebooks show (matplotlib / seaborn). Each function takes data and returns a Figure.
 
-One module per topic: ``pruning`` (01_pruning), ``clients`` (02_clients), ``aggregation`` and ``privacy`` (03_aggregation),
-``experiment`` (04_lego_experiment, 00_tour), ``studio`` (05_studio), ``sweeps`` (``legokit sweep``'s
-``summary.png``); ``figure`` makes every Figure. Every ``plot_*`` is importable from here
+One module per topic: ``pruning`` (01_pruning), ``clients`` (02_clients), ``aggregation`` and ``privacy``
+(03_aggregation), ``experiment`` (04_lego_experiment, 00_tour), ``studio`` (05_studio), ``sweeps``
+(``legokit sweep``'s ``summary.png``); ``figure`` makes every Figure. Every ``plot_*`` is importable from here
 (``from legokit import viz; viz.plot_mask(...)``). Nothing in the core modules imports this package.
 """
 
