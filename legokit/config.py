@@ -1,6 +1,6 @@
 """Typed experiment configuration: dataclasses that validate themselves, YAML in and out.
 
-An ``ExperimentConfig`` holds one section per stage (prune, lora, train, fed, data, eval). Every
+An ``ExperimentConfig`` holds one section per stage (prune, lora, train, fed, data, eval, privacy). Every
 value is checked in ``__post_init__`` so a bad config fails before any model is loaded, and an
 unknown key names the closest valid one.
 
@@ -43,6 +43,7 @@ from legokit.names import (
     UNCOVERED_RULES,
     WEIGHTINGS,
 )
+from legokit.privacy.settings import PrivacyConfig, check_privacy
 from legokit.utils import LegokitError, read_yaml_mapping
 
 # The allowed names (methods, patterns, tasks, aggregators, ...) are legokit.names's: one owner, shared with the
@@ -291,7 +292,7 @@ class EvalConfig:
 CONFIGS_DIR = Path(__file__).resolve().parent.parent / "configs"
 
 SECTIONS = {"prune": PruneConfig, "lora": LoraConfig, "train": TrainConfig, "fed": FedConfig,
-            "data": DataConfig, "eval": EvalConfig}
+            "data": DataConfig, "eval": EvalConfig, "privacy": PrivacyConfig}
 
 
 @dataclass
@@ -309,6 +310,7 @@ class ExperimentConfig:
     fed: FedConfig = field(default_factory=FedConfig)
     data: DataConfig = field(default_factory=DataConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)  # client-level DP (legokit.privacy); off by default
     # Sizes only a notebook reads (e.g. 03's error_layer_step); the library ignores them. Plain YAML literals,
     # so a run directory's config.yaml records them too. null reads as {}.
     notebook: dict[str, Any] | None = field(default_factory=dict)
@@ -330,6 +332,7 @@ class ExperimentConfig:
                    f"fed.devices has {dev!r} (a budget of {budget:.0%} of the LLM), but no level of prune.sparsities "
                    f"{self.prune.sparsities} fits it: add {1 - budget:.2f} (or a sparser level) to prune.sparsities")
         self._check_format()
+        check_privacy(self)  # last: a target epsilon is resolved by the accountant only once the rest is valid
 
     def _check_format(self) -> None:
         """Choice tasks train in the form their score reads (``names.FORMAT_OF_SCORING``), or nothing learnt shows."""

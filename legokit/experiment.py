@@ -35,6 +35,9 @@ from legokit.federation import block_model, global_model, run_federation
 from legokit.learning import format_table, gain, gate
 from legokit.models import load_model, param_bytes
 from legokit.names import CONDITIONS, THRESHOLDS, aggregator_has_global, aggregator_pools_clients
+from legokit.privacy.accountant import privacy_plan
+from legokit.privacy.exposure import exposure
+from legokit.privacy.mechanism import privacy_lines, privacy_summary
 from legokit.strategy import assign_blocks, build_strategy
 from legokit.utils import LegokitError, atomic_write_json, heap_mode, peak_rss_mb, seed_everything
 
@@ -174,6 +177,12 @@ def run_experiment(cfg: ExperimentConfig, out_dir: str | Path, *, resume: bool =
                         "sparsity": blocks[strategy.assignment[k]].sparsity, "num_examples": len(partitions[k]),
                         "tasks": tasks})
     results["clients"] = clients
+    if strategy.has_global and not strategy.pools_clients:  # what HeteAgg's owner means expose of this block mix
+        results["exposure"] = exposure([strategy.block_of(k).masks for k in range(cfg.fed.num_clients)],
+                                       [f"client-{k}" for k in range(cfg.fed.num_clients)], strategy.modules)
+        plan = privacy_plan(cfg)
+        if plan is not None:
+            results["privacy"] = privacy_summary(plan, results["exposure"])
     if cfg.eval.blocks and not strategy.pools_clients:
         scored = {}
         for k in range(cfg.fed.num_clients):
@@ -365,6 +374,7 @@ def results_table(results: dict) -> str:
         lines.append("clients that failed (metrics.jsonl has their errors): " + "; ".join(failed))
     if results.get("failure"):  # a table of untrained models must not read as a result
         lines.append(f"RUN FAILED: {results['failure']}")
+    lines += privacy_lines(results)
     if results.get("learning"):
         lines += ["", format_table(results["learning"])]
     return "\n".join([note, *lines])

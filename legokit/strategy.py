@@ -36,6 +36,8 @@ from legokit.config import ExperimentConfig, sampled_count
 from legokit.messages import ClientResult, Task
 from legokit.models import linear_modules
 from legokit.names import DEVICE_PROFILES, aggregator_has_global, aggregator_pools_clients
+from legokit.privacy.accountant import privacy_plan
+from legokit.privacy.mechanism import PrivateOwnerMean
 from legokit.utils import LegokitError, progress_bar
 
 
@@ -114,12 +116,13 @@ class LegoStrategy:
         has_global: False when there is no global model (``local``: each client keeps its own adapter).
         pools_clients: True when one client trains on every client's data pooled (``centralized``).
         progress: show a progress bar over the modules while aggregating.
+        privacy: the DP owner mean that replaces the aggregator (``privacy.mode`` central or local), or None.
     """
 
     def __init__(self, cfg: ExperimentConfig, blocks: list, assignment: list[int], shapes: dict[str, tuple[int, int]],
                  broadcast: Broadcast, aggregator: str | None, *, clients: Sequence[int] | None = None,
                  local_steps: int | None = None, has_global: bool = True, pools_clients: bool = False,
-                 progress: bool = True):
+                 progress: bool = True, privacy: PrivateOwnerMean | None = None):
         if len(assignment) != cfg.fed.num_clients:
             raise LegokitError(f"{len(assignment)} block assignments for fed.num_clients={cfg.fed.num_clients}")
         self.cfg, self.blocks, self.broadcast = cfg, blocks, broadcast
@@ -130,7 +133,7 @@ class LegoStrategy:
         self.clients = list(range(cfg.fed.num_clients) if clients is None else clients)
         self.local_steps = local_steps
         self._has_global, self._pools_clients = has_global, pools_clients
-        self.progress = progress
+        self.progress, self.privacy = progress, privacy
         self.round = 0
         # the last aggregated round's updates, kept for analysis (the notebooks re-aggregate them) until the next
         # round is configured: holding them while that round trains would add every client's factors to its peak
@@ -203,6 +206,12 @@ class LegoStrategy:
             return {"round": rnd, "clients": 0, "note": "no surviving client; global state kept"}
         modules = progress_bar(self.modules, desc=f"round {rnd} aggregate", leave=False, disable=not self.progress)
         out = {"round": rnd, "clients": len(results)}
+        if self.privacy is not None:  # the clip factors need every module's update before any module is combined
+            if combine is not None:
+                raise LegokitError("privacy.mode central/local needs each client's update to clip it, but this round "
+                                   "was aggregated securely (the server has only the sum): run DP without SecAgg+")
+            out.update(self.privacy.start_round(rnd, self.updates(results), self._bases(results[0].client),
+                                                [self.block_of(k).masks for k in self.clients]))
         combine = combine or (lambda name, prev: self.combine(results, name, prev))
         out.update(self.broadcast.absorb(rnd, results, combine, modules))
         return out
@@ -211,6 +220,10 @@ class LegoStrategy:
         """ΔW_g of one module, (out, in): the aggregator over the clients' updates through their masks."""
         if self.aggregator is None:
             raise LegokitError("this condition combines no updates (local): there is no ΔW_g")
+        if self.privacy is not None:
+            prev = None if previous is None else previous.get(name)
+            base = self._bases(results[0].client, [name])[name]
+            return self.privacy.combine(self.updates(results, [name]), name, base, prev, self.cfg.fed.uncovered)
         return AGGREGATORS[self.aggregator](self.updates(results, [name]), previous, self.cfg.fed.uncovered)[name]
 
     def updates(self, results: Sequence[ClientResult], names: Sequence[str] | None = None) -> list[ClientUpdate]:
@@ -221,6 +234,12 @@ class LegoStrategy:
         return [ClientUpdate(client=f"client-{r.client}", factors={n: r.factors[n] for n in names}, scaling=r.scaling,
                              masks={n: self.block_of(r.client).masks[n] for n in names},
                              weight=1.0 if uniform else float(r.num_examples)) for r in results]
+
+    def _bases(self, client: int, names: Sequence[str] | None = None) -> dict[str, torch.Tensor]:
+        """``{module: s_0 B_0 A_0 (out, in)}`` of the adapter ``client`` started this round from (the same for every
+        client under the broadcasts DP supports)."""
+        factors, scaling = self.broadcast.starting_adapter(client)
+        return {n: scaling * (factors[n][1].float() @ factors[n][0].float()) for n in (names or self.modules)}
 
     # ----- the global state ----------------------------------------------------------------------------
     def save(self, directory) -> None:
@@ -250,8 +269,9 @@ def build_strategy(cfg: ExperimentConfig, llm: nn.Module, blocks: list, *, progr
     else:  # FlexLoRA sends each client back its own rank (every client trains at lora.rank)
         broadcast = AdapterBroadcast(cfg, llm, cfg.lora.rank if fed.aggregator == "flexlora" else global_rank(cfg))
     if not aggregator_pools_clients(fed.aggregator):
+        plan = privacy_plan(cfg)
         return LegoStrategy(cfg, blocks, assign_blocks(cfg, blocks), shapes, broadcast, fed.aggregator,
-                            progress=progress)
+                            progress=progress, privacy=None if plan is None else PrivateOwnerMean(plan, cfg.seed))
     dense = [i for i, b in enumerate(blocks) if b.sparsity == 0]
     if not dense:
         raise LegokitError("fed.aggregator='centralized' needs a dense block: add 0.0 to prune.sparsities")

@@ -1,8 +1,8 @@
 """Every plot the notebooks show (matplotlib / seaborn). Each function takes data and returns a Figure.
 
-One module per topic: ``pruning`` (01_pruning), ``clients`` (02_clients), ``aggregation`` (03_aggregation),
-``experiment`` (04_lego_experiment, 00_tour), ``studio`` (05_studio), ``sweeps`` (``legokit sweep``'s
-``summary.png``); ``figure`` makes every Figure. Every ``plot_*`` is importable from here
+One module per topic: ``pruning`` (01_pruning), ``clients`` (02_clients), ``aggregation`` and ``privacy``
+(03_aggregation), ``experiment`` (04_lego_experiment, 00_tour), ``studio`` (05_studio), ``sweeps``
+(``legokit sweep``'s ``summary.png``); ``figure`` makes every Figure. Every ``plot_*`` is importable from here
 (``from legokit import viz; viz.plot_mask(...)``). Nothing in the core modules imports this package.
 """
 
@@ -33,6 +33,7 @@ from legokit.viz.experiment import (
     plot_layer_sparsity,
     plot_mask,
 )
+from legokit.viz.privacy import plot_exposure
 from legokit.viz.pruning import (
     plot_mask_nesting,
     plot_nm_groups,
@@ -60,6 +61,7 @@ __all__ = [
     "plot_delta_images",
     "plot_energy_by_rank",
     "plot_energy_kept",
+    "plot_exposure",
     "plot_layer_coverage",
     "plot_layer_sparsity",
     "plot_losses",
