@@ -315,7 +315,8 @@ def plan_table(clients: pd.DataFrame, storage: str = "runtime") -> str:
         none = pd.isna(r["block"])
         line = {"client": r["client"], **({"device": r["device"]} if "device" in r else {}),
                 "budget": format_size(r["budget"]), "pattern": r["pattern"],
-                "block": "none fits" if none else r["block"], "runs as": "" if none else r["runs_as"]}
+                "block": "none fits" if none else r["block"],
+                "runs as": "" if none else "sparse format" if storage == "sparse" and r["masks"] else r["runs_as"]}
         for col, key in (("weights", weights), ("masks", "masks"), ("LoRA", "lora"),
                          ("train state", "train_state"), ("total", total), ("headroom", "headroom")):
             line[col] = "" if none else format_size(r[key])
