@@ -96,7 +96,7 @@ class BlockShape:
 
 def block_shapes(model: ModelShape, pattern: str, sparsities: Sequence[float],
                  nested: bool = True) -> list[BlockShape]:
-    """The blocks ``extract_blocks`` would cut at ``sparsities`` (N:M patterns: 0 and N/M only), in that order.
+    """The blocks ``extract_blocks`` would cut at ``sparsities`` (N:M patterns: 0 and N/M only), lowest first.
 
     Args:
         nested: one-shot calibration (structured sizes capped level by level, as ``extract_blocks`` does).
