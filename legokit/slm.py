@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from legokit.prune import apply_mask
+from legokit.prune import StructuredSizes, apply_mask
 from legokit.utils import LegokitError
 
 # ----- packed masks ----------------------------------------------------------------------------------------
@@ -72,11 +72,26 @@ def slm_weight(block, name: str, w_llm: torch.Tensor | None = None) -> torch.Ten
 
 
 def attention_dims(llm: nn.Module) -> dict[str, int]:
+    """``num_heads``, ``num_kv_heads`` and ``head_dim`` of a decoder LLM."""
+    return attention_dims_of(llm.config)
+
+
+def attention_dims_of(c) -> dict[str, int]:
     """``num_heads``, ``num_kv_heads`` and ``head_dim`` of a decoder config (Gemma 3 sets ``head_dim`` itself)."""
-    c = llm.config
     return {"num_heads": c.num_attention_heads, "num_kv_heads": getattr(c, "num_key_value_heads", None)
             or c.num_attention_heads,
             "head_dim": getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads}
+
+
+def slm_config(config, sizes: StructuredSizes | None):
+    """A copy of the LLM's transformers config with a structured block's per-layer ``sizes`` (None: unchanged)."""
+    config = copy.deepcopy(config)
+    if sizes is not None:
+        config.head_dim = attention_dims_of(config)["head_dim"]  # unchanged; hidden / heads no longer gives it
+        config.num_attention_heads = sizes.heads
+        config.num_key_value_heads = sizes.kv_heads
+        config.intermediate_size = sizes.channels
+    return config
 
 
 @torch.no_grad()
@@ -90,12 +105,7 @@ def build_slm(block, view: bool = True) -> nn.Module:
     """
     llm = block.llm
     views = view and not block.structured
-    config = copy.deepcopy(llm.config)
-    if block.structured and block.sizes is not None:
-        config.head_dim = attention_dims(llm)["head_dim"]  # unchanged; hidden / heads no longer gives it
-        config.num_attention_heads = block.sizes.heads
-        config.num_key_value_heads = block.sizes.kv_heads
-        config.intermediate_size = block.sizes.channels
+    config = slm_config(llm.config, block.sizes if block.structured else None)
     with torch.device("meta"):  # no memory until the real tensors are assigned
         model = type(llm)(config)
     state, viewed = {}, []

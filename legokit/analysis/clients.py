@@ -22,15 +22,16 @@ from legokit.blocks import sparsity_report
 from legokit.client import examples_per_task
 from legokit.data import TASKS, load_task, tokenize_example
 from legokit.evaluate import evaluate_examples
-from legokit.models import decoder_layers, param_bytes
+from legokit.models import param_bytes
 from legokit.names import DEVICE_PROFILES
-from legokit.slm import materialize
+from legokit.plan import BlockShape, block_cost, densest_fit, model_shape, torch_dtype_name
+from legokit.slm import attention_dims, materialize
 from legokit.train import IGNORE, make_batch
 from legokit.utils import LegokitError, progress_bar
 
 
 def block_costs(llm: nn.Module, block, context: int = 256) -> dict:
-    """Memory and compute of one block's SLM, against the dense LLM.
+    """Memory and compute of one block's SLM, against the dense LLM (``plan.block_cost`` on measured counts).
 
     Args:
         llm: the LLM the block was cut from.
@@ -39,34 +40,28 @@ def block_costs(llm: nn.Module, block, context: int = 256) -> dict:
     Returns:
         ``{"linear_params", "kept_linear_params", "dense_mb", "sparse_mb", "block_mb", "gflops_per_token",
         "dense_gflops_per_token"}``. ``dense_mb``: every LLM parameter at its dtype. ``sparse_mb``: the SLM
-        stored sparse (kept linear values + a 1-bit mask per weight; structured SLMs are just smaller;
+        stored sparse (kept linear values + its packed 1-bit masks; structured SLMs are just smaller;
         embeddings and norms dense). ``block_mb``: what legokit itself keeps for the block (packed masks,
         overrides), the weights being derived from the LLM. FLOPs per token ≈ 2 × (kept linear params +
         LM head) + 4 × layers × attention width × context; unstructured zeros only save FLOPs with
         sparse kernels.
     """
+    shape = model_shape(llm)
+    counts = measured_shape(llm, block)
+    cost = block_cost(shape, counts, dtype=torch_dtype_name(next(llm.parameters()).dtype), context=context)
+    return {"linear_params": shape.linear, "kept_linear_params": counts.kept, "dense_mb": param_bytes(llm) / 2**20,
+            "sparse_mb": (cost["sparse_weights"] + cost["masks"]) / 2**20, "block_mb": block.nbytes() / 2**20,
+            "gflops_per_token": cost["gflops_per_token"], "dense_gflops_per_token": cost["dense_gflops_per_token"]}
+
+
+def measured_shape(llm: nn.Module, block) -> BlockShape:
+    """The counts ``plan.block_cost`` prices, measured on an extracted block (its masks, SLM shapes and sizes)."""
     rep = sparsity_report(block)  # one row per pruned linear module
-    elem = next(llm.parameters()).element_size()
-    linear, kept, slm = int(rep["params"].sum()), int(rep["kept"].sum()), int(rep["slm_params"].sum())
-    dense_bytes = param_bytes(llm)
-    other_bytes = dense_bytes - linear * elem  # embeddings, norms (and an untied LM head)
-    if block.structured:
-        sparse_bytes = other_bytes + slm * elem
-    elif block.dense:
-        sparse_bytes = dense_bytes
-    else:
-        sparse_bytes = other_bytes + kept * elem + linear / 8
-    cfg = llm.config
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-    heads = block.sizes.heads if block.sizes is not None else cfg.num_attention_heads
-    lm_head = llm.get_output_embeddings().weight.numel()
-    attention = 4 * len(decoder_layers(llm)) * heads * head_dim * context  # QKᵀ and AV, 2 FLOPs per MAC
-    dense_attention = 4 * len(decoder_layers(llm)) * cfg.num_attention_heads * head_dim * context
-    kept_linear = slm if block.structured else kept
-    return {"linear_params": linear, "kept_linear_params": kept_linear, "dense_mb": dense_bytes / 2**20,
-            "sparse_mb": sparse_bytes / 2**20, "block_mb": block.nbytes() / 2**20,
-            "gflops_per_token": (2 * (kept_linear + lm_head) + attention) / 1e9,
-            "dense_gflops_per_token": (2 * (linear + lm_head) + dense_attention) / 1e9}
+    kept = int(rep["slm_params"].sum()) if block.structured else int(rep["kept"].sum())
+    masks = 0 if block.structured or block.dense else sum(block.masks.stored_bytes(n) for n in block.shapes)
+    heads = block.sizes.heads if block.sizes is not None else attention_dims(llm)["num_heads"]
+    return BlockShape(pattern=block.pattern, sparsity=block.sparsity, kept=kept, mask_bytes=masks,
+                      slm_shapes={n: block.coords.local_shape(n) for n in block.shapes}, heads=heads)
 
 
 def client_table(llm: nn.Module, blocks: Sequence, assignment: Sequence[int],
@@ -117,8 +112,8 @@ def blocks_for_budgets(costs: pd.DataFrame, budgets_mb: Sequence[float],
     rows = []
     for k, budget in enumerate(budgets_mb):
         who = f"client {k}" + (f" ({devices[k]})" if devices is not None else "")
-        fitting = costs[costs["sparse_mb"] <= float(budget) + 1e-9]
-        if fitting.empty:
+        i = densest_fit(costs, float(budget) + 1e-9, "sparse_mb")
+        if i is None:
             small = costs.loc[costs["sparse_mb"].idxmin()]
             unit = 10.0 ** (np.floor(np.log10(small["sparse_mb"])) - 3)  # round up to 4 significant digits
             raise LegokitError(
@@ -126,7 +121,6 @@ def blocks_for_budgets(costs: pd.DataFrame, budgets_mb: Sequence[float],
                 f"{small['sparse_mb']:.6g} MiB stored sparse. Raise the budget to at least "
                 f"{np.ceil(small['sparse_mb'] / unit) * unit:.4g} MiB, or extract a sparser level "
                 "(add it to prune.sparsities)")
-        i = int(fitting["sparsity"].idxmin())  # the densest block that fits
         row = {"client": k, **({"device": devices[k]} if devices is not None else {}),
                "budget_mb": float(budget), "block_index": i, **costs.loc[i].to_dict()}
         rows.append({**row, "headroom_mb": float(budget) - float(costs.loc[i, "sparse_mb"])})
