@@ -1,4 +1,4 @@
-"""What every benchmark reports beside an absolute time: this machine's dense fp32 GEMM rate."""
+"""What every benchmark reports beside an absolute time: this machine's dense fp32 GEMM rate and its CPU model."""
 
 from __future__ import annotations
 
@@ -17,3 +17,16 @@ def gemm_gflops(size: int = 2048, repeat: int = 10) -> float:
         a @ b
         best = min(best, time.perf_counter() - t)
     return 2 * size**3 / best / 1e9
+
+
+def cpu_model() -> str:
+    """This machine's CPU model name (``/proc/cpuinfo``), or the platform's processor string elsewhere."""
+    import platform
+
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
