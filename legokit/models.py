@@ -122,6 +122,10 @@ def _checkpoint_path(name_or_path: str) -> Path:
         return path
     if path.exists():
         raise LegokitError(f"{name_or_path!r} is not a Hugging Face checkpoint directory (no config.json)")
+    if name_or_path in SHAPE_PRESETS:
+        raise LegokitError(f"{name_or_path!r} is a shape preset for planning (`legokit plan --model {name_or_path}`),"
+                           f" a model without weights: run on one of {known_models()} or a local checkpoint "
+                           "directory")
     raise LegokitError(
         f"unknown model {name_or_path!r}: use one of {known_models()} or a local checkpoint directory"
     )
@@ -299,6 +303,8 @@ def preflight(cfg: ExperimentConfig) -> list[str]:
         the warnings, as sentences that name the setting, its cost and how to change it.
     """
     resolve_dtype(cfg.dtype, resolve_device(cfg.device))
+    if cfg.model in SHAPE_PRESETS:
+        _checkpoint_path(cfg.model)  # a preset has shapes but no weights: refused with the reason
     skeleton = model_skeleton(cfg.model)
     shapes = {n: tuple(m.weight.shape) for n, m in linear_modules(skeleton, cfg.lora.target_modules).items()}
     nm = re.fullmatch(NM_PATTERN, cfg.prune.pattern)

@@ -126,3 +126,13 @@ def test_a_config_json_plans_like_its_preset(tmp_path):
     (tmp_path / "bad.json").write_text("{}")
     with pytest.raises(LegokitError, match="not a Hugging Face model config"):
         model_shape(str(tmp_path / "bad.json"))
+
+
+def test_a_preset_is_refused_as_a_model_to_run_before_any_work():
+    from legokit.config import load_config
+    from legokit.models import load_model, preflight
+
+    cfg = load_config("configs/quick.yaml", overrides=["model=llama-1b"])
+    for call in (lambda: preflight(cfg), lambda: load_model("llama-1b")):
+        with pytest.raises(LegokitError, match="'llama-1b' is a shape preset for planning .*legokit plan"):
+            call()
