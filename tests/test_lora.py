@@ -111,7 +111,8 @@ def test_masked_lora_forward_and_backward_stay_on_the_device_and_match_the_formu
     Md = M.to(device)
     ref = xr @ (W.to(device) * Md + Md * (2.0 * B @ A)).T + b.to(device)  # s = alpha / r = 2
     ref.square().sum().backward()
-    for got, want in [(y, ref), (x.grad, xr.grad), (layer.lora_A.weight.grad, A.grad), (layer.lora_B.weight.grad, B.grad)]:
+    pairs = [(y, ref), (x.grad, xr.grad), (layer.lora_A.weight.grad, A.grad), (layer.lora_B.weight.grad, B.grad)]
+    for got, want in pairs:
         assert got.device.type == device.type
         torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
 
