@@ -220,9 +220,11 @@ def _stack_updates(updates: Sequence[ClientUpdate], name: str) -> Tensor:
         torch.matmul(B.detach().to(out.device, torch.float32), A.detach().to(out.device, torch.float32),
                      out=out[k])
         out[k].mul_(u.scaling)
-        if not bool(torch.isfinite(out[k]).all()):
-            raise LegokitError(f"module {name!r}, client {u.client!r}: s·B@A overflows to inf although the "
-                               "factors are finite; the update is too large to aggregate")
+    finite = torch.isfinite(out).flatten(1).all(1)  # (K,): one read for all clients, not one per client
+    if not bool(finite.all()):
+        u = updates[int((~finite).nonzero()[0])]
+        raise LegokitError(f"module {name!r}, client {u.client!r}: s·B@A overflows to inf although the "
+                           "factors are finite; the update is too large to aggregate")
     return out
 
 
@@ -230,9 +232,16 @@ def _stack_masks(masks: Sequence[Tensor], device: torch.device) -> Tensor:
     return torch.stack([m.to(device) for m in masks])  # (K, out, in) bool
 
 
-def _owner_mean(D: Tensor, M: Tensor, p: list[float], prev: Tensor | None, uncovered: str) -> Tensor:
-    """HeteAgg on one module. D (K, out, in) float32 (overwritten), M (K, out, in) bool, p (K,)."""
-    w = torch.tensor(p, dtype=torch.float32, device=D.device)  # (K,)
+def _weights(p: Sequence[float], updates: Sequence[ClientUpdate]) -> Tensor:
+    """The client weights ``p`` as float32 ``(K,)`` where the first client's factors are, made once per call
+    (one host-to-device copy per aggregation instead of one per module)."""
+    first = next(iter(updates[0].factors.values()), None)  # (A, B) of some module, or None (no modules)
+    return torch.tensor(p, dtype=torch.float32).to("cpu" if first is None else first[1].device)
+
+
+def _owner_mean(D: Tensor, M: Tensor, w: Tensor, prev: Tensor | None, uncovered: str) -> Tensor:
+    """HeteAgg on one module. D (K, out, in) float32 (overwritten), M (K, out, in) bool, w (K,) float32."""
+    w = w.to(D.device)
     D.masked_fill_(~M, 0.0)  # M_k ⊙ ΔW_k
     num = torch.tensordot(w, D, dims=1)  # (out, in)  Σ n_k M_k ΔW_k
     den = torch.tensordot(w, M.to(torch.float32), dims=1)  # (out, in)  Σ n_k M_k
@@ -244,10 +253,9 @@ def _owner_mean(D: Tensor, M: Tensor, p: list[float], prev: Tensor | None, uncov
     return torch.where(covered, num / torch.where(covered, den, torch.ones_like(den)), fallback)
 
 
-def _masked_mean(D: Tensor, M: Tensor, p: list[float]) -> Tensor:
-    """FedAvg of masked deltas on one module: Σ p_k M_k ΔW_k, (out, in). D is overwritten."""
-    w = torch.tensor(p, dtype=torch.float32, device=D.device)
-    return torch.tensordot(w, D.masked_fill_(~M, 0.0), dims=1)
+def _masked_mean(D: Tensor, M: Tensor, w: Tensor) -> Tensor:
+    """FedAvg of masked deltas on one module: Σ w_k M_k ΔW_k, (out, in). D is overwritten; w (K,) float32."""
+    return torch.tensordot(w.to(D.device), D.masked_fill_(~M, 0.0), dims=1)
 
 
 # ------------------------------------------------------------------------------------------ mask-aware
@@ -290,10 +298,11 @@ def fedavg_delta(updates: list[ClientUpdate], previous: Mapping[str, Tensor] | N
     """
     names, p = _check_updates(updates)
     _check_uncovered(uncovered)
+    w = _weights(p, updates)
     result = {}
     for name in names:
         D = _stack_updates(updates, name)  # (K, out, in)
-        result[name] = _masked_mean(D, _stack_masks([u.masks[name] for u in updates], D.device), p)
+        result[name] = _masked_mean(D, _stack_masks([u.masks[name] for u in updates], D.device), w)
     return result
 
 
@@ -303,12 +312,13 @@ def _mask_aware(updates: list[ClientUpdate], previous: Mapping[str, Tensor] | No
     _check_uncovered(uncovered)
     if unweighted:
         p = [1.0 / len(updates)] * len(updates)
+    w = _weights(p, updates)
     result = {}
     for name in names:
         A0, B0 = updates[0].factors[name]
         prev = _check_previous(previous, name, (int(B0.shape[0]), int(A0.shape[1])))
         D = _stack_updates(updates, name)  # (K, out, in)
-        result[name] = _owner_mean(D, _stack_masks([u.masks[name] for u in updates], D.device), p, prev,
+        result[name] = _owner_mean(D, _stack_masks([u.masks[name] for u in updates], D.device), w, prev,
                                    uncovered)
     return result
 
@@ -388,9 +398,9 @@ def flexlora(updates: list[ClientUpdate], previous: Mapping[str, Tensor] | None 
     """
     names, p = _check_updates(updates)
     _check_uncovered(uncovered)
+    w = _weights(p, updates)
     result = {}
     for name in names:
-        w = torch.tensor(p, dtype=torch.float32)
         D = _stack_updates(updates, name)  # (K, out, in)
         result[name] = torch.tensordot(w.to(D.device), D, dims=1)
     return result

@@ -391,14 +391,14 @@ def extract_blocks(llm: nn.Module, tokenizer, sparsities: Sequence[float] = (0, 
                                            blocksize=blocksize)
                 for s, keep, w_new in zip(todo, keeps, recon, strict=True):
                     for n, k_n, w_n in zip(members, keep.split(rows), w_new.split(rows), strict=True):
-                        acc[s].packed[n] = pack_mask(k_n)
+                        acc[s].packed[n] = pack_mask(k_n).cpu()  # a block stores its masks on the CPU
                         acc[s].overrides[n] = w_n[k_n].cpu().clone()  # (kept,) reconstructed values, row-major
                         new[n] = w_n
         else:
             for n, w in weights.items():
                 act_norm = stats.act_norm(n) if method == "wanda" else None
                 for s, m in zip(todo, level_masks(method, w, todo, pat, act_norm=act_norm)[0], strict=True):
-                    acc[s].packed[n] = pack_mask(m)
+                    acc[s].packed[n] = pack_mask(m).cpu()
                     if propagate:
                         new[n] = w * m.to(w.device)
         return new if propagate else None

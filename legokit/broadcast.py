@@ -93,7 +93,7 @@ class MergeBroadcast:
     @torch.no_grad()
     def _merge(self, name: str, delta: torch.Tensor) -> None:
         w = self.llm.get_submodule(name).weight
-        w += delta.to(w.dtype)
+        w += delta.to(w.device, w.dtype)
         for block in self.blocks:
             block.add_to_base(name, delta)
 

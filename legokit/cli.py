@@ -38,7 +38,7 @@ def _cmd_eval(args: argparse.Namespace) -> None:
     warn_preflight(cfg)
     seed_everything(cfg.seed)
     t0 = time.time()
-    model, tok = load_model(cfg.model, device=cfg.device)
+    model, tok = load_model(cfg.model, device=cfg.device, dtype=cfg.dtype)
     out = Path(args.out)
     scores = score_model(model, tok, cfg, items_file=out / "items" / "base.jsonl")
     results = {"name": "zero-shot", "model": cfg.model, "n": args.n, "base": scores,

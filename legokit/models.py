@@ -23,7 +23,7 @@ from torch import nn
 
 from legokit.architectures import FAMILIES, TINY_PREFIX, check_model, supported, tiny_family, tiny_settings
 from legokit.names import DEFAULT_MODEL, LORA_TARGETS, NM_PATTERN
-from legokit.utils import LegokitError, cache_dir, resolve_device, resolve_dtype
+from legokit.utils import LegokitError, cache_dir, deterministic_cuda, resolve_device, resolve_dtype
 
 if TYPE_CHECKING:
     from legokit.config import ExperimentConfig
@@ -88,10 +88,13 @@ def load_model(
         dtype: ``"auto"`` (float32 on CPU, bfloat16 on CUDA) or an explicit dtype.
         trust_remote_code: passed to transformers for local checkpoints only; off by default.
     Returns:
-        ``(model, tokenizer)``.
+        ``(model, tokenizer)``. On CUDA it also makes the process's seeded runs repeatable
+        (``utils.deterministic_cuda``).
     """
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
+    if dev.type == "cuda":
+        deterministic_cuda()
     if tiny_family(name_or_path) is not None:
         model, tok = tiny_model(name_or_path)
     else:
@@ -302,7 +305,8 @@ def preflight(cfg: ExperimentConfig) -> list[str]:
     Returns:
         the warnings, as sentences that name the setting, its cost and how to change it.
     """
-    resolve_dtype(cfg.dtype, resolve_device(cfg.device))
+    device = resolve_device(cfg.device)
+    dtype = resolve_dtype(cfg.dtype, device)
     if cfg.model in SHAPE_PRESETS:
         _checkpoint_path(cfg.model)  # a preset has shapes but no weights: refused with the reason
     skeleton = model_skeleton(cfg.model)
@@ -322,6 +326,12 @@ def preflight(cfg: ExperimentConfig) -> list[str]:
         raise LegokitError(f"lora.rank={cfg.lora.rank} is larger than {name} ({o}x{i}) of {cfg.model!r} allows: use "
                            f"lora.rank <= {min(o, i)}")
     warnings = []
+    if device.type == "cpu" and dtype in (torch.bfloat16, torch.float16):
+        name = str(dtype).removeprefix("torch.")
+        warnings.append(f"dtype={cfg.dtype!r} puts the model in {name} on the CPU, where half-precision matmuls are "
+                        f"many times slower than float32 unless the CPU has {name} arithmetic units (most have "
+                        "none): use dtype float32 (--set dtype=float32), or 'auto' (float32 on the CPU, bfloat16 "
+                        "on CUDA)")
     fed = cfg.fed
     if fed.global_rank is None and fed.broadcast == "adapter" and fed.aggregator not in ("local", "flexlora"):
         rank = cfg.lora.rank * fed.num_clients

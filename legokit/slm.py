@@ -24,25 +24,55 @@ from legokit.prune import StructuredSizes, apply_mask
 from legokit.utils import LegokitError
 
 # ----- packed masks ----------------------------------------------------------------------------------------
-_BITS = torch.tensor([128, 64, 32, 16, 8, 4, 2, 1], dtype=torch.uint8)  # numpy packbits' order: first bit high
+# Format (stored blocks depend on it): numpy ``packbits`` of the flattened mask, first bit high, zero-padded to
+# whole bytes. On the CPU numpy's packbits / unpackbits do the work (table-driven SIMD, many times faster than
+# the same bit operations as torch kernels there); on any other device torch bit operations produce the same
+# bytes without leaving it, so a view or a masked LoRA layer on a GPU never copies its mask through the host.
+_SHIFTS: dict[torch.device, torch.Tensor] = {}
+
+
+def _shifts(device: torch.device) -> torch.Tensor:
+    """``[7, 6, ..., 0]`` as uint8 on ``device``, made once per device (a per-call copy would sync a GPU)."""
+    if device not in _SHIFTS:
+        _SHIFTS[device] = torch.arange(7, -1, -1, dtype=torch.uint8, device=device)
+    return _SHIFTS[device]
 
 
 def pack_mask(mask: torch.Tensor) -> torch.Tensor:
-    """Bool tensor -> uint8 CPU tensor of its bits (numpy ``packbits`` of the flattened mask): 1/8 of its bytes."""
-    return torch.from_numpy(np.packbits(mask.detach().cpu().numpy().reshape(-1)))
+    """Bool tensor -> uint8 tensor of its bits on the mask's device (1/8 of its bytes): numpy ``packbits`` of
+    the flattened mask, first bit high."""
+    mask = mask.detach()
+    if mask.device.type == "cpu":
+        return torch.from_numpy(np.packbits(mask.numpy().reshape(-1)))
+    return _pack_bits(mask)
 
 
 def unpack_mask(packed: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
     """Inverse of ``pack_mask``: a new bool tensor of ``shape`` on ``packed``'s device.
 
-    On the CPU it is numpy's ``unpackbits`` read as bool without a copy, a small fraction of the layer's matmul,
-    so views and masked LoRA unpack per call instead of holding one bool per weight (``bench/bench_memory.py``
-    times a view block's LoRA step against a copied block's).
+    Unpacking is a small fraction of the layer's matmul, so views and masked LoRA unpack per call instead of
+    holding one bool per weight (``bench/bench_memory.py`` times a view block's LoRA step against a copied
+    block's).
     """
     n = math.prod(shape)
     if packed.device.type == "cpu":
         return torch.from_numpy(np.unpackbits(packed.numpy(), count=n).view(np.bool_)).view(tuple(shape))
-    return packed.unsqueeze(-1).bitwise_and(_BITS.to(packed.device)).ne(0).view(-1)[:n].view(tuple(shape))
+    return _unpack_bits(packed, n).view(tuple(shape))
+
+
+def _pack_bits(mask: torch.Tensor) -> torch.Tensor:
+    """``pack_mask`` in torch bit operations, on the mask's device (any device; used off the CPU)."""
+    flat = mask.reshape(-1)
+    if flat.numel() % 8:  # packbits pads the last byte with zeros
+        flat = torch.cat([flat, flat.new_zeros(8 - flat.numel() % 8)])
+    bits = flat.view(torch.uint8).view(-1, 8) << _shifts(flat.device)  # (bytes, 8): each bit at its place
+    return bits.sum(1, dtype=torch.uint8)  # (ceil(numel / 8),): the bits of a byte never overlap
+
+
+def _unpack_bits(packed: torch.Tensor, n: int) -> torch.Tensor:
+    """The first ``n`` bits of ``packed`` as a flat bool tensor, in torch bit operations on its device."""
+    bits = (packed.unsqueeze(-1) >> _shifts(packed.device)).bitwise_and_(1)  # (bytes, 8) of 0 / 1, first bit high
+    return bits.view(torch.bool).view(-1)[:n]
 
 
 def check_bits(bits: torch.Tensor, shape: Sequence[int], what: str) -> None:
@@ -181,7 +211,7 @@ class LinearView(nn.Linear):
         self.in_features, self.out_features = in_f, out_f
         object.__setattr__(self, "source", source)  # the LLM's layer: not registered, not ours to save or train
         if bits is None and mask is not None:
-            bits = pack_mask(mask).to(mask.device)
+            bits = pack_mask(mask)
         self.register_buffer("bits", bits, persistent=False)  # uint8 (ceil(out * in / 8),) or None (dense)
         self.register_buffer("values", values, persistent=False)  # (kept,) or None
 

@@ -10,10 +10,16 @@ kwargs the batch carries; flash-attention models use those kwargs natively. ``te
 checks that both packed routes give the per-sequence loss and gradients. Logits are computed only at
 positions that predict a response token (``logits_to_keep``), which skips most of the vocabulary
 projection on prompt-heavy data. ``pack=False`` gives right-padded batches instead.
+
+On a GPU legokit's part of a step reads one pair of numbers back to the host (the loss and the gradient norm,
+checked before the optimizer steps): a batch's positions, targets and sequence bounds are computed on the CPU
+when it is made and uploaded without waiting, and masks are unpacked on the device. (transformers' own check
+for packed sequences reads one flag per forward.)
 """
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, nullcontext
@@ -22,6 +28,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.weak import WeakIdKeyDictionary
 
 from legokit.config import TrainConfig
 from legokit.utils import LegokitError, progress_bar
@@ -56,7 +63,9 @@ def make_batch(seqs: Sequence[tuple[list[int], list[int]]], pad_id: int, pack: b
     trains a token to predict the next sequence. ``pack=True``: one row ``(1, T_total)`` with restarting
     ``position_ids``, no attention mask, and the sequence boundaries as ``cu_seq_lens_q/k`` (cumulative
     lengths, as flash-attention's varlen kernels take them); ``pack=False``: right-padded ``(B, L)`` with
-    ``attention_mask``.
+    ``attention_mask``. ``loss_targets`` (the targets at those positions) and ``n_targets`` (their count)
+    come with both; a packed batch's ``logits_to_keep`` holds the positions that have a target. The CPU works
+    these out, so the loss needs no device-to-host read.
     """
     if not seqs:
         raise LegokitError("make_batch needs at least one sequence")
@@ -81,9 +90,34 @@ def make_batch(seqs: Sequence[tuple[list[int], list[int]]], pad_id: int, pack: b
             "targets": torch.tensor([t + [IGNORE] * (L - len(t)) for t in tgts]),
         }
         extra = {}
+    keep = batch["targets"] != IGNORE  # (B, T) bool
+    batch["loss_targets"] = batch["targets"][keep]  # (n,), row-major as logits[keep] orders them
+    if pack:  # positions (1D) gather the kept rows without reading the mask back from a GPU
+        batch["logits_to_keep"] = keep[0].nonzero().view(-1)  # (n,)
+    extra["n_targets"] = int(keep.sum())
     if device is not None:
-        batch = {k: v.to(device) for k, v in batch.items()}
+        batch = {k: _upload(v, torch.device(device)) for k, v in batch.items()}
+    if pack:  # the varlen attention reads the bounds from here, not back from the device
+        for key in ("cu_seq_lens_q", "cu_seq_lens_k"):
+            _BOUNDS[batch[key]] = cu.tolist()
     return {**batch, **extra}
+
+
+def _upload(t: Tensor, device: torch.device) -> Tensor:
+    """``t`` on ``device``; to CUDA from pinned memory without blocking (a pageable copy waits for the GPU)."""
+    if device.type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
+
+
+_BOUNDS: WeakIdKeyDictionary = WeakIdKeyDictionary()  # cu_seq_lens tensor -> its bounds as a Python list
+
+
+def _bounds(cu: Tensor) -> list[int]:
+    """``cu.tolist()``, known from ``make_batch`` (or read once per batch): a read of a GPU tensor waits for it."""
+    if cu not in _BOUNDS:
+        _BOUNDS[cu] = cu.tolist()
+    return _BOUNDS[cu]
 
 
 def _varlen_sdpa(module: nn.Module, query: Tensor, key: Tensor, value: Tensor, attention_mask,
@@ -97,7 +131,7 @@ def _varlen_sdpa(module: nn.Module, query: Tensor, key: Tensor, value: Tensor, a
     groups = getattr(module, "num_key_value_groups", 1)
     if groups > 1:  # GQA: (1, Hkv, T, D) -> (1, H, T, D), the head order of transformers' repeat_kv
         key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
-    bounds = cu.tolist()
+    bounds = _bounds(cu)
     outs = [F.scaled_dot_product_attention(query[:, :, a:b], key[:, :, a:b], value[:, :, a:b],
                                            dropout_p=dropout, scale=scaling, is_causal=True)  # (1, H, L_i, D)
             for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
@@ -128,19 +162,28 @@ def packed_attention(model: nn.Module) -> Iterator[bool]:
 def batch_loss(model: nn.Module, batch: dict) -> tuple[Tensor, int]:
     """Mean cross-entropy over the batch's response tokens and their count.
 
-    Logits are projected only where a target exists (a bool ``logits_to_keep``, flattened by transformers
-    to ``(n, vocab)``).
+    Logits are projected only where a target exists: ``make_batch``'s ``logits_to_keep`` positions (packed),
+    else a bool ``logits_to_keep``, flattened by transformers to ``(n, vocab)``. A batch without
+    ``loss_targets`` / ``n_targets`` (edited by hand) has them worked out here from ``targets``.
     """
-    inputs = {k: v for k, v in batch.items() if k != "targets"}
-    keep = batch["targets"] != IGNORE  # (B, T) bool
-    n = int(keep.sum())
+    inputs = {k: v for k, v in batch.items() if k not in _LOSS_KEYS}
+    keep = batch.get("logits_to_keep")
+    if keep is None:
+        keep = batch["targets"] != IGNORE  # (B, T) bool
+    if "loss_targets" in batch:
+        targets, n = batch["loss_targets"], batch["n_targets"]
+    else:  # a batch made by hand: a bool keep
+        targets, n = batch["targets"][keep], int(keep.sum())
     if n == 0:
         raise LegokitError("the batch has no response tokens to train on (all labels are -100)")
     # use_cache=False matters: with a cache transformers skips the packed-sequence mask detection
-    logits = model(**inputs, use_cache=False, logits_to_keep=keep).logits  # (n, vocab)
+    logits = model(**inputs, use_cache=False, logits_to_keep=keep).logits  # (n, vocab) or (1, n, vocab)
     logits = logits.reshape(-1, logits.shape[-1])
-    loss = F.cross_entropy(logits.float(), batch["targets"][keep], reduction="sum") / n
+    loss = F.cross_entropy(logits.float(), targets, reduction="sum") / n
     return loss, n
+
+
+_LOSS_KEYS = ("targets", "loss_targets", "n_targets", "logits_to_keep")  # the loss's, not the model's inputs
 
 
 def batch_order(n: int, steps: int, batch_size: int, seed: int) -> list[list[int]]:
@@ -164,6 +207,21 @@ def _checkpointing(model: nn.Module, on: bool) -> None:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     else:
         model.gradient_checkpointing_disable()
+
+
+def adamw(params: Sequence[nn.Parameter], cfg: TrainConfig) -> torch.optim.AdamW:
+    """The AdamW of ``train_client`` over ``params``, which must be float32 (or float64).
+
+    Mixed precision: a half-precision base (bfloat16 on CUDA) keeps float32 LoRA factors (``attach_lora``
+    makes them so), and AdamW's moments take their parameters' dtype, so the optimizer state is float32 too.
+    A half-precision trainable parameter is refused: with 8 (bfloat16) or 11 (float16) significant bits, an
+    update much smaller than the weight would be rounded away.
+    """
+    half = [p for p in params if p.dtype in (torch.float16, torch.bfloat16)]
+    if half:
+        raise LegokitError(f"{len(half)} trainable parameter(s) are {half[0].dtype}: train float32 LoRA factors "
+                           "(legokit.lora.attach_lora makes them float32 on a half-precision base)")
+    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
 def train_client(model: nn.Module, tokenizer, examples: Sequence, cfg: TrainConfig, *, seed: int,
@@ -205,7 +263,7 @@ def train_client(model: nn.Module, tokenizer, examples: Sequence, cfg: TrainConf
     reached = sorted({i for b in order for i in b})
     encoded = {i: encode(examples[i], tokenizer, cfg.max_len, cfg.format) for i in reached}
 
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    opt = adamw(params, cfg)
     result = TrainResult(num_examples=len(examples))
     was_training = model.training
     rng_devices = [dev.index or 0] if dev.type == "cuda" else []
@@ -222,16 +280,17 @@ def train_client(model: nn.Module, tokenizer, examples: Sequence, cfg: TrainConf
                 seqs = [encoded[i] for i in order[step]]
                 batch = make_batch(seqs, pad_id, pack=pack, device=dev)
                 loss, n_resp = batch_loss(model, batch)
-                value = loss.item()
-                if not torch.isfinite(loss):
+                loss.backward()
+                norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+                # the step's one read from the device: both checks before the optimizer may apply the step
+                value, norm_value = torch.stack([loss.detach().float(), norm.float()]).tolist()
+                if not math.isfinite(value):
                     raise LegokitError(f"client {client!r}, round {round_idx}, step {step}: the loss is "
                                        f"{value}; lower train.lr (now {cfg.lr}) or check the block's "
                                        "weights and data")
-                loss.backward()
-                norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-                if not torch.isfinite(norm):
+                if not math.isfinite(norm_value):
                     raise LegokitError(f"client {client!r}, round {round_idx}, step {step}: the gradient "
-                                       f"norm is {norm.item()}; lower train.lr (now {cfg.lr}) or check "
+                                       f"norm is {norm_value}; lower train.lr (now {cfg.lr}) or check "
                                        "the data")
                 opt.step()
                 opt.zero_grad(set_to_none=True)

@@ -65,6 +65,20 @@ def resolve_device(device: str = "auto") -> torch.device:
     return dev
 
 
+def deterministic_cuda() -> None:
+    """Make seeded CUDA runs repeatable, for the whole process: deterministic torch algorithms (an op that has
+    none warns and runs anyway), cuDNN without autotuning, and cuBLAS with a fixed workspace.
+
+    ``CUBLAS_WORKSPACE_CONFIG`` (``:4096:8`` unless already set) takes effect only if it is set before the
+    process's first cuBLAS call: ``load_model`` calls this before it moves a model to CUDA; to be sure, export it
+    in the shell. Deterministic kernels can be slower; the CPU is deterministic at a fixed thread count anyway.
+    """
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.backends.cudnn.benchmark = False
+    torch.backends.cudnn.deterministic = True
+
+
 def resolve_dtype(dtype: str | torch.dtype = "auto", device: torch.device | str = "cpu") -> torch.dtype:
     """``"auto"`` -> bfloat16 on CUDA, float32 elsewhere (bf16 matmul is very slow on CPUs)."""
     if isinstance(dtype, torch.dtype):

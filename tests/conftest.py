@@ -14,6 +14,8 @@ Which one to take:
   Read-only as well, and checked the same way.
 - ``setup_llm``: ``tiny`` and its Wanda blocks at 0 and 50% (``helpers.extract_tiny_blocks``), per test module.
   Read-only as well: adapter-mode runs only (merge mode changes the LLM: take ``helpers.fresh_setup()``).
+- ``device``: runs a test once per device: ``cpu`` always, ``cuda`` when torch sees a GPU (skipped otherwise;
+  CI has none). ``bench/gpu_check.py`` runs these tests on a GPU machine.
 
 Plain helpers (calibration texts, examples, the tiny config, the tiny federation) are in ``tests/helpers.py``.
 """
@@ -25,6 +27,13 @@ import torch
 from helpers import extract_tiny_blocks
 
 from legokit.models import TINY_MODELS, load_model
+
+
+@pytest.fixture(params=["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="no CUDA GPU here (the test runs on CPU; bench/gpu_check.py on a GPU)"))])
+def device(request) -> torch.device:
+    """Each device the test should run on: the CPU, and CUDA when present."""
+    return torch.device(request.param)
 
 
 def _snapshot(model: torch.nn.Module) -> dict[str, torch.Tensor]:

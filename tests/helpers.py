@@ -7,6 +7,9 @@ Plain functions and constants, no fixtures (those are in ``conftest.py``): ``fro
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
 from torch import nn
 
@@ -131,3 +134,18 @@ def aggregated(setup_llm, counts, order=None, **fed) -> LegoStrategy:
     results = random_results(llm, counts)
     strategy.aggregate(1, [results[k] for k in (order or range(len(counts)))])
     return strategy
+
+
+@contextmanager
+def no_host_sync(device: torch.device) -> Iterator[None]:
+    """On CUDA, any operation inside that waits for the GPU (a read back to the host, a pageable copy) raises
+    (``torch.cuda.set_sync_debug_mode("error")``); on other devices it checks nothing."""
+    if device.type != "cuda":
+        yield
+        return
+    old = torch.cuda.get_sync_debug_mode()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        yield
+    finally:
+        torch.cuda.set_sync_debug_mode(old)

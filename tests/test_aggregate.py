@@ -522,3 +522,30 @@ def test_update_aggregators_bad_inputs_raise(agg):
         fn([a, nan], None, "keep")
     with pytest.raises(LegokitError, match="unknown uncovered rule 'bogus'"):
         fn([a, make_update("b", seed=3)], None, "bogus")
+
+
+# ------------------------------------------------------------------------------------------------ devices
+
+
+@pytest.mark.parametrize("agg", list(AGGREGATORS))
+def test_aggregators_run_where_the_factors_are_and_match_the_cpu(device, agg):
+    shapes = {"m.q": (4, 6), "m.k": (5, 3)}
+
+    def updates(dev: torch.device) -> list[ClientUpdate]:
+        out = []
+        for k in range(3):
+            factors, masks = {}, {}
+            for j, (name, (o, i)) in enumerate(shapes.items()):
+                u = make_update("abc"[k], o, i, seed=10 * k + j, mask=random_mask((o, i), 0.6, 10 * k + j), name=name)
+                factors[name] = tuple(t.to(dev) for t in u.factors[name])
+                masks[name] = u.masks[name].to(dev)
+            out.append(ClientUpdate(client="abc"[k], factors=factors, scaling=2.0, masks=masks, weight=k + 1.0))
+        return out
+
+    previous = {n: torch.ones(s) for n, s in shapes.items()}
+    want = AGGREGATORS[agg](updates(torch.device("cpu")), previous, "keep")
+    got = AGGREGATORS[agg](updates(device), {n: t.to(device) for n, t in previous.items()}, "keep")
+    assert set(got) == set(shapes)
+    for name, delta in got.items():
+        assert delta.device.type == device.type and delta.dtype == torch.float32
+        torch.testing.assert_close(delta.cpu(), want[name], atol=1e-5, rtol=1e-5)

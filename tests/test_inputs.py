@@ -326,3 +326,20 @@ def test_config_problems_found_late_before_are_refused_before_the_model_loads(tm
     assert main(_run(tmp_path, *overrides)) == 2
     assert message in _error(capsys)
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_half_precision_on_the_cpu_warns_before_the_run_and_float32_does_not(tmp_path, capsys, monkeypatch, dtype):
+    import legokit.experiment
+
+    def run_experiment(cfg, out, **kwargs):  # the warning must come before the run; the run itself is not tested
+        raise LegokitError("stopped by the test")
+
+    monkeypatch.setattr(legokit.experiment, "run_experiment", run_experiment)
+    assert main(_run(tmp_path, f"dtype={dtype}")) == 2
+    err = _error(capsys)
+    assert err.index("legokit: warning:") < err.index("stopped by the test")
+    assert f"dtype='{dtype}' puts the model in {dtype} on the CPU" in err and "--set dtype=float32" in err
+    for ok in ("float32", "auto"):
+        assert main(_run(tmp_path, f"dtype={ok}")) == 2
+        assert "warning" not in _error(capsys)

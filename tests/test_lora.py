@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from helpers import random_factors, token_ids
+from helpers import no_host_sync, random_factors, token_ids
 from torch import nn
 
 from legokit.config import LoraConfig
@@ -21,7 +21,7 @@ from legokit.lora import (
     svd_refactor,
 )
 from legokit.models import linear_modules, load_model
-from legokit.slm import pack_mask
+from legokit.slm import LinearView, pack_mask
 from legokit.train import batch_loss, make_batch
 from legokit.utils import LegokitError
 
@@ -86,6 +86,35 @@ def test_masked_function_gradients_match_finite_differences():
                                     (x, W, b, A, B))
     assert torch.autograd.gradcheck(lambda x, xl, W, b, A, B: _MaskedLoraFn.apply(x, xl, W, b, A, B, M, 0.7),
                                     (x, xl, W, b, A, B))
+
+
+@pytest.mark.parametrize("view", [False, True], ids=["linear", "view"])
+def test_masked_lora_forward_and_backward_stay_on_the_device_and_match_the_formula(device, view):
+    """``y = x (M ⊙ W + M ⊙ s·BA)ᵀ + b`` against plain autograd, on each device; on CUDA no step waits for it."""
+    g = torch.Generator().manual_seed(0)
+    W, b, M = torch.randn(4, 6, generator=g), torch.randn(4, generator=g), torch.rand(4, 6, generator=g) > 0.5
+    lin = nn.Linear(6, 4).to(device)
+    with torch.no_grad():
+        lin.weight.copy_(W if view else W * M)  # a view computes M ⊙ W itself; a copied block holds it
+        lin.bias.copy_(b)
+    lin.requires_grad_(False)
+    base = LinearView(lin, M.to(device)) if view else lin
+    layer = MaskedLoraLinear(base, rank=3, alpha=6.0, mask=M.to(device), generator=g)
+    layer.set_factors(torch.randn(3, 6, generator=g), torch.randn(4, 3, generator=g))
+    assert layer.bits.device.type == device.type and (layer.bits is getattr(base, "bits", None)) == view  # shared
+    x = torch.randn(2, 5, 6, generator=g).to(device).requires_grad_()
+    with no_host_sync(device):
+        y = layer(x)  # (2, 5, 4)
+        y.square().sum().backward()
+    A, B = (t.detach().clone().requires_grad_() for t in (layer.lora_A.weight, layer.lora_B.weight))
+    xr = x.detach().clone().requires_grad_()
+    Md = M.to(device)
+    ref = xr @ (W.to(device) * Md + Md * (2.0 * B @ A)).T + b.to(device)  # s = alpha / r = 2
+    ref.square().sum().backward()
+    pairs = [(y, ref), (x.grad, xr.grad), (layer.lora_A.weight.grad, A.grad), (layer.lora_B.weight.grad, B.grad)]
+    for got, want in pairs:
+        assert got.device.type == device.type
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
 
 
 def test_masked_training_keeps_pruned_weights_exactly_zero(tiny_fresh):

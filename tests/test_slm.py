@@ -1,6 +1,7 @@
 """legokit.slm: an SLM as views of the LLM's weights (forward and backward equal a copied block's), the packed
 masks the views and masked LoRA share, and what a built view refuses."""
 
+import numpy as np
 import pytest
 import torch
 from helpers import lora_forward_backward, river_paragraphs, token_ids
@@ -9,7 +10,7 @@ from legokit.analysis import apply_delta
 from legokit.blocks import extract_blocks
 from legokit.config import LoraConfig
 from legokit.lora import attach_lora, detach_lora, lora_modules
-from legokit.slm import LinearView, build_slm, materialize, pack_mask, unpack_mask
+from legokit.slm import LinearView, _pack_bits, _unpack_bits, build_slm, materialize, pack_mask, unpack_mask
 from legokit.utils import LegokitError
 
 KW = dict(n_calib=4, seq_len=32, texts=river_paragraphs(24), progress=False)
@@ -20,11 +21,25 @@ def ids():
     return token_ids(2, 12, seed=0)
 
 
-def test_pack_mask_round_trip():
-    m = torch.rand(7, 13) > 0.5
-    p = pack_mask(m)
-    assert p.dtype == torch.uint8 and p.numel() == (7 * 13 + 7) // 8
-    assert torch.equal(unpack_mask(p, (7, 13)), m)
+@pytest.mark.parametrize("shape", [(7, 13), (4, 8), (1, 1)])
+def test_pack_mask_round_trip_stays_on_the_device(device, shape):
+    m = torch.rand(shape, generator=torch.Generator().manual_seed(0)) > 0.5
+    p = pack_mask(m.to(device))
+    assert p.device.type == device.type and p.dtype == torch.uint8 and p.numel() == -(-m.numel() // 8)
+    assert torch.equal(p.cpu(), torch.from_numpy(np.packbits(m.numpy().reshape(-1))))  # the stored format
+    back = unpack_mask(p, shape)
+    assert back.device.type == device.type and back.dtype == torch.bool and torch.equal(back.cpu(), m)
+
+
+def test_the_torch_bit_operations_give_numpys_bytes():
+    """The off-CPU path (torch bit operations), run on the CPU: the same bytes as numpy's packbits, first bit
+    high and the last byte zero-padded, and back."""
+    for shape in [(7, 13), (3, 16), (1, 1), (64, 9)]:
+        m = torch.rand(shape, generator=torch.Generator().manual_seed(1)) > 0.3
+        ref = np.packbits(m.numpy().reshape(-1))
+        assert np.array_equal(_pack_bits(m).numpy(), ref)
+        assert torch.equal(_unpack_bits(torch.from_numpy(ref), m.numel()).view(shape), m)
+    assert _pack_bits(torch.tensor([True] + [False] * 8)).tolist() == [128, 0]
 
 
 # ----- views: a block computes with the LLM's weights ------------------------------------------------------

@@ -2,14 +2,24 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
 from legokit.config import LoraConfig, TrainConfig
 from legokit.data import Example, encode
-from legokit.lora import attach_lora, lora_factors
-from legokit.models import load_model
-from legokit.train import TrainResult, batch_loss, batch_order, make_batch, packed_attention, train_client
+from legokit.lora import attach_lora, lora_factors, lora_modules
+from legokit.models import linear_modules, load_model
+from legokit.train import (
+    TrainResult,
+    adamw,
+    batch_loss,
+    batch_order,
+    make_batch,
+    packed_attention,
+    train_client,
+)
 from legokit.utils import LegokitError
 
 EXAMPLES = [
@@ -201,3 +211,56 @@ def test_gradient_checkpointing_trains_the_same(tiny):
     for n, (a, b) in out[0][1].items():
         torch.testing.assert_close(a, out[1][1][n][0], atol=1e-6, rtol=1e-5)
         torch.testing.assert_close(b, out[1][1][n][1], atol=1e-6, rtol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------ devices, precision
+def _masks(model, keep: float = 0.5) -> dict:
+    g = torch.Generator().manual_seed(0)
+    return {n: torch.rand(m.weight.shape, generator=g) < keep for n, m in linear_modules(model).items()}
+
+
+def test_a_train_step_on_the_device_matches_the_cpu(tiny, device):
+    """Masked LoRA, packed varlen attention and AdamW on each device: the factors stay there, the losses and the
+    factors agree with the CPU's."""
+    _, tok = tiny
+    cfg = TrainConfig(local_steps=1, batch_size=3, lr=5e-3, max_len=96)
+    out = {}
+    for dev in dict.fromkeys([torch.device("cpu"), device]):
+        model, _ = load_model("tiny-llama", device=str(dev), dtype="float32")
+        attach_lora(model, LoraConfig(rank=4), masks=_masks(model), seed=0)
+        res = train_client(model, tok, EXAMPLES, cfg, seed=0, progress=False)
+        trained = [p for p in model.parameters() if p.requires_grad]
+        assert trained and all(p.device.type == dev.type for p in trained)
+        out[dev.type] = res.losses, lora_factors(model)
+    (loss_cpu, f_cpu), (loss_dev, f_dev) = out["cpu"], out[device.type]
+    assert all(math.isfinite(v) for v in loss_dev) and loss_dev == pytest.approx(loss_cpu, abs=1e-4)
+    for n, (a, b) in f_cpu.items():
+        torch.testing.assert_close(f_dev[n][0], a, atol=1e-4, rtol=1e-3)
+        torch.testing.assert_close(f_dev[n][1], b, atol=1e-4, rtol=1e-3)
+
+
+def test_a_bfloat16_base_trains_float32_factors_with_float32_optimizer_state(tiny):
+    """The usual mixed precision (a bfloat16 base on CUDA), run on the CPU: float32 factors, float32 AdamW moments,
+    a finite loss; a half-precision trainable parameter is refused."""
+    _, tok = tiny
+    model, _ = load_model("tiny-llama", device="cpu", dtype="bfloat16")
+    masks = _masks(model)
+    attach_lora(model, LoraConfig(rank=4), masks=masks, seed=0)
+    cfg = TrainConfig(local_steps=1, batch_size=2, lr=5e-3, max_len=96)
+    res = train_client(model, tok, EXAMPLES, cfg, seed=0, progress=False)
+    assert res.steps == 1 and all(math.isfinite(v) for v in res.losses)
+    params = [p for p in model.parameters() if p.requires_grad]
+    assert params and all(p.dtype == torch.float32 for p in params)
+    assert model.model.embed_tokens.weight.dtype == torch.bfloat16
+    assert all(m.base_layer.weight.dtype == torch.bfloat16 for m in lora_modules(model).values())
+    opt = adamw(params, cfg)  # train_client's optimizer, stepped once more to look at its state
+    seqs = [encode(e, tok, cfg.max_len, cfg.format) for e in EXAMPLES]
+    with packed_attention(model):
+        loss, _ = batch_loss(model, make_batch(seqs, tok.pad_token_id))
+    loss.backward()
+    opt.step()
+    moments = [t for st in opt.state.values() for k, t in st.items() if k in ("exp_avg", "exp_avg_sq")]
+    assert len(moments) == 2 * len(params) and all(t.dtype == torch.float32 for t in moments)
+    assert loss.dtype == torch.float32 and math.isfinite(loss.item())
+    with pytest.raises(LegokitError, match="torch.bfloat16: train float32 LoRA factors"):
+        adamw([torch.nn.Parameter(torch.zeros(2, dtype=torch.bfloat16))], cfg)
