@@ -209,8 +209,8 @@ def group_scores(audit: dict, model: str, members_of: str, attack: str) -> tuple
 
 
 def audit_rows(audit: dict, *, fpr: float = 0.01, n_boot: int = 2000, level: float = 0.95, seed: int = 0) -> list[dict]:
-    """One row per (model, members of, attack): AUC and TPR at FPR <= ``fpr`` with bootstrap intervals, and the
-    mean target loss of members and non-members."""
+    """One row per (model, members of, attack): AUC and TPR at FPR <= ``fpr`` with bootstrap intervals, the mean
+    target loss of members and non-members, and the ROC curve (``roc``: ``fpr`` and ``tpr`` lists)."""
     clients = sorted({r["client"] for r in audit["examples"]})
     groups = [f"client {k}" for k in clients] + ([ALL] if len(clients) > 1 else [])
     rows = []
@@ -222,10 +222,12 @@ def audit_rows(audit: dict, *, fpr: float = 0.01, n_boot: int = 2000, level: flo
                 auc_lo, auc_hi = two_sample_interval(m, u, roc_auc, n_boot=n_boot, level=level, seed=seed)
                 tpr_lo, tpr_hi = two_sample_interval(m, u, lambda a, b: tpr_at_fpr(a, b, fpr), n_boot=n_boot,
                                                      level=level, seed=seed)
+                fp, tp = roc_curve(m, u)
                 rows.append({"model": model, "members_of": group, "attack": attack, "members": int(m.size),
                              "nonmembers": int(u.size), "auc": roc_auc(m, u), "auc_low": auc_lo, "auc_high": auc_hi,
                              "tpr": tpr_at_fpr(m, u, fpr), "tpr_low": tpr_lo, "tpr_high": tpr_hi,
-                             "member_loss": float(loss_in.mean()), "nonmember_loss": float(loss_out.mean())})
+                             "member_loss": float(loss_in.mean()), "nonmember_loss": float(loss_out.mean()),
+                             "roc": {"fpr": fp.tolist(), "tpr": tp.tolist()}})
     return rows
 
 
