@@ -8,7 +8,7 @@ import shutil
 
 import numpy as np
 import pytest
-from helpers import CALIB, make_examples, tiny_config
+from helpers import CALIB, have_data, make_examples, tiny_config
 
 from legokit.audit import (
     attack_scores,
@@ -23,7 +23,7 @@ from legokit.audit import (
 )
 from legokit.blocks import extract_blocks
 from legokit.cli import main
-from legokit.data import encode, load_task
+from legokit.data import encode
 from legokit.evaluate import training_losses
 from legokit.experiment import client_partitions, training_split
 from legokit.federation import run_federation
@@ -33,15 +33,8 @@ from legokit.stats import two_sample_interval
 from legokit.train import batch_loss, batch_order, make_batch
 from legokit.utils import LegokitError, atomic_write_json
 
-
-def _have_data() -> bool:
-    try:
-        return all(load_task(t, "train") for t in ("boolq", "asdiv"))
-    except Exception:
-        return False
-
-
-needs_data = pytest.mark.skipif(not _have_data(), reason="task data not prepared: run `legokit setup` first")
+# Tests that read the prepared task data also carry `slow`, so `make test-fast` never needs assets (as test_flower).
+needs_data = pytest.mark.skipif(not have_data(), reason="task data not prepared: run `legokit setup` first")
 
 
 # ----- the metrics ---------------------------------------------------------------------------------------------
@@ -158,6 +151,7 @@ def test_non_members_are_unseen_disjoint_across_clients_and_in_the_members_task_
 
 
 @needs_data
+@pytest.mark.slow
 def test_the_default_non_members_are_never_dealt_to_any_client():
     cfg = tiny_config(data={"train_examples": 16})
     dealt = {ex.uid for part in client_partitions(cfg) for ex in part}
@@ -186,6 +180,7 @@ def tiny_run(tmp_path_factory):
 
 
 @needs_data
+@pytest.mark.slow
 def test_audit_run_attacks_the_global_llm_and_every_block(tiny_run, tmp_path):
     out = tmp_path / "audit.json"
     audit = audit_run(tiny_run, nonmembers=16, n_boot=200, out=out, progress=False)
@@ -211,6 +206,7 @@ def test_audit_run_attacks_the_global_llm_and_every_block(tiny_run, tmp_path):
 
 
 @needs_data
+@pytest.mark.slow
 def test_legokit_audit_prints_the_table_and_refuses_bad_input_before_loading(tiny_run, tmp_path, capsys,
                                                                              monkeypatch):
     run = tmp_path / "run"
