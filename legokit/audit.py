@@ -15,6 +15,7 @@ examples of the same tasks by the trained models' losses?
 * **Models**: the global LLM (when the condition has one) and each block with the final update through its mask
   (``local``: each trained client's own adapter on its block); each attacked on every trained client's members
   and, when several clients trained, on all of them pooled.
+* **Control**: the untrained base LLM attacked the same way (loss only); it saw no member, so it should read 0.5.
 * **Metrics**: ROC AUC (Mann-Whitney, ties counted half) and the TPR at FPR <= ``fpr`` (the largest TPR of an ROC
   point within it; its resolution is one non-member), with percentile bootstrap intervals that resample members
   and non-members independently (``stats.two_sample_interval``).
@@ -202,7 +203,7 @@ def group_scores(audit: dict, model: str, members_of: str, attack: str) -> tuple
         raise LegokitError(f"no audited examples for {members_of!r}: use 'all' or one of "
                            f"{sorted({'client ' + str(r['client']) for r in audit['examples']})}")
     if model not in recs[0]["loss"]:
-        raise LegokitError(f"model {model!r} was not audited: use one of {[m for m in recs[0]['loss'] if m != BASE]}")
+        raise LegokitError(f"model {model!r} was not audited: use one of {list(recs[0]['loss'])}")
     scores = attack_scores(attack, [r["loss"][model] for r in recs], [r["loss"][BASE] for r in recs])
     member = np.array([r["member"] for r in recs], dtype=bool)
     return scores[member], scores[~member]
@@ -210,14 +211,16 @@ def group_scores(audit: dict, model: str, members_of: str, attack: str) -> tuple
 
 def audit_rows(audit: dict, *, fpr: float = 0.01, n_boot: int = 2000, level: float = 0.95, seed: int = 0) -> list[dict]:
     """One row per (model, members of, attack): AUC and TPR at FPR <= ``fpr`` with bootstrap intervals, the mean
-    target loss of members and non-members, and the ROC curve (``roc``: ``fpr`` and ``tpr`` lists)."""
+    target loss of members and non-members, and the ROC curve (``roc``: ``fpr`` and ``tpr`` lists). The untrained
+    base LLM comes first, loss attack only: it saw no member, so anything but chance there means the members and
+    non-members differ in themselves."""
     clients = sorted({r["client"] for r in audit["examples"]})
     groups = [f"client {k}" for k in clients] + ([ALL] if len(clients) > 1 else [])
     rows = []
-    for model in audit["models"]:
+    for model in [BASE, *audit["models"]]:  # the untrained LLM first: a control that should read 0.5
         for group in groups:
             loss_in, loss_out = (-s for s in group_scores(audit, model, group, "loss"))
-            for attack in ATTACKS:
+            for attack in ATTACKS[:1] if model == BASE else ATTACKS:
                 m, u = group_scores(audit, model, group, attack)
                 auc_lo, auc_hi = two_sample_interval(m, u, roc_auc, n_boot=n_boot, level=level, seed=seed)
                 tpr_lo, tpr_hi = two_sample_interval(m, u, lambda a, b: tpr_at_fpr(a, b, fpr), n_boot=n_boot,
@@ -328,8 +331,10 @@ def audit_table(audit: dict) -> str:
                      f"{r['tpr']:10.3f} [{r['tpr_low']:.3f}, {r['tpr_high']:.3f}]"
                      f"{r['member_loss']:7.3f}/{r['nonmember_loss']:.3f}")
     least = min(r["nonmembers"] for r in audit["rows"])
-    lines.append(f"TPR at FPR <= {pct}: the resolution is one non-member (1/{least} = {1 / least:.3f} at the fewest)"
-                 + ("; below 100 non-members it means no false positive at all" if least < 100 else ""))
+    allowed = int(np.floor(audit["fpr"] * least + 1e-9))
+    lines.append(f"TPR at FPR <= {pct}: at most {allowed} of {least} non-members above the threshold (the fewest of a "
+                 f"row)" + ("; that is no false positive at all" if allowed == 0 else "")
+                 + f"; chance is a TPR of {pct}")
     if audit["untrained_clients"]:
         lines.append(f"not audited: client(s) {', '.join(map(str, audit['untrained_clients']))} never trained in a "
                      "finished round (every one of their metrics.jsonl lines has an error)")

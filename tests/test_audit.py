@@ -188,7 +188,9 @@ def test_audit_run_attacks_the_global_llm_and_every_block(tiny_run, tmp_path):
     models = ["global LLM", "block wanda-unstructured-0 (client 0)", "block wanda-unstructured-50 (client 1)"]
     assert audit["models"] == models and audit["untrained_clients"] == []
     keys = [(r["model"], r["members_of"], r["attack"]) for r in audit["rows"]]
-    assert keys == [(m, g, a) for m in models for g in ("client 0", "client 1", "all") for a in ("loss", "reference")]
+    groups = ("client 0", "client 1", "all")
+    assert keys == [("base LLM", g, "loss") for g in groups] + [(m, g, a) for m in models for g in groups
+                                                                 for a in ("loss", "reference")]
     for r in audit["rows"]:
         assert 0 <= r["auc_low"] <= r["auc"] <= r["auc_high"] <= 1 and 0 <= r["tpr_low"] <= r["tpr_high"] <= 1
         assert r["nonmembers"] == (32 if r["members_of"] == "all" else 16)
@@ -202,7 +204,7 @@ def test_audit_run_attacks_the_global_llm_and_every_block(tiny_run, tmp_path):
     assert [r["loss"]["base LLM"] for r in recs] == pytest.approx(base, rel=1e-5)
     assert all(abs(r["loss"]["global LLM"] - r["loss"]["base LLM"]) > 1e-6 for r in recs)
     table = audit_table(audit)
-    assert "global LLM" in table and "reference" in table and "(1/16 = 0.062 at the fewest)" in table
+    assert "global LLM" in table and "reference" in table and "at most 0 of 16 non-members above the threshold" in table
 
 
 @needs_data
