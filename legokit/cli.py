@@ -1,4 +1,5 @@
-"""The ``legokit`` command: setup, eval, run, tune, export-tasks, export, plan, sweep, report (and Flower's)."""
+"""The ``legokit`` command: setup, eval, run, tune, export-tasks, export, plan, audit, sweep and report (and
+the Flower commands)."""
 
 from __future__ import annotations
 
@@ -111,6 +112,17 @@ def _cmd_export(args: argparse.Namespace) -> None:
     info = json.loads((out / "legokit_export.json").read_text())
     print(f"wrote {info['model']} of {args.run} (round {info['round']}) to {out}: load it with "
           f"AutoModelForCausalLM.from_pretrained({str(out)!r})")
+
+
+def _cmd_audit(args: argparse.Namespace) -> None:
+    """A membership-inference audit of a finished run: loss and reference attacks, AUC and TPR at low FPR."""
+    from legokit.audit import audit_run, audit_table
+
+    out = Path(args.out) if args.out else Path(args.run) / "audit.json"
+    audit = audit_run(args.run, n=args.n, nonmembers=args.nonmembers, fpr=args.fpr, n_boot=args.n_boot,
+                      device=args.device, out=out)
+    print(audit_table(audit))
+    print(f"\n(per-example losses and the rows written to {out})")
 
 
 def _cmd_sweep(args: argparse.Namespace) -> int:
@@ -270,6 +282,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="runtime (weights as legokit runs a block) | sparse (kept values only) (default: %(default)s)")
     s.add_argument("--json", action="store_true", help="print JSON instead of the table")
     s.set_defaults(func=_cmd_plan)
+    s = sub.add_parser("audit", help="membership-inference audit of a finished run: can its global LLM and blocks "
+                                     "tell the clients' training examples from unseen ones (AUC, TPR at low FPR)")
+    s.add_argument("--run", required=True, help="the run directory (`legokit run --out`)")
+    s.add_argument("--n", type=int, default=None, help="members per client (default: every example its steps reached)")
+    s.add_argument("--nonmembers", type=int, default=200, help="non-members per client (default: %(default)s)")
+    s.add_argument("--fpr", type=float, default=0.01, help="the FPR the TPR is read at (default: %(default)s)")
+    s.add_argument("--n-boot", type=int, default=2000, help="bootstrap resamples (default: %(default)s)")
+    s.add_argument("--device", default="auto")
+    s.add_argument("--out", default=None, help="the JSON file to write (default: RUN/audit.json)")
+    s.set_defaults(func=_cmd_audit)
 
     from legokit.flower.cli import add_commands as add_flower_commands
 

@@ -18,6 +18,7 @@ log-probability margin of the gold option over the best other one), so two model
   ``rouge_score`` package without stemming, tested).
 * ``nll``: teacher-forced mean negative log-likelihood per gold response token (the chat response, or the
   gold option's text under ``harness``), per item; the task's ``nll`` is the item mean.
+* ``training_losses``: an example's loss in its training form (``data.encode``), for the membership audit.
 
 Likelihoods go through one scorer, ``likelihood.score_requests``; the string metrics live in ``legokit.metrics``.
 ``score_model`` scores a model the way an experiment does (``cfg.eval``) and keeps the per-item records in a JSON
@@ -41,6 +42,7 @@ from legokit.data import (
     TASKS,
     Example,
     choice_ids,
+    encode,
     eval_texts,
     harness_requests,
     load_task,
@@ -265,6 +267,25 @@ def score_items(model, tokenizer, task: str, examples: Sequence[Example], *, sco
         item["correct"] = item[TASKS[task].primary if task in TASKS else "exact_match"]
         out.append(item)
     return out
+
+
+def training_losses(model, tokenizer, examples: Sequence[Example], *, max_len: int, fmt: str = "chat",
+                    seed: int = 0, bar=None) -> list[float]:
+    """Each example's loss as local training computes it: the mean negative log-likelihood per response token of
+    its training tokens (``data.encode``: format ``fmt``, the same truncation at ``max_len``), teacher-forced.
+
+    The membership-inference audit's per-example statistic (``legokit.audit``). Returns one float per example.
+    """
+    if not examples:
+        raise LegokitError("no examples to score: give at least one")
+    requests = []
+    for ex in examples:
+        ids, labels = encode(ex, tokenizer, max_len, fmt)
+        k = sum(1 for t in labels if t == -100)  # the prompt's tokens carry no label
+        requests.append((ids[:k], [ids[k:]]))
+    with _eval_mode(model, seed):
+        sums = score_requests(model, requests, bar=bar)
+    return [-got[0] / len(req[1][0]) for got, req in zip(sums, requests, strict=True)]
 
 
 def summarize(task: str, records: Sequence[dict]) -> dict[str, float]:

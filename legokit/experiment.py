@@ -55,22 +55,27 @@ def condition_config(cfg: ExperimentConfig, condition: str) -> ExperimentConfig:
 
 def client_partitions(cfg: ExperimentConfig) -> list[list]:
     """Draw ``data.train_examples`` training examples over the tasks and split them between clients."""
-    per_task = max(1, cfg.data.train_examples // len(cfg.data.tasks))
-    pool = []
-    for task in cfg.data.tasks:
-        examples = load_task(task, "train")
-        if cfg.data.balance_labels:
-            examples = balance_labels(examples, seed=cfg.seed)
-        note = label_imbalance(examples, f"{task}'s training split")  # the population the clients draw from
-        if note:
-            warnings.warn(note, stacklevel=2)
-        if len(examples) < per_task:
-            raise LegokitError(f"task {task!r} has {len(examples)} training examples"
-                               + " after balancing its labels" * cfg.data.balance_labels
-                               + f", fewer than the {per_task} asked for: lower data.train_examples")
-        pool.extend(examples[:per_task])
+    pool = [ex for task in cfg.data.tasks for ex in training_split(cfg, task)[0]]
     return partition(pool, cfg.fed.num_clients, cfg.data.partition, alpha=cfg.data.alpha, seed=cfg.seed,
                      tasks_per_client=cfg.data.tasks_per_client)
+
+
+def training_split(cfg: ExperimentConfig, task: str) -> tuple[list, list]:
+    """``(drawn, unseen)``: the examples of ``task``'s training split the clients are dealt (the first
+    ``data.train_examples // len(data.tasks)``, label-balanced first when ``data.balance_labels``), and the rest
+    of that split, which no client sees (the membership-inference audit's non-members)."""
+    per_task = max(1, cfg.data.train_examples // len(cfg.data.tasks))
+    examples = load_task(task, "train")
+    if cfg.data.balance_labels:
+        examples = balance_labels(examples, seed=cfg.seed)
+    note = label_imbalance(examples, f"{task}'s training split")  # the population the clients draw from
+    if note:
+        warnings.warn(note, stacklevel=2)
+    if len(examples) < per_task:
+        raise LegokitError(f"task {task!r} has {len(examples)} training examples"
+                           + " after balancing its labels" * cfg.data.balance_labels
+                           + f", fewer than the {per_task} asked for: lower data.train_examples")
+    return examples[:per_task], examples[per_task:]
 
 
 def load_or_extract_blocks(cfg: ExperimentConfig, llm, tokenizer, run_dir: Path, progress: bool = True) -> list:

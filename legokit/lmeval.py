@@ -127,7 +127,7 @@ def lm_eval_command(task_dir: str | Path, tasks: Sequence[str], pretrained: str 
 
 
 # ----- checkpoints ---------------------------------------------------------------------------------------
-def _read_run(run_dir: Path) -> tuple:
+def read_run(run_dir: Path) -> tuple:
     """What a run directory says, read without loading a model: ``(config, last finished round, its adapter
     directory, block ids)``; a clear error for each way the directory can be incomplete."""
 
@@ -137,8 +137,9 @@ def _read_run(run_dir: Path) -> tuple:
     state = run_dir / "state.json"
     rnd = int(json.loads(state.read_text())["round"]) if state.is_file() else 0
     if rnd < 1:
-        raise LegokitError(f"run {run_dir} has no finished round (no state.json), so nothing trained to export; "
-                           f"its untrained LLM is {cfg.model!r} itself (`legokit.models.load_model`)")
+        raise LegokitError(f"run {run_dir} has no finished round (no state.json), so nothing was trained (nothing "
+                           f"to export or audit); its untrained LLM is {cfg.model!r} itself "
+                           "(`legokit.models.load_model`)")
     adir = run_dir / "adapters" / f"round_{rnd:03d}"
     if not adir.is_dir():
         raise LegokitError(f"run {run_dir} says round {rnd} finished but {adir} is missing; the run directory is "
@@ -149,12 +150,18 @@ def _read_run(run_dir: Path) -> tuple:
     return cfg, rnd, adir, json.loads(index.read_text())["blocks"]
 
 
-def _restore_strategy(run_dir: Path, device: str, dtype: str):
+def restore_strategy(run_dir: Path, device: str, dtype: str, before=None):
     """The strategy of a run directory's last finished round, rebuilt as a resumed run does: the config, the
-    LLM, the saved blocks, then that round's global state. Returns ``(strategy, llm, tokenizer, round)``."""
+    LLM, the saved blocks, then that round's global state. Returns ``(strategy, llm, tokenizer, round)``.
 
-    cfg, rnd, adir, ids = _read_run(run_dir)
+    ``before(llm, tokenizer)``, when given, is called with the untrained LLM before the round's state is loaded
+    (a ``merge`` broadcast writes the global update into the LLM's weights).
+    """
+
+    cfg, rnd, adir, ids = read_run(run_dir)
     llm, tok = load_model(cfg.model, device=device, dtype=dtype)
+    if before is not None:
+        before(llm, tok)
     blocks = [Block.load(run_dir / "blocks" / f"{i}", llm) for i in range(len(ids))]
     strategy = build_strategy(cfg, llm, blocks, progress=False)  # the condition as the run built it
     strategy.load(adir, rnd)
@@ -178,7 +185,7 @@ def _check_export(run: Path, out: Path, model: str, client: int | None, device: 
         raise LegokitError(f"--out {str(out)!r} is an existing file; the checkpoint is a directory: give a new path "
                            "or an existing directory")
     resolve_device(device)
-    cfg, _, _, ids = _read_run(run)
+    cfg, _, _, ids = read_run(run)
     if len(ids) != len(cfg.prune.sparsities):
         raise LegokitError(f"run {run}: blocks/index.json lists {len(ids)} blocks but its config extracts "
                            f"{len(cfg.prune.sparsities)}; the run directory is inconsistent")
@@ -219,7 +226,7 @@ def export_checkpoint(run_dir: str | Path, out_dir: str | Path, model: str = "gl
 
     run, out = Path(run_dir), Path(out_dir)
     _check_export(run, out, model, client, device)
-    strategy, llm, tok, rnd = _restore_strategy(run, device, dtype)
+    strategy, llm, tok, rnd = restore_strategy(run, device, dtype)
     cfg, blocks = strategy.cfg, strategy.blocks
     if not strategy.has_global:
         index = strategy.assignment[client]

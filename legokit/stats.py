@@ -9,7 +9,8 @@ NLL), keyed by the item's stable ``uid``. Items are paired by uid within a (seed
 
 ``paired_difference`` gives that estimate and a paired, hierarchical bootstrap interval; ``verdict`` reads the
 interval against a threshold; ``min_detectable_effect`` and ``projected_half_width`` say what the design can
-resolve and how many items or seeds a tighter interval needs. Everything works in the caller's units (points x100
+resolve and how many items or seeds a tighter interval needs. ``two_sample_interval`` bootstraps a statistic of two
+independent samples (the membership-inference audit's AUC). Everything works in the caller's units (points x100
 or fractions alike). numpy only.
 """
 
@@ -230,6 +231,34 @@ def paired_difference(x: Cells, y: Cells, *, weights: Mapping[str, float] | None
                         level=level, n_boot=n_boot, n_items=int(n.sum()), n_seeds=S, per_task=per_task,
                         within_var=within_var, between_var=between_var, unit_var=unit_var,
                         resample_seeds=resample_seeds)
+
+
+def two_sample_interval(x, y, statistic, *, n_boot: int = 2000, level: float = 0.95,
+                        seed: int = 0) -> tuple[float, float]:
+    """Percentile bootstrap interval of ``statistic(x, y)`` over two independent samples (not paired: e.g. the
+    members' and the non-members' scores of a membership-inference attack, whose AUC is the statistic).
+
+    Each resample draws ``x`` and ``y`` with replacement, each at its own size, and recomputes the statistic.
+
+    Args:
+        x, y: 1-D samples (non-empty, finite).
+        statistic: ``f(x, y) -> float``.
+        n_boot, level, seed: as ``paired_difference``.
+    Returns:
+        ``(low, high)``.
+    """
+    _check_args(level, n_boot)
+    x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
+    for name, v in (("x", x), ("y", y)):
+        if v.ndim != 1 or v.size == 0 or not np.all(np.isfinite(v)):
+            raise LegokitError(f"{name} must be a non-empty 1-D array of finite values (got shape {v.shape}): drop "
+                               "the non-finite values or give both samples")
+    rng = np.random.default_rng(seed)
+    boot = np.array([statistic(x[rng.integers(0, x.size, x.size)], y[rng.integers(0, y.size, y.size)])
+                     for _ in range(n_boot)])
+    alpha = 1 - level
+    low, high = np.quantile(boot, [alpha / 2, 1 - alpha / 2])
+    return float(low), float(high)
 
 
 def verdict(interval: PairedResult | tuple[float, float], threshold: float, better: str = "above") -> str:

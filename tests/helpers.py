@@ -58,6 +58,16 @@ def tiny_config(**sections) -> ExperimentConfig:
     return ExperimentConfig.from_dict(base)
 
 
+def have_data(tasks=("boolq", "asdiv")) -> bool:
+    """Whether the prepared task data (``legokit setup``) holds the training split of every task in ``tasks``."""
+    try:
+        from legokit.data import load_task
+
+        return all(load_task(t, "train") for t in tasks)
+    except Exception:
+        return False
+
+
 def token_ids(n: int = 2, length: int = 12, seed: int = 0) -> torch.Tensor:
     """``(n, length)`` seeded random token ids inside tiny-llama's vocabulary (above its special tokens)."""
     g = torch.Generator().manual_seed(seed)

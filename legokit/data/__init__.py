@@ -13,7 +13,7 @@ examples are dealt to clients. One module per concept, in the order data flows:
 Every public name is re-exported here, so ``from legokit.data import load_task, render`` works as before.
 """
 
-from legokit.data.partitions import balance_labels, label_imbalance, majority_answer, partition
+from legokit.data.partitions import balance_labels, label_imbalance, majority_answer, partition, split_counts
 from legokit.data.prepared import (
     EVAL_CORPUS_SIZE,
     RAW_FILES,
@@ -35,6 +35,6 @@ __all__ = [
     "DOCUMENT_CHARS", "EVAL_CORPUS_SIZE", "LETTERS", "PASSAGE_CHARS", "RAW_FILES", "SPLITS", "TASKS",
     "TEST_MAX", "VALIDATION_MAX", "Example", "TaskSpec", "balance_labels", "calibration_texts", "choice_ids",
     "clean_text", "count_lines", "data_dir", "encode", "eval_texts", "harness_requests", "label_imbalance",
-    "load_task", "majority_answer", "partition", "prepare", "prompt_ids", "render", "split_sizes",
+    "load_task", "majority_answer", "partition", "prepare", "prompt_ids", "render", "split_counts", "split_sizes",
     "tokenize_example",
 ]

@@ -13,7 +13,7 @@ from legokit.names import LABEL_IMBALANCE, PARTITIONS
 from legokit.utils import LegokitError
 
 
-def _split_counts(n: int, props: np.ndarray) -> np.ndarray:
+def split_counts(n: int, props: np.ndarray) -> np.ndarray:
     """Integer sizes summing to ``n`` from proportions (cumulative rounding, deterministic)."""
     bounds = np.round(np.cumsum(props) / props.sum() * n).astype(int)
     bounds[-1] = n
@@ -77,7 +77,7 @@ def partition(
             idx = rng.permutation(by_task[task])
             weights = mix[:, t] + 1e-12  # all-zero columns (tiny alpha) fall back to near-even shares
             start = 0
-            for c, size in enumerate(_split_counts(len(idx), weights)):
+            for c, size in enumerate(split_counts(len(idx), weights)):
                 owners[c].extend(idx[start: start + size].tolist())
                 start += size
     else:
@@ -86,7 +86,7 @@ def partition(
             for c in range(num_clients):
                 owners[c] = idx[c::num_clients].tolist()
         else:
-            sizes = _split_counts(len(idx), rng.dirichlet([alpha or 1.0] * num_clients))
+            sizes = split_counts(len(idx), rng.dirichlet([alpha or 1.0] * num_clients))
             start = 0
             for c, size in enumerate(sizes):
                 owners[c] = idx[start: start + size].tolist()

@@ -2,8 +2,9 @@
 
 One module per topic: ``pruning`` (01_pruning), ``clients`` (02_clients), ``aggregation`` and ``privacy``
 (03_aggregation), ``experiment`` (04_lego_experiment, 00_tour), ``studio`` (05_studio), ``sweeps``
-(``legokit sweep``'s ``summary.png``); ``figure`` makes every Figure. Every ``plot_*`` is importable from here
-(``from legokit import viz; viz.plot_mask(...)``). Nothing in the core modules imports this package.
+(``legokit sweep``'s ``summary.png``), ``audit`` (``legokit audit``'s ROC curves); ``figure`` makes every Figure.
+Every ``plot_*`` is importable from here (``from legokit import viz; viz.plot_mask(...)``). Nothing in the core
+modules imports this package.
 """
 
 from legokit.viz.aggregation import (
@@ -16,6 +17,7 @@ from legokit.viz.aggregation import (
     plot_layer_coverage,
     plot_update_norms,
 )
+from legokit.viz.audit import plot_roc_curves
 from legokit.viz.clients import (
     plot_budget_fit,
     plot_client_population,
@@ -69,6 +71,7 @@ __all__ = [
     "plot_mask_nesting",
     "plot_nm_groups",
     "plot_reconstruction_errors",
+    "plot_roc_curves",
     "plot_run_coverage",
     "plot_score_distributions",
     "plot_structured_kept",
