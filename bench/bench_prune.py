@@ -9,6 +9,10 @@
    on the adapters, both models with the same legokit LoRA, steps interleaved so load changes hit both)
    and parameter bytes, whole model and decoder only (targets: >= 1.4x faster, <= 0.65x bytes).
 
+``--patterns unstructured,2:4,structured`` adds N:M (at N/M only; every method) and structured (magnitude and
+Wanda; SparseGPT reconstructs only unstructured and N:M masks) columns to the perplexity table; ``--table-only``
+skips parts 1 and 3.
+
     LEGOKIT_CACHE=/work/cache python bench/bench_prune.py [--n-calib 32 --seq-len 256 --json out.json]
 """
 
@@ -24,6 +28,7 @@ import torch
 from legokit.blocks import extract_blocks
 from legokit.evaluate import block_perplexity
 from legokit.models import DEFAULT_MODEL, decoder_layers, load_model, param_bytes
+from legokit.prune import parse_pattern
 from legokit.utils import peak_rss_mb
 
 
@@ -35,6 +40,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seq-len", type=int, default=256, help="calibration window length")
     p.add_argument("--eval-texts", type=int, default=24, help="held-out paragraphs for perplexity")
     p.add_argument("--eval-seq-len", type=int, default=256)
+    p.add_argument("--patterns", default="unstructured",
+                   help="comma-separated patterns of the perplexity table: unstructured, N:M, structured")
+    p.add_argument("--table-only", action="store_true",
+                   help="only the perplexity table: no sequential calibration, no structured LoRA timing")
     p.add_argument("--train-steps", type=int, default=4, help="timed LoRA steps per model (after 1 warm-up)")
     p.add_argument("--train-batch", type=int, default=4)
     p.add_argument("--train-seq-len", type=int, default=256)
@@ -119,7 +128,7 @@ def main(argv: list[str] | None = None) -> dict:
         stored = {b.sparsity: b.nbytes() for b in blocks}
         del blocks
         print(f"{method}: one-shot {t_one:.1f}s ({c_one:.1f}s CPU), ppl {curve[method]}", flush=True)
-        if method == "magnitude":
+        if method == "magnitude" or args.table_only:
             continue
         blocks, t_seq, c_seq = _timed(lambda m=method: extract_blocks(llm, tok, levels, method=m,
                                                                  calibration="sequential", **kw))
@@ -131,8 +140,22 @@ def main(argv: list[str] | None = None) -> dict:
                              "ppl_gap": curve[method][half] - seq_half, "stored_bytes": stored}
         print(f"{method}: sequential {t_seq:.1f}s ({c_seq:.1f}s CPU), ppl at {half:g}: {seq_half:.2f}",
               flush=True)
+    for pattern in (p for p in args.patterns.split(",") if p != "unstructured"):
+        pat = parse_pattern(pattern)
+        at = tuple(s for s in levels if pat.kind == "structured" or s in (0, pat.implied_sparsity))
+        for method in ("magnitude", "wanda") + (() if pat.kind == "structured" else ("sparsegpt",)):
+            blocks, t, _ = _timed(lambda m=method, a=at, p=pattern: extract_blocks(llm, tok, a, method=m,
+                                                                                           pattern=p, **kw))
+            curve[f"{method} {pattern}"] = {b.sparsity: (dense_ppl if b.sparsity == 0 else ppl(b)) for b in blocks}
+            del blocks
+            print(f"{method} {pattern}: {t:.1f}s, ppl {curve[f'{method} {pattern}']}", flush=True)
     res["calibration"] = calib_cmp
     res["perplexity"] = curve
+    res["peak_rss_mb"] = peak_rss_mb()
+    res["llm_fp32_mb"] = param_bytes(llm) / 2**20
+    if args.table_only:
+        report(res)
+        return _dump(res, args.json)
 
     dense_b, struct_b = extract_blocks(llm, tok, (0.0, 0.5), method="wanda", pattern="structured", **kw)
     dense_m, slm = dense_b.model, struct_b.model
@@ -158,10 +181,13 @@ def main(argv: list[str] | None = None) -> dict:
     dense_b.release()
     struct_b.release()
     res["peak_rss_mb"] = peak_rss_mb()
-    res["llm_fp32_mb"] = param_bytes(llm) / 2**20
     report(res)
-    if args.json:
-        with open(args.json, "w") as f:
+    return _dump(res, args.json)
+
+
+def _dump(res: dict, path: str | None) -> dict:
+    if path:
+        with open(path, "w") as f:
             json.dump(res, f, indent=2, default=str)
     return res
 
@@ -177,10 +203,14 @@ def report(res: dict) -> None:
               f"{r['cpu_speedup']:12.2f}x{r['ppl_half_one_shot']:16.2f}{r['ppl_half_sequential']:11.2f}")
     print(f"\n== perplexity ({res['eval_texts']} held-out paragraphs, seq_len {res['eval_seq_len']}; "
           f"dense {res['perplexity']['dense']:.2f}) ==")
-    methods = ("magnitude", "wanda", "sparsegpt")
-    print(f"{'sparsity':>9s}" + "".join(f"{m:>12s}" for m in methods))
+    methods = [m for m in res["perplexity"] if m != "dense"]
+    print(f"{'sparsity':>9s}" + "".join(f"{m:>22s}" for m in methods))
     for s in levels:
-        print(f"{s:9.2f}" + "".join(f"{res['perplexity'][m][s]:12.2f}" for m in methods))
+        print(f"{s:9.2f}" + "".join(f"{res['perplexity'][m][s]:22.2f}" if s in res["perplexity"][m] else f"{'-':>22s}"
+                                    for m in methods))
+    if "structured" not in res:
+        print(f"\npeak RSS {res['peak_rss_mb']:.0f} MiB (LLM fp32 {res['llm_fp32_mb']:.0f} MiB)")
+        return
     st = res["structured"]
     print(f"\n== 50% structured Wanda block vs dense ({st['config']}) ==")
     print(f"LoRA step: dense {st['step_s_dense']:.2f}s, structured {st['step_s_structured']:.2f}s -> "

@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterable, Mapping
 import torch
 from torch import nn
 
+from legokit.data import bos_prefix
 from legokit.models import decoder_layers, linear_modules
 from legokit.utils import LegokitError, progress_bar
 
@@ -23,8 +24,10 @@ def calibration_inputs(tokenizer, texts: Iterable[str], n_calib: int, seq_len: i
                        seed: int = 0) -> torch.Tensor:
     """Token windows for calibration: the texts joined by EOS, cut into up to ``n_calib`` windows.
 
-    Windows are consecutive and non-overlapping, from a seeded offset. Fewer than ``n_calib`` come back
-    when the texts are short (one shorter window when they hold less than ``seq_len`` tokens).
+    Windows are consecutive and non-overlapping, from a seeded offset; a tokenizer that starts every text
+    with BOS (``bos_prefix``: Gemma's) gets it at the start of every window, in place of one text token.
+    Fewer than ``n_calib`` come back when the texts are short (one shorter window when they hold less than
+    ``seq_len`` tokens).
     Returns (windows, seq_len) int64.
     """
     texts = [t for t in texts if isinstance(t, str) and t.strip()]
@@ -42,12 +45,15 @@ def calibration_inputs(tokenizer, texts: Iterable[str], n_calib: int, seq_len: i
     if len(stream) < 2:
         raise LegokitError("the calibration texts tokenize to fewer than 2 tokens: pass longer texts")
     ids = torch.tensor(stream, dtype=torch.long)
-    if len(ids) < seq_len:
-        return ids[None, :]
-    k = min(n_calib, len(ids) // seq_len)
+    pre = torch.tensor(bos_prefix(tokenizer), dtype=torch.long)
+    step = seq_len - len(pre)  # text tokens per window
+    if len(ids) < step:
+        return torch.cat([pre, ids])[None, :]
+    k = min(n_calib, len(ids) // step)
     gen = torch.Generator().manual_seed(seed)
-    start = int(torch.randint(0, len(ids) - k * seq_len + 1, (1,), generator=gen))
-    return ids[start:start + k * seq_len].reshape(k, seq_len)
+    start = int(torch.randint(0, len(ids) - k * step + 1, (1,), generator=gen))
+    windows = ids[start:start + k * step].reshape(k, step)
+    return torch.cat([pre.expand(k, len(pre)), windows], dim=1)
 
 
 class InputStats:

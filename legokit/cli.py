@@ -9,7 +9,7 @@ import sys
 import time
 from pathlib import Path
 
-from legokit.names import DEFAULT_MODEL
+from legokit.names import CACHED_MODEL_NAMES, DEFAULT_MODEL, GEMMA_MODEL
 from legokit.utils import LegokitError, lean_heap
 
 # Each command imports the legokit modules it runs inside its own function, so that `legokit --help`, a mistyped
@@ -20,7 +20,7 @@ def _cmd_setup(args: argparse.Namespace) -> None:
     from legokit.assets import setup
 
     t0 = time.time()
-    manifest = setup(force=args.force)
+    manifest = setup(force=args.force, model=args.model)
     n = len(manifest["files"])
     print(f"legokit setup: {n} files verified in the cache ({time.time() - t0:.1f} s)")
 
@@ -207,6 +207,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("setup", help="fetch and prepare the offline model and data (idempotent)")
     s.add_argument("--force", action="store_true", help="rebuild everything even if the cache verifies")
+    s.add_argument("--model", default=DEFAULT_MODEL, choices=CACHED_MODEL_NAMES,
+                   help=f"the LLM to fetch and convert besides the task data (default {DEFAULT_MODEL}; "
+                        f"{GEMMA_MODEL}: Gemma 3 270M, Gemma terms of use apply)")
     s.set_defaults(func=_cmd_setup)
 
     s = sub.add_parser("eval", help="zero-shot scores of a model on every task plus corpus perplexity")

