@@ -19,7 +19,9 @@ The layout, in the order a run uses it (README.md's "Layout" has the same map):
 - grid, sweep (runs), sweepdir (reads sweep directories), report (tables and ``legokit report``)
 - studio (the LEGO Studio's controller: data only); presentation: viz/, widgets/; analysis/ (the notebooks'
   data tables)
-- cli; flower/ (ServerApp, ClientApp, SuperNode client runner, launchers)
+- plan (which block a memory budget holds, from a model's shapes), audit (membership inference on a run);
+  privacy/ (exposure, the privacy settings, the accountant, the differentially private owner mean)
+- cli; flower/ (ServerApp, ClientApp, SuperNode client runner, SecAgg+, launchers)
 
 The import rule: legokit modules import each other at module top level. An import inside a function is only
 for (a) a heavy optional dependency (flwr in the launchers, lm_eval, matplotlib, seaborn, ipywidgets, IPython,
