@@ -296,14 +296,18 @@ def fedavg_delta(updates: list[ClientUpdate], previous: Mapping[str, Tensor] | N
     with all-True masks this equals :func:`heteagg`. ``previous`` is ignored (uncovered coordinates get 0)
     and ``uncovered`` only validated. Returns ``{module: (out, in) float32}``.
     """
+    return _dense_means(updates, uncovered, lambda name, D, w: _masked_mean(
+        D, _stack_masks([u.masks[name] for u in updates], D.device), w))
+
+
+def _dense_means(updates: list[ClientUpdate], uncovered: str,
+                 combine: Callable[[str, Tensor, Tensor], Tensor]) -> dict[str, Tensor]:
+    """``{module: combine(module, D (K, out, in) float32, w (K,) float32)}`` for the mask-agnostic aggregators
+    (validated updates and ``uncovered``, the client weights made once, one module's deltas at a time)."""
     names, p = _check_updates(updates)
     _check_uncovered(uncovered)
     w = _weights(p, updates)
-    result = {}
-    for name in names:
-        D = _stack_updates(updates, name)  # (K, out, in)
-        result[name] = _masked_mean(D, _stack_masks([u.masks[name] for u in updates], D.device), w)
-    return result
+    return {name: combine(name, _stack_updates(updates, name), w) for name in names}
 
 
 def _mask_aware(updates: list[ClientUpdate], previous: Mapping[str, Tensor] | None, uncovered: str,
@@ -396,14 +400,7 @@ def flexlora(updates: list[ClientUpdate], previous: Mapping[str, Tensor] | None 
     Same dense result as :func:`flora`; FlexLoRA's per-client truncated SVD back to rank ``r_k`` happens at
     broadcast time in the round loop. ``previous`` is ignored and ``uncovered`` only validated.
     """
-    names, p = _check_updates(updates)
-    _check_uncovered(uncovered)
-    w = _weights(p, updates)
-    result = {}
-    for name in names:
-        D = _stack_updates(updates, name)  # (K, out, in)
-        result[name] = torch.tensordot(w.to(D.device), D, dims=1)
-    return result
+    return _dense_means(updates, uncovered, lambda name, D, w: torch.tensordot(w.to(D.device), D, dims=1))
 
 
 AGGREGATORS: dict[str, Aggregator] = {
