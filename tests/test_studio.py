@@ -113,10 +113,10 @@ def test_a_failing_round_keeps_the_finished_ones(studio, monkeypatch):
     ok = st.run(rounds=1, local_steps=1, examples=[2, 2])
     aggregate = LegoStrategy.aggregate
 
-    def broken(self, rnd, results):
+    def broken(self, rnd, results, *rest):
         if rnd == 2:
             raise RuntimeError("disk full (injected)")
-        return aggregate(self, rnd, results)
+        return aggregate(self, rnd, results, *rest)
 
     monkeypatch.setattr(LegoStrategy, "aggregate", broken)
     run = st.run(rounds=3, local_steps=1, examples=[2, 2])
