@@ -211,7 +211,7 @@ def _check_updates(updates: Sequence[ClientUpdate]) -> tuple[list[str], list[flo
 # ------------------------------------------------------------------------------------------------ kernels
 
 
-def _stack_updates(updates: Sequence[ClientUpdate], name: str) -> Tensor:
+def stack_updates(updates: Sequence[ClientUpdate], name: str) -> Tensor:
     """Dense ``s_k B_k A_k`` of every client, (K, out, in) float32, each written in place into one buffer."""
     A0, B0 = updates[0].factors[name]
     out = torch.empty((len(updates), B0.shape[0], A0.shape[1]), dtype=torch.float32, device=B0.device)
@@ -228,8 +228,9 @@ def _stack_updates(updates: Sequence[ClientUpdate], name: str) -> Tensor:
     return out
 
 
-def _stack_masks(masks: Sequence[Tensor], device: torch.device) -> Tensor:
-    return torch.stack([m.to(device) for m in masks])  # (K, out, in) bool
+def stack_masks(masks: Sequence[Tensor], device: torch.device) -> Tensor:
+    """The clients' masks of one module on ``device``, (K, out, in) bool."""
+    return torch.stack([m.to(device) for m in masks])
 
 
 def _weights(p: Sequence[float], updates: Sequence[ClientUpdate]) -> Tensor:
@@ -297,7 +298,7 @@ def fedavg_delta(updates: list[ClientUpdate], previous: Mapping[str, Tensor] | N
     and ``uncovered`` only validated. Returns ``{module: (out, in) float32}``.
     """
     return _dense_means(updates, uncovered, lambda name, D, w: _masked_mean(
-        D, _stack_masks([u.masks[name] for u in updates], D.device), w))
+        D, stack_masks([u.masks[name] for u in updates], D.device), w))
 
 
 def _dense_means(updates: list[ClientUpdate], uncovered: str,
@@ -307,7 +308,7 @@ def _dense_means(updates: list[ClientUpdate], uncovered: str,
     names, p = _check_updates(updates)
     _check_uncovered(uncovered)
     w = _weights(p, updates)
-    return {name: combine(name, _stack_updates(updates, name), w) for name in names}
+    return {name: combine(name, stack_updates(updates, name), w) for name in names}
 
 
 def _mask_aware(updates: list[ClientUpdate], previous: Mapping[str, Tensor] | None, uncovered: str,
@@ -321,8 +322,8 @@ def _mask_aware(updates: list[ClientUpdate], previous: Mapping[str, Tensor] | No
     for name in names:
         A0, B0 = updates[0].factors[name]
         prev = _check_previous(previous, name, (int(B0.shape[0]), int(A0.shape[1])))
-        D = _stack_updates(updates, name)  # (K, out, in)
-        result[name] = _owner_mean(D, _stack_masks([u.masks[name] for u in updates], D.device), w, prev,
+        D = stack_updates(updates, name)  # (K, out, in)
+        result[name] = _owner_mean(D, stack_masks([u.masks[name] for u in updates], D.device), w, prev,
                                    uncovered)
     return result
 
@@ -464,9 +465,9 @@ def cosine_matrix(updates: list[ClientUpdate], name: str | None = None, masked: 
     K = len(updates)
     gram = torch.zeros((K, K), dtype=torch.float64)
     for n in names:
-        D = _stack_updates(updates, n)  # (K, out, in)
+        D = stack_updates(updates, n)  # (K, out, in)
         if masked:
-            D.masked_fill_(~_stack_masks([u.masks[n] for u in updates], D.device), 0.0)
+            D.masked_fill_(~stack_masks([u.masks[n] for u in updates], D.device), 0.0)
         D = D.reshape(K, -1)  # (K, out*in)
         gram += (D @ D.T).double().cpu()
     norms = gram.diagonal().sqrt()  # (K,)

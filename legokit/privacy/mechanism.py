@@ -44,7 +44,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from legokit.aggregate import ClientUpdate
+from legokit.aggregate import ClientUpdate, stack_masks, stack_updates
 from legokit.privacy.accountant import PrivacyPlan
 from legokit.privacy.exposure import owner_count
 from legokit.utils import LegokitError
@@ -92,9 +92,9 @@ class PrivateOwnerMean:
 
     def _changes(self, updates: Sequence[ClientUpdate], name: str, base: Tensor, released: Tensor) -> Tensor:
         """``U_k`` of every client on module ``name`` before clipping: (K, out, in) float32."""
-        D = torch.stack([u.delta(name) for u in updates])  # (K, out, in)  s_k B_k A_k
+        D = stack_updates(updates, name)  # (K, out, in)  s_k B_k A_k
         D -= base.to(D.device, torch.float32)
-        keep = torch.stack([u.masks[name].to(D.device) for u in updates]) & released.to(D.device)  # (K, out, in)
+        keep = stack_masks([u.masks[name] for u in updates], D.device) & released.to(D.device)  # (K, out, in)
         return D.masked_fill_(~keep, 0.0)
 
     def start_round(self, rnd: int, updates: Sequence[ClientUpdate], bases: Mapping[str, Tensor],
@@ -128,7 +128,7 @@ class PrivateOwnerMean:
                 gen = _generator(self.seed, self.round, index, zlib.crc32(u.client.encode()), 1)
                 noise = torch.randn(U.shape[1:], generator=gen, dtype=torch.float32)
                 U[k] += noise.to(U.device).mul_(std).masked_fill_(~own, 0.0)
-            owners = torch.stack([u.masks[name] for u in updates]).to(U.device).sum(0)  # (out, in) this round's
+            owners = stack_masks([u.masks[name] for u in updates], U.device).sum(0)  # (out, in) this round's
             denom, total = owners.to(torch.float32), U.sum(0)
         else:  # the server noises the sum on every released weight, divides by the fixed expected count
             noise = torch.randn(U.shape[1:], generator=_generator(self.seed, self.round, index, 0), dtype=torch.float32)
